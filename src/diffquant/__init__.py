@@ -1,0 +1,30 @@
+"""diffquant: low-bit quantization of diffusion models.
+
+The core imports neither diffusers nor transformers; integrations load them lazily.
+"""
+
+from diffquant.api import CalibrationRequiredError, quantize, quantized_layers, quantizers_disabled
+from diffquant.calib.steps import current_step, sampling_step, track_pipeline_steps
+from diffquant.checkpoint import CheckpointError, load_quantized, save_quantized
+from diffquant.formats import QuantSpec
+from diffquant.recipes import Recipe, get_preset, list_presets
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CalibrationRequiredError",
+    "CheckpointError",
+    "QuantSpec",
+    "Recipe",
+    "current_step",
+    "get_preset",
+    "list_presets",
+    "load_quantized",
+    "quantize",
+    "quantized_layers",
+    "quantizers_disabled",
+    "sampling_step",
+    "save_quantized",
+    "track_pipeline_steps",
+    "__version__",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from diffquant.cli import main
+
+sys.exit(main())

@@ -1,0 +1,146 @@
+"""The library's front door: quantize a model with a recipe."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from diffquant.calib.stats import ActivationStats, collect_activation_stats, modules_by_name
+from diffquant.nn.layers import QuantizedLayer, wrap_layer
+from diffquant.plan import LayerPlan, plan_layers
+from diffquant.recipes.config import Recipe
+from diffquant.recipes.presets import resolve_recipe
+
+# What `calibration` may be: statistics already collected on this model, or a function that runs
+# the full-precision sampler on the model it is given (e.g. from diffquant.calib.pipeline_calibration).
+Calibration = ActivationStats | Callable[[nn.Module], object]
+
+STATE_ATTR = "_diffquant_state"
+
+
+class CalibrationRequiredError(ValueError):
+    """A recipe with static ranges or data-driven stages was given no calibration."""
+
+
+@dataclass
+class QuantizationState:
+    """What a quantized model remembers of how it was made (saved into checkpoints)."""
+
+    recipe: Recipe
+    plan: dict[str, LayerPlan]
+
+
+@dataclass
+class QuantizationJob:
+    """A model being quantized: the plan, its wrapped layers and the calibration statistics."""
+
+    model: nn.Module
+    recipe: Recipe
+    plan: dict[str, LayerPlan]
+    stats: ActivationStats | None = None
+    layers: dict[str, QuantizedLayer] = field(default_factory=dict)
+    progress: bool = True
+
+    def require_stats(self) -> ActivationStats:
+        if self.stats is None:
+            raise CalibrationRequiredError(f"recipe {self.recipe.name!r} needs calibration statistics")
+        return self.stats
+
+    def wrap(self) -> None:
+        """Replace every planned layer by its quantized wrapper (sharing the parameters)."""
+        for name, plan in self.plan.items():
+            parent, attr = _parent_of(self.model, name)
+            layer = wrap_layer(getattr(parent, attr), plan.weight, plan.input)
+            setattr(parent, attr, layer)
+            self.layers[name] = layer
+
+    def calibrate(self) -> None:
+        """Weight qparams by round-to-nearest; static input ranges from the (smoothed) statistics."""
+        for name, layer in tqdm(self.layers.items(), desc="quantize layers", disable=not self.progress):
+            if layer.weight_quantizer is not None and not layer.weight_quantizer_calibrated:
+                layer.calibrate_weight()
+            quantizer = layer.input_quantizer
+            if quantizer is not None and not quantizer.calibrated:
+                stats = self.require_stats().require(name)
+                if layer.smooth is not None:
+                    stats = stats.divided(layer.smooth)
+                quantizer.calibrate(stats)
+
+
+def _parent_of(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, attr = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), attr
+
+
+def gather_stats(model: nn.Module, plan: dict[str, LayerPlan], calibration: Calibration) -> ActivationStats:
+    if isinstance(calibration, ActivationStats):
+        missing = [n for n in plan if n not in calibration]
+        if missing:
+            raise ValueError(f"calibration statistics lack {len(missing)} planned layers, e.g. {missing[:3]}")
+        return calibration
+    if not callable(calibration):
+        raise TypeError(
+            "calibration must be ActivationStats or a function that runs the sampler on the model, "
+            f"got {type(calibration).__name__}"
+        )
+    stats = collect_activation_stats(modules_by_name(model, plan), lambda: calibration(model))
+    missing = [n for n in plan if n not in stats]
+    if missing:
+        raise ValueError(f"{len(missing)} planned layers never ran during calibration, e.g. {missing[:3]}")
+    return stats
+
+
+def quantize(
+    model: nn.Module,
+    recipe: str | Path | Recipe,
+    calibration: Calibration | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Quantize `model` in place with `recipe` (preset name, Recipe, or recipe file) and return it.
+
+    calibration: needed by recipes with static input ranges or data-driven stages (SmoothQuant):
+    ActivationStats collected on this model, or a function running the FP sampler on the model.
+    """
+    recipe = resolve_recipe(recipe)
+    if getattr(model, STATE_ATTR, None) is not None:
+        raise ValueError("model is already quantized; start from the full-precision model")
+    plan = plan_layers(model, recipe)
+    if recipe.needs_calibration and calibration is None:
+        raise CalibrationRequiredError(
+            f"recipe {recipe.name!r} needs calibration (static input ranges or a data-driven stage): pass "
+            "calibration=diffquant.calib.pipeline_calibration(pipe, ...) or your own sampling function"
+        )
+    job = QuantizationJob(model, recipe, plan, progress=progress)
+    if calibration is not None and recipe.needs_calibration:
+        job.stats = gather_stats(model, plan, calibration)
+    job.wrap()
+    for stage in recipe.stages:
+        stage.apply(job)
+    job.calibrate()
+    setattr(model, STATE_ATTR, QuantizationState(recipe, plan))
+    return model
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLayer)}
+
+
+@contextlib.contextmanager
+def quantizers_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run a quantized model in full precision (transforms such as smoothing stay applied)."""
+    layers = list(quantized_layers(model).values())
+    if any(layer.weight_codes is not None for layer in layers):
+        raise RuntimeError("a model loaded from stored codes has no full-precision weights to disable to")
+    previous = [layer.quant_enabled for layer in layers]
+    for layer in layers:
+        layer.quant_enabled = False
+    try:
+        yield model
+    finally:
+        for layer, flag in zip(layers, previous, strict=True):
+            layer.quant_enabled = flag

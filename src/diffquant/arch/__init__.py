@@ -1,0 +1,24 @@
+"""Role adapters for diffusers models (registered on import) and the generic fallback."""
+
+from diffquant.arch import diffusers_models as _diffusers_models  # noqa: F401  (registers adapters)
+from diffquant.arch.base import (
+    DEFAULT_SKIP_ROLES,
+    ROLES,
+    GenericAdapter,
+    RoleAdapter,
+    adapter_for,
+    quantizable_layers,
+    register_adapter,
+    registered_adapters,
+)
+
+__all__ = [
+    "DEFAULT_SKIP_ROLES",
+    "ROLES",
+    "GenericAdapter",
+    "RoleAdapter",
+    "adapter_for",
+    "quantizable_layers",
+    "register_adapter",
+    "registered_adapters",
+]

@@ -1,0 +1,325 @@
+"""Real quantized checkpoints: safetensors + a JSON quantization config, atomic writes, no pickle.
+
+A quantized model folder holds
+
+    config.json                   the diffusers model config (model.save_config)
+    diffquant_config.json         manifest: format version, model class, recipe, per-layer plan and
+                                  packing, sha256 of the two files beside it
+    diffquant_model.safetensors   every tensor of the model; quantized weights as packed integer
+                                  codes (tensors/packing.py) "<layer>.weight_codes" with their
+                                  qparams, everything else as it was
+
+A pipeline folder keeps diffusers' layout (model_index.json + one folder per component) with the
+denoiser's folder in the layout above.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import diffquant
+from diffquant.api import STATE_ATTR, QuantizationState, quantized_layers
+from diffquant.formats.spec import QuantSpec
+from diffquant.nn.layers import QuantizedLayer, wrap_layer
+from diffquant.plan import LayerPlan
+from diffquant.recipes.config import Recipe
+from diffquant.tensors.packing import pack_codes, packing_for, unpack_codes
+
+FORMAT_NAME = "diffquant-quantized"
+FORMAT_VERSION = 1
+MANIFEST = "diffquant_config.json"
+TENSORS = "diffquant_model.safetensors"
+MODEL_CONFIG = "config.json"
+PIPELINE_INDEX = "model_index.json"
+DENOISER_COMPONENTS = ("transformer", "unet")
+
+
+class CheckpointError(ValueError):
+    """A quantized checkpoint that is missing, corrupt, tampered with or for another model."""
+
+
+# -- atomic folder writes -----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; rename it to `path` only if the block succeeds."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists (pass overwrite=True / --overwrite to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# -- saving ---------------------------------------------------------------------------------------
+
+
+def _layer_entry(layer: QuantizedLayer, plan: LayerPlan) -> dict[str, Any]:
+    wq = layer.weight_quantizer
+    return {
+        "role": plan.role,
+        "type": type(layer).__name__,
+        "weight": None if wq is None else wq.spec.to_dict(),
+        "input": None if layer.input_quantizer is None else layer.input_quantizer.spec.to_dict(),
+        "weight_shape": list(layer.weight_shape),
+        "packing": None if wq is None else packing_for(wq.spec.bits),
+        "codes_shape": None,
+    }
+
+
+def _layer_tensors(name: str, layer: QuantizedLayer, entry: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The layer's tensors with the float weight replaced by packed codes and stored-dtype scales."""
+    tensors = {f"{name}.{k}": v for k, v in layer.state_dict().items() if k != "weight"}
+    wq = layer.weight_quantizer
+    if wq is None:
+        return tensors
+    codes = layer.weight_codes if layer.weight_codes is not None else wq.codes(layer.weight_matrix(layer.weight))
+    entry["codes_shape"] = list(codes.shape)
+    fmt = wq.spec.qformat
+    tensors[f"{name}.weight_codes"] = pack_codes(codes, fmt.bits, fmt.signed)
+    tensors[f"{name}.weight_quantizer.scale"] = wq.scale.to(wq.spec.torch_scale_dtype)
+    if wq.zero_point is not None:
+        tensors[f"{name}.weight_quantizer.zero_point"] = wq.zero_point.to(fmt.storage_dtype())
+    return tensors
+
+
+def _model_tensors(model: nn.Module, state: QuantizationState) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    layers = quantized_layers(model)
+    entries: dict[str, Any] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    prefixes = tuple(f"{n}." for n in layers)
+    for key, value in model.state_dict().items():
+        if not key.startswith(prefixes):
+            tensors[key] = value
+    for name, layer in layers.items():
+        entries[name] = _layer_entry(layer, state.plan[name])
+        tensors.update(_layer_tensors(name, layer, entries[name]))
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, entries
+
+
+def _state_of(model: nn.Module) -> QuantizationState:
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        raise ValueError("model is not quantized: call diffquant.quantize(model, recipe) first")
+    return state
+
+
+def _save_model_files(model: nn.Module, folder: Path) -> None:
+    state = _state_of(model)
+    if not hasattr(model, "save_config"):
+        raise TypeError(f"{type(model).__name__} is not a diffusers model (no save_config)")
+    model.save_config(folder)
+    tensors, entries = _model_tensors(model, state)
+    save_file(tensors, folder / TENSORS, metadata={"format": FORMAT_NAME})
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "diffquant_version": diffquant.__version__,
+        "model_class": type(model).__name__,
+        "model_module": type(model).__module__.split(".")[0],
+        "recipe": state.recipe.to_dict(),
+        "layers": entries,
+        "sha256": {TENSORS: sha256_of(folder / TENSORS), MODEL_CONFIG: sha256_of(folder / MODEL_CONFIG)},
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def save_quantized(model_or_pipeline: Any, path: str | Path, overwrite: bool = False) -> Path:
+    """Write a quantized model (or a pipeline whose denoiser is quantized) to `path`, atomically."""
+    path = Path(path)
+    with atomic_directory(path, overwrite) as tmp:
+        if hasattr(model_or_pipeline, "components"):
+            _save_pipeline(model_or_pipeline, tmp)
+        else:
+            _save_model_files(model_or_pipeline, tmp)
+    return path
+
+
+def _save_pipeline(pipe: Any, folder: Path) -> None:
+    pipe.save_config(folder)
+    for name, component in pipe.components.items():
+        if component is None:
+            continue
+        if getattr(component, STATE_ATTR, None) is not None:
+            (folder / name).mkdir()
+            _save_model_files(component, folder / name)
+        elif hasattr(component, "save_pretrained"):
+            component.save_pretrained(folder / name)
+        else:
+            raise TypeError(f"pipeline component {name!r} ({type(component).__name__}) cannot be saved")
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Create module parameters on the meta device (no memory, no init); buffers stay real.
+
+    Loading then assigns the checkpoint's tensors, so no full-precision copy is ever materialised.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} does not exist or is not a folder")
+    for name in (MANIFEST, MODEL_CONFIG, TENSORS):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder} is not a complete diffquant checkpoint: {name} is missing")
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{folder / MANIFEST} is not valid JSON: {exc}") from exc
+    if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{folder / MANIFEST}: format {manifest.get('format')!r} v{manifest.get('format_version')} is not "
+            f"{FORMAT_NAME!r} v{FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def _verify_hashes(folder: Path, manifest: dict[str, Any]) -> None:
+    for name, expected in manifest.get("sha256", {}).items():
+        if sha256_of(folder / name) != expected:
+            raise CheckpointError(
+                f"{folder / name} does not match the sha256 recorded when it was saved: the file was "
+                "truncated, modified or replaced"
+            )
+
+
+def _build_empty_model(folder: Path, manifest: dict[str, Any]) -> nn.Module:
+    module = importlib.import_module(manifest["model_module"])
+    cls = getattr(module, manifest["model_class"], None)
+    if cls is None:
+        raise CheckpointError(f"{manifest['model_module']} has no model class {manifest['model_class']!r}")
+    config = json.loads((folder / MODEL_CONFIG).read_text())
+    with parameters_on_meta():
+        return cls.from_config(config)
+
+
+def _prepare_layers(model: nn.Module, layers: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, LayerPlan]:
+    plan = {}
+    modules = dict(model.named_modules())
+    for name, entry in layers.items():
+        if name not in modules:
+            raise CheckpointError(f"checkpoint layer {name!r} does not exist in the model built from config.json")
+        weight = None if entry["weight"] is None else QuantSpec.from_dict(entry["weight"])
+        inp = None if entry["input"] is None else QuantSpec.from_dict(entry["input"])
+        layer = wrap_layer(modules[name], weight, inp)
+        if list(layer.weight.shape) != entry["weight_shape"]:
+            raise CheckpointError(
+                f"layer {name!r}: the weight was saved as {entry['weight_shape']} but config.json builds "
+                f"{list(layer.weight.shape)}"
+            )
+        if weight is not None:
+            packed = tensors.pop(f"{name}.weight_codes")
+            fmt = weight.qformat
+            codes = unpack_codes(packed, fmt.bits, fmt.signed, entry["codes_shape"][-1])
+            tensors[f"{name}.weight_codes"] = codes
+            layer.hold_codes(codes)
+        parent_path, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_path) if parent_path else model, attr, layer)
+        plan[name] = LayerPlan(name, entry["role"], weight, inp)
+    return plan
+
+
+def _add_buffer_placeholders(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Give None buffers that the checkpoint fills a placeholder, so load_state_dict can assign them."""
+    for key, value in tensors.items():
+        owner_path, _, attr = key.rpartition(".")
+        try:
+            owner = model.get_submodule(owner_path)
+        except AttributeError:
+            continue  # reported as an unexpected key by load_state_dict
+        if attr in owner._buffers and owner._buffers[attr] is None:
+            owner._buffers[attr] = torch.empty_like(value, device="meta")
+
+
+def load_quantized(path: str | Path, verify: bool = True) -> Any:
+    """Load a quantized model folder (or a pipeline folder with a quantized denoiser)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    if (path / PIPELINE_INDEX).is_file():
+        return _load_pipeline(path, verify)
+    return _load_model(path, verify)
+
+
+def _load_model(folder: Path, verify: bool) -> nn.Module:
+    manifest = _read_manifest(folder)
+    if verify:
+        _verify_hashes(folder, manifest)
+    try:
+        tensors = load_file(folder / TENSORS)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{folder / TENSORS} cannot be read: {exc}") from exc
+    model = _build_empty_model(folder, manifest)
+    plan = _prepare_layers(model, manifest["layers"], tensors)
+    _add_buffer_placeholders(model, tensors)
+    try:
+        model.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{folder}: the tensors do not match the model built from config.json: {exc}") from exc
+    left_on_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if left_on_meta:
+        raise CheckpointError(f"{folder}: no tensors for parameters {left_on_meta[:5]}")
+    setattr(model, STATE_ATTR, QuantizationState(Recipe.from_dict(manifest["recipe"]), plan))
+    return model.eval()
+
+
+def _load_pipeline(folder: Path, verify: bool) -> Any:
+    from diffusers import DiffusionPipeline
+
+    index = json.loads((folder / PIPELINE_INDEX).read_text())
+    quantized = {name: _load_model(folder / name, verify) for name in DENOISER_COMPONENTS
+                 if name in index and (folder / name / MANIFEST).is_file()}
+    if not quantized:
+        raise CheckpointError(f"{folder} is a pipeline folder without a quantized transformer or unet")
+    return DiffusionPipeline.from_pretrained(folder, **quantized)

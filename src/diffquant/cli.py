@@ -1,0 +1,119 @@
+"""Command line: thin over the library. `diffquant --help` lists the commands."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from diffquant.checkpoint import CheckpointError
+from diffquant.formats.base import UnknownFormatError
+from diffquant.formats.spec import SpecError
+from diffquant.recipes.config import RecipeError
+
+# Command name -> (help, add_arguments, run). Later features register their own commands.
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+# Errors that are the user's input, reported as one line without a traceback.
+USER_ERRORS = (RecipeError, SpecError, UnknownFormatError, CheckpointError, FileNotFoundError, FileExistsError,
+               ValueError)
+
+
+def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]) -> Callable:
+    def wrap(run: Callable[[argparse.Namespace], int]) -> Callable:
+        COMMANDS[name] = (help, add_arguments, run)
+        return run
+
+    return wrap
+
+
+def _recipes_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--yaml", metavar="NAME", help="print the full recipe file of one preset")
+
+
+@command("recipes", "list the preset recipes", _recipes_args)
+def _recipes(args: argparse.Namespace) -> int:
+    from diffquant.recipes import get_preset, list_presets
+
+    if args.yaml:
+        print(get_preset(args.yaml).to_yaml(), end="")
+        return 0
+    for name, recipe in list_presets().items():
+        print(f"{name:<20}{recipe.label:<8}{recipe.description}")
+    return 0
+
+
+def _quantize_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="diffusers model folder or pipeline folder")
+    parser.add_argument("--recipe", required=True, help="preset name (see `diffquant recipes`) or recipe file")
+    parser.add_argument("--out", required=True, type=Path, help="output folder (written atomically)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--calib-samples", type=int, default=8, help="conditions for calibration (pipelines)")
+    parser.add_argument("--calib-steps", type=int, default=20, help="sampling steps during calibration")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+@command("quantize", "quantize a diffusers model or pipeline folder with a recipe", _quantize_args)
+def _quantize(args: argparse.Namespace) -> int:
+    from diffquant.workflows import quantize_folder
+
+    out = quantize_folder(args.model, args.recipe, args.out, overwrite=args.overwrite,
+                          calib_samples=args.calib_samples, calib_steps=args.calib_steps, seed=args.seed)
+    print(f"wrote {out}")
+    return 0
+
+
+def _info_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", type=Path, help="quantized model or pipeline folder")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+@command("info", "bits per layer role, parameters, bytes on disk vs 16-bit", _info_args)
+def _info(args: argparse.Namespace) -> int:
+    from diffquant.info import checkpoint_info, format_info, info_json
+
+    info = checkpoint_info(args.path)
+    print(info_json(info) if args.json else format_info(info))
+    return 0
+
+
+def _demo_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipes", nargs="*", help="preset names (default: all)")
+
+
+@command("demo", "quantize a small seeded DiT with every preset: SQNR, size, bitwise reload", _demo_args)
+def _demo(args: argparse.Namespace) -> int:
+    from diffquant.demo import format_rows, run_demo
+
+    rows = run_demo(args.recipes)
+    print(format_rows(rows))
+    return 0 if all(r.reload_bitwise for r in rows) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffquant", description="Low-bit quantization of diffusion models")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details and show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_arguments, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(p)
+        p.set_defaults(run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return args.run(args)
+    except USER_ERRORS as exc:
+        if args.verbose:
+            raise
+        print(f"diffquant {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Reference quantization maths in plain torch: the oracle every fast kernel is tested against.
+
+Conventions: tensors are laid out with the quantized feature axis LAST. Ranges are computed per
+"block" by `block_view`, which reshapes x to [blocks, block_len]; scales and zero points then have
+shape [blocks, 1] and broadcast against that view.
+
+    codes = clamp(round(x / s) + z, qmin, qmax)      (z = 0 when symmetric)
+    x_hat = (codes - z) * s
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from diffquant.formats.base import QFormat
+from diffquant.formats.spec import QuantSpec
+
+
+def group_view(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[..., C] -> [..., ceil(C/g), g], zero-padding a ragged last group.
+
+    Zero padding is harmless: symmetric ranges ignore zeros and affine ranges always include 0.
+    """
+    channels = x.shape[-1]
+    pad = (-channels) % group_size
+    if pad:
+        x = F.pad(x, (0, pad))
+    return x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
+
+
+def ungroup_view(xg: torch.Tensor, channels: int) -> torch.Tensor:
+    """Inverse of group_view: [..., G, g] -> [..., C]."""
+    return xg.reshape(*xg.shape[:-2], -1)[..., :channels]
+
+
+def block_view(x: torch.Tensor, granularity: str, group_size: int | None = None) -> torch.Tensor:
+    """Reshape (feature axis last) to [blocks, block_len] so each row shares one range.
+
+    "tensor": one block. "channel"/"token" along rows of the feature axis: one block per leading
+    index (for a [out, K] weight that is per output channel; for activations, per token).
+    "group": blocks of group_size along the feature axis.
+    """
+    if granularity == "tensor":
+        return x.reshape(1, -1)
+    if granularity in ("channel", "token"):
+        return x.reshape(-1, x.shape[-1])
+    if granularity == "group":
+        assert group_size is not None
+        return group_view(x, group_size).reshape(-1, group_size)
+    raise ValueError(f"block_view has no layout for granularity {granularity!r}")
+
+
+def unblock_view(xb: torch.Tensor, shape: torch.Size, granularity: str) -> torch.Tensor:
+    """Inverse of block_view for a tensor of the original `shape`."""
+    if granularity == "group":
+        channels = shape[-1]
+        padded = xb.reshape(*shape[:-1], -1)
+        return padded[..., :channels]
+    return xb.reshape(shape)
+
+
+def round_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round scales to their storage dtype, upwards, so the block's extreme value never clips.
+
+    Returned in float32 (values exactly representable in `dtype`), clamped to dtype's smallest normal.
+    """
+    if dtype == torch.float32:
+        return scale
+    tiny = torch.finfo(dtype).tiny
+    rounded = scale.clamp(min=tiny).to(dtype)
+    low = rounded.float() < scale
+    rounded = torch.where(low, torch.nextafter(rounded, torch.full_like(rounded, float("inf"))), rounded)
+    return rounded.float()
+
+
+def qparams_from_range(
+    lo: torch.Tensor, hi: torch.Tensor, fmt: QFormat, symmetric: bool, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and zero point (None when symmetric) covering [lo, hi] on the format's grid."""
+    eps = torch.finfo(torch.float32).tiny
+    if symmetric:
+        if fmt.signed:
+            absmax = torch.maximum(lo.abs(), hi.abs())
+            scale = absmax / fmt.qmax
+        else:  # unsigned symmetric: non-negative inputs, zero at code 0
+            scale = hi.clamp(min=0) / fmt.qmax
+        return round_scale(scale.clamp(min=eps), scale_dtype), None
+    lo = torch.minimum(lo, torch.zeros_like(lo))
+    hi = torch.maximum(hi, torch.zeros_like(hi))
+    scale = round_scale(((hi - lo) / (fmt.qmax - fmt.qmin)).clamp(min=eps), scale_dtype)
+    zero_point = (fmt.qmin - torch.round(lo / scale)).clamp(fmt.qmin, fmt.qmax)
+    return scale, zero_point
+
+
+def round_ste(x: torch.Tensor, fmt: QFormat) -> torch.Tensor:
+    """Round onto the format's grid with a straight-through (identity) gradient."""
+    return x + (fmt.round(x) - x).detach()
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, fmt: QFormat) -> torch.Tensor:
+    """Integer codes (as floats) of x; no gradient path."""
+    codes = fmt.round(x / scale)
+    if zero_point is not None:
+        codes = codes + zero_point
+    return codes.clamp(fmt.qmin, fmt.qmax)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
+    if zero_point is not None:
+        codes = codes - zero_point
+    return codes * scale
+
+
+def fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, fmt: QFormat
+) -> torch.Tensor:
+    """dequantize(quantize(x)) with a straight-through gradient inside the range, zero outside.
+
+    Gradients also reach `scale` (and `zero_point`) when they require grad, as in LSQ.
+    Computes exactly the same floating-point expression as quantize→dequantize, so a model
+    reloaded from stored codes reproduces the fake-quantized outputs bitwise.
+    """
+    if not (x.requires_grad or scale.requires_grad):
+        return dequantize(quantize(x, scale, zero_point, fmt), scale, zero_point)
+    codes = round_ste(x / scale, fmt)
+    if zero_point is not None:
+        codes = codes + round_ste(zero_point, fmt)
+        return (codes.clamp(fmt.qmin, fmt.qmax) - round_ste(zero_point, fmt)) * scale
+    return codes.clamp(fmt.qmin, fmt.qmax) * scale
+
+
+def block_range(xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (min, max) of a block view, detached."""
+    xb = xb.detach()
+    return xb.amin(dim=-1, keepdim=True), xb.amax(dim=-1, keepdim=True)
+
+
+def fake_quantize_dynamic(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Fake-quantize x (feature axis last) with ranges computed from x itself."""
+    xb = block_view(x, spec.granularity, spec.group_size)
+    lo, hi = block_range(xb)
+    scale, zero_point = qparams_from_range(lo, hi, spec.qformat, spec.symmetric, spec.torch_scale_dtype)
+    return unblock_view(fake_quantize(xb, scale, zero_point, spec.qformat), x.shape, spec.granularity)
+
+
+def quantize_blocks(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Codes [blocks, block_len], scale [blocks, 1], zero point [blocks, 1] or None for x (feature last)."""
+    xb = block_view(x, spec.granularity, spec.group_size)
+    lo, hi = block_range(xb)
+    scale, zero_point = qparams_from_range(lo, hi, spec.qformat, spec.symmetric, spec.torch_scale_dtype)
+    return quantize(xb, scale, zero_point, spec.qformat), scale, zero_point
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: 10·log10(Σ ref² / Σ (ref − approx)²)."""
+    ref = reference.detach().double()
+    noise = (ref - approx.detach().double()).pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(ref.pow(2).sum() / noise))

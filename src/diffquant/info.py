@@ -1,0 +1,103 @@
+"""Summaries of quantized checkpoints: bits per role, parameters, bytes on disk vs 16-bit."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+from diffquant.checkpoint import MANIFEST, PIPELINE_INDEX, TENSORS, CheckpointError, _read_manifest
+
+
+def _numel(shape: list[int]) -> int:
+    return math.prod(shape)
+
+
+def _model_folder(path: Path) -> Path:
+    if (path / PIPELINE_INDEX).is_file():
+        for sub in sorted(path.iterdir()):
+            if (sub / MANIFEST).is_file():
+                return sub
+        raise CheckpointError(f"{path} is a pipeline folder without a quantized component")
+    return path
+
+
+def checkpoint_info(path: str | Path) -> dict[str, Any]:
+    """Per-role and total figures of a quantized model or pipeline folder."""
+    folder = _model_folder(Path(path))
+    manifest = _read_manifest(folder)
+    layer_bytes: dict[str, int] = defaultdict(int)
+    total_params = 0
+    with safe_open(folder / TENSORS, framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118  (safe_open has no __iter__)
+            tensor = f.get_slice(key)
+            shape, dtype = tensor.get_shape(), tensor.get_dtype()
+            nbytes = _numel(shape) * _DTYPE_BYTES[dtype]
+            owner = next((n for n in manifest["layers"] if key.startswith(n + ".")), None)
+            if owner is not None:
+                layer_bytes[owner] += nbytes
+            if not key.endswith(("weight_codes", "scale", "zero_point", "smooth")):
+                total_params += _numel(shape)
+    roles: dict[str, dict[str, Any]] = {}
+    for name, entry in manifest["layers"].items():
+        row = roles.setdefault(entry["role"], {"layers": 0, "params": 0, "weight_bits": set(), "input_bits": set(),
+                                               "bytes": 0})
+        row["layers"] += 1
+        row["params"] += _numel(entry["weight_shape"])
+        row["bytes"] += layer_bytes[name]
+        row["weight_bits"].add(_bits(entry["weight"]))
+        row["input_bits"].add(_bits(entry["input"]))
+        total_params += _numel(entry["weight_shape"]) if entry["weight"] is not None else 0
+    quant_params = sum(r["params"] for r in roles.values())
+    quant_bytes = sum(r["bytes"] for r in roles.values())
+    for row in roles.values():
+        row["weight_bits"] = sorted(row["weight_bits"])
+        row["input_bits"] = sorted(row["input_bits"])
+    return {
+        "path": str(path),
+        "model_class": manifest["model_class"],
+        "recipe": manifest["recipe"]["name"],
+        "roles": roles,
+        "quantized_layers": len(manifest["layers"]),
+        "quantized_params": quant_params,
+        "quantized_bytes": quant_bytes,
+        "quantized_bytes_16bit": 2 * quant_params,
+        "total_params": total_params,
+        "file_bytes": (folder / TENSORS).stat().st_size,
+        "file_bytes_16bit": 2 * total_params,
+    }
+
+
+def _bits(spec: dict[str, Any] | None) -> int:
+    if spec is None:
+        return 16
+    return int("".join(ch for ch in spec["format"] if ch.isdigit()) or 16)
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def format_info(info: dict[str, Any]) -> str:
+    lines = [
+        f"{info['path']}: {info['model_class']} quantized with recipe {info['recipe']!r}",
+        f"{'role':<20}{'layers':>7}{'params':>12}{'W bits':>8}{'A bits':>8}{'bytes':>12}",
+    ]
+    for role, row in sorted(info["roles"].items()):
+        wb = "/".join(map(str, row["weight_bits"]))
+        ab = "/".join(map(str, row["input_bits"]))
+        lines.append(f"{role:<20}{row['layers']:>7}{row['params']:>12,}{wb:>8}{ab:>8}{row['bytes']:>12,}")
+    q, q16 = info["quantized_bytes"], info["quantized_bytes_16bit"]
+    lines.append(f"quantized layers: {info['quantized_layers']}, {info['quantized_params']:,} params, "
+                 f"{q:,} bytes vs {q16:,} at 16 bits ({q / max(q16, 1):.3f}x)")
+    f, f16 = info["file_bytes"], info["file_bytes_16bit"]
+    lines.append(f"whole model: {info['total_params']:,} params, {f:,} bytes on disk vs {f16:,} at 16 bits "
+                 f"({f / max(f16, 1):.3f}x)")
+    return "\n".join(lines)
+
+
+def info_json(info: dict[str, Any]) -> str:
+    return json.dumps(info, indent=2)

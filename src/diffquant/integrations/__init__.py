@@ -1,0 +1,1 @@
+"""Integrations with diffusers (imported lazily: the core never imports diffusers at import time)."""

@@ -1,0 +1,222 @@
+"""Typed recipe configs: what gets quantized how, and which transform stages run first.
+
+A recipe is plain data (JSON/YAML round-trip). Its `stages` are typed stage configs looked up by
+their `type` in a registry that algorithm modules fill, so a new method is a new stage class and a
+new preset file — never a new branch here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+
+from diffquant.formats.spec import QuantSpec, SpecError
+
+RECIPE_VERSION = 1
+
+
+class RecipeError(ValueError):
+    """An invalid recipe: unknown keys, bad values, an override matching nothing."""
+
+
+def _check_keys(kind: str, data: dict[str, Any], cls: type) -> None:
+    known = {f.name for f in fields(cls) if f.init}
+    unknown = set(data) - known
+    if unknown:
+        raise RecipeError(f"unknown {kind} keys {sorted(unknown)}; known: {sorted(known)}")
+
+
+# -- stages -----------------------------------------------------------------------------------
+
+_STAGES: dict[str, type[StageConfig]] = {}
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """Base of typed stage configs. Subclasses register under a `type` name and implement apply().
+
+    A stage transforms the wrapped, not yet calibrated model (see diffquant.api.QuantizationJob);
+    transforms must leave the full-precision function unchanged.
+    """
+
+    type: ClassVar[str] = ""
+    needs_calibration: ClassVar[bool] = False
+
+    def apply(self, job) -> None:  # job: diffquant.api.QuantizationJob
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, **dataclasses.asdict(self)}
+
+
+def register_stage(cls: type[StageConfig]) -> type[StageConfig]:
+    if not cls.type:
+        raise TypeError(f"{cls.__name__} needs a `type` name")
+    _STAGES[cls.type] = cls
+    return cls
+
+
+def registered_stages() -> dict[str, type[StageConfig]]:
+    return dict(_STAGES)
+
+
+def stage_from_dict(data: dict[str, Any]) -> StageConfig:
+    import diffquant.algorithms  # noqa: F401  (algorithm modules register their stages)
+
+    data = dict(data)
+    kind = data.pop("type", None)
+    if kind not in _STAGES:
+        raise RecipeError(f"unknown stage type {kind!r}; known: {sorted(_STAGES)}")
+    cls = _STAGES[kind]
+    _check_keys(f"stage {kind!r}", data, cls)
+    try:
+        return cls(**data)
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"stage {kind!r}: {exc}") from exc
+
+
+# -- overrides --------------------------------------------------------------------------------
+
+FP = "fp"  # an override's weight/input value meaning "leave in full precision"
+
+
+@dataclass(frozen=True)
+class Override:
+    """Change the plan for the layers `match` selects; later overrides win.
+
+    match:   "role:<glob>" over roles (e.g. "role:ffn.*", "role:time_embed") or a glob over module
+             paths (e.g. "down_blocks.0.*"). Must select at least one layer of the model.
+    weight / input: "fp" to leave that side unquantized, or a dict of QuantSpec fields to change
+             in the recipe's spec for that side (e.g. {"format": "int8"}). Omit to keep it as planned.
+    include: quantize layers whose role the adapter keeps in full precision by default.
+    skip:    leave the selected layers entirely in full precision.
+    """
+
+    match: str
+    weight: str | dict[str, Any] | None = None
+    input: str | dict[str, Any] | None = None
+    include: bool = False
+    skip: bool = False
+
+    def __post_init__(self) -> None:
+        if self.include and self.skip:
+            raise RecipeError(f"override {self.match!r}: include and skip exclude each other")
+        for side in ("weight", "input"):
+            value = getattr(self, side)
+            if isinstance(value, str) and value != FP:
+                raise RecipeError(f"override {self.match!r}: {side} must be {FP!r} or a dict, got {value!r}")
+            if isinstance(value, dict):
+                _check_keys(f"override {side}", value, QuantSpec)
+
+
+def patch_spec(base: QuantSpec | None, patch: str | dict[str, Any] | None, side: str) -> QuantSpec | None:
+    if patch is None:
+        return base
+    if patch == FP:
+        return None
+    if base is None:
+        raise RecipeError(
+            f"an override patches the {side} spec but the recipe quantizes no {side}s: give a full spec in "
+            f"the recipe's `{side}` instead"
+        )
+    try:
+        return dataclasses.replace(base, **patch)
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"override of {side} spec: {exc}") from exc
+
+
+# -- the recipe -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A quantization recipe.
+
+    weight / input: default specs for the weights and the inputs (activations) of every covered
+    layer; None leaves that side in full precision. stages: transforms run before the layers are
+    quantized (e.g. SmoothQuant). overrides: per-role / per-module-pattern changes.
+    """
+
+    name: str
+    description: str = ""
+    weight: QuantSpec | None = None
+    input: QuantSpec | None = None
+    stages: tuple[StageConfig, ...] = ()
+    overrides: tuple[Override, ...] = ()
+    version: int = RECIPE_VERSION
+
+    def __post_init__(self) -> None:
+        if self.version != RECIPE_VERSION:
+            raise RecipeError(f"recipe version {self.version} is not supported (this diffquant reads {RECIPE_VERSION})")
+        if self.weight is None and self.input is None:
+            raise RecipeError(f"recipe {self.name!r} quantizes neither weights nor inputs")
+        if self.weight is not None:
+            self.weight.validate_for_weight()
+        if self.input is not None:
+            self.input.validate_for_activation()
+
+    @property
+    def needs_calibration(self) -> bool:
+        static_input = self.input is not None and not self.input.dynamic
+        return static_input or any(s.needs_calibration for s in self.stages) or any(
+            isinstance(o.input, dict) and not o.input.get("dynamic", True) for o in self.overrides
+        )
+
+    @property
+    def label(self) -> str:
+        """Bits of the recipe in WxAy notation (y = 16 for full-precision inputs)."""
+        w = self.weight.bits if self.weight else 16
+        a = self.input.bits if self.input else 16
+        return f"W{w}A{a}"
+
+    # -- serialisation ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "name": self.name,
+            "description": self.description,
+            "weight": None if self.weight is None else self.weight.to_dict(),
+            "input": None if self.input is None else self.input.to_dict(),
+            "stages": [s.to_dict() for s in self.stages],
+            "overrides": [dataclasses.asdict(o) for o in self.overrides],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        if not isinstance(data, dict):
+            raise RecipeError(f"a recipe is a mapping, got {type(data).__name__}")
+        _check_keys("recipe", data, cls)
+        data = dict(data)
+        try:
+            for side in ("weight", "input"):
+                if data.get(side) is not None:
+                    data[side] = QuantSpec.from_dict(data[side])
+            data["stages"] = tuple(stage_from_dict(s) for s in data.get("stages") or ())
+            overrides = data.get("overrides") or ()
+            for o in overrides:
+                _check_keys("override", o, Override)
+            data["overrides"] = tuple(Override(**o) for o in overrides)
+            if "name" not in data:
+                raise RecipeError("a recipe needs a `name`")
+            return cls(**data)
+        except SpecError as exc:
+            raise RecipeError(f"recipe {data.get('name', '?')!r}: {exc}") from exc
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Recipe:
+        path = Path(path)
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        return cls.from_dict(data)
+

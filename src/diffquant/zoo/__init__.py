@@ -1,0 +1,1 @@
+"""Small reference models trained and shipped by diffquant, and the data they use."""
