@@ -159,14 +159,22 @@ def _save_model_files(model: nn.Module, folder: Path) -> None:
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
-def save_quantized(model_or_pipeline: Any, path: str | Path, overwrite: bool = False) -> Path:
-    """Write a quantized model (or a pipeline whose denoiser is quantized) to `path`, atomically."""
+def save_quantized(
+    model_or_pipeline: Any, path: str | Path, overwrite: bool = False, extra_json: dict[str, Any] | None = None
+) -> Path:
+    """Write a quantized model (or a pipeline whose denoiser is quantized) to `path`, atomically.
+
+    extra_json: file name -> JSON-serialisable object written into the folder in the same atomic step
+    (e.g. which zoo model the folder came from).
+    """
     path = Path(path)
     with atomic_directory(path, overwrite) as tmp:
         if hasattr(model_or_pipeline, "components"):
             _save_pipeline(model_or_pipeline, tmp)
         else:
             _save_model_files(model_or_pipeline, tmp)
+        for name, content in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2))
     return path
 
 
@@ -312,6 +320,21 @@ def _load_model(folder: Path, verify: bool) -> nn.Module:
         raise CheckpointError(f"{folder}: no tensors for parameters {left_on_meta[:5]}")
     setattr(model, STATE_ATTR, QuantizationState(Recipe.from_dict(manifest["recipe"]), plan))
     return model.eval()
+
+
+def is_quantized_folder(path: str | Path) -> bool:
+    """A quantized model folder, or a pipeline folder with a quantized denoiser."""
+    path = Path(path)
+    return (path / MANIFEST).is_file() or any((path / n / MANIFEST).is_file() for n in DENOISER_COMPONENTS)
+
+
+def load_pipeline_any(path: str | Path) -> Any:
+    """A pipeline folder, full precision or with a quantized denoiser."""
+    if is_quantized_folder(path):
+        return load_quantized(path)
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(path)
 
 
 def _load_pipeline(folder: Path, verify: bool) -> Any:

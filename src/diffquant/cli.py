@@ -46,13 +46,15 @@ def _recipes(args: argparse.Namespace) -> int:
 
 
 def _quantize_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="diffusers model folder or pipeline folder")
+    parser.add_argument("model", help="zoo model name (see `diffquant zoo list`), diffusers model or pipeline folder")
     parser.add_argument("--recipe", required=True, help="preset name (see `diffquant recipes`) or recipe file")
     parser.add_argument("--out", required=True, type=Path, help="output folder (written atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--calib-samples", type=int, default=8, help="conditions for calibration (pipelines)")
-    parser.add_argument("--calib-steps", type=int, default=20, help="sampling steps during calibration")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--calib-samples", type=int, default=None,
+                        help="conditions sampled for calibration (default: 64 for zoo models, 8 for pipelines)")
+    parser.add_argument("--calib-steps", type=int, default=None,
+                        help="sampling steps during calibration (default: the model's sampler, 20 for pipelines)")
+    parser.add_argument("--seed", type=int, default=None, help="calibration seed")
 
 
 @command("quantize", "quantize a diffusers model or pipeline folder with a recipe", _quantize_args)
@@ -92,7 +94,13 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if all(r.reload_bitwise for r in rows) else 1
 
 
+def _register_feature_commands() -> None:
+    """Commands that live beside their features (imported here so they register)."""
+    import diffquant.zoo.cli_commands  # noqa: F401
+
+
 def build_parser() -> argparse.ArgumentParser:
+    _register_feature_commands()
     parser = argparse.ArgumentParser(prog="diffquant", description="Low-bit quantization of diffusion models")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details and show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from diffquant import zoo
 from diffquant.api import quantize
 from diffquant.calib.pipeline import pipeline_calibration
 from diffquant.checkpoint import save_quantized
@@ -13,7 +14,10 @@ from diffquant.integrations.diffusers_io import (
     load_model_folder,
     load_pipeline_folder,
 )
+from diffquant.recipes.config import Recipe
 from diffquant.recipes.presets import resolve_recipe
+
+ZOO_MARKER = "diffquant_zoo.json"  # in a quantized zoo folder: which zoo model it came from
 
 
 def quantize_folder(
@@ -21,25 +25,29 @@ def quantize_folder(
     recipe: str | Path,
     out: str | Path,
     overwrite: bool = False,
-    calib_samples: int = 8,
-    calib_steps: int = 20,
-    seed: int = 0,
+    calib_samples: int | None = None,
+    calib_steps: int | None = None,
+    seed: int | None = None,
 ) -> Path:
-    """Quantize a diffusers model folder or pipeline folder and write the quantized folder to `out`.
+    """Quantize a zoo model, a diffusers model folder or a pipeline folder and write the quantized folder to `out`.
 
     A pipeline's denoiser is quantized; the other components are written unchanged. Recipes that need
     calibration run the full-precision pipeline; a bare model folder has no sampler to run.
     """
-    source, out = Path(source), Path(out)
+    out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
     recipe_obj = resolve_recipe(recipe)  # fail on a bad recipe before loading anything
+    if zoo.is_zoo_name(str(source)):
+        return quantize_zoo_model(str(source), recipe_obj, out, overwrite, calib_samples or 64, calib_steps,
+                                  1234 if seed is None else seed)
+    source = Path(source)
     if not source.exists():
         raise FileNotFoundError(f"model folder {source} does not exist")
     if is_pipeline_folder(source):
         pipe = load_pipeline_folder(source)
         _, model = denoiser_of(pipe)
-        calibration = pipeline_calibration(pipe, calib_samples, calib_steps, seed=seed)
+        calibration = pipeline_calibration(pipe, calib_samples or 8, calib_steps or 20, seed=seed or 0)
         quantize(model, recipe_obj, calibration=calibration)
         return save_quantized(pipe, out, overwrite=overwrite)
     if recipe_obj.needs_calibration:
@@ -50,3 +58,31 @@ def quantize_folder(
     model = load_model_folder(source)
     quantize(model, recipe_obj)
     return save_quantized(model, out, overwrite=overwrite)
+
+
+def quantize_zoo_model(
+    name: str,
+    recipe: Recipe,
+    out: Path,
+    overwrite: bool = False,
+    calib_samples: int = 64,
+    calib_steps: int | None = None,
+    seed: int = 1234,
+) -> Path:
+    """Quantize a zoo model's denoiser, calibrating with the model's own sampler when needed."""
+    model = zoo.load(name)
+    calibration = None
+    if recipe.needs_calibration:
+        calibration = model.calibration(calib_samples, calib_steps, seed=seed)
+    quantize(model.denoiser, recipe, calibration=calibration)
+    return save_quantized(model.pipe, out, overwrite=overwrite, extra_json={ZOO_MARKER: {"zoo": name}})
+
+
+def zoo_name_of(folder: str | Path) -> str | None:
+    """The zoo model a quantized folder was made from, if any."""
+    marker = Path(folder) / ZOO_MARKER
+    if not marker.is_file():
+        return None
+    import json
+
+    return json.loads(marker.read_text())["zoo"]
