@@ -160,17 +160,22 @@ def _save_model_files(model: nn.Module, folder: Path) -> None:
 
 
 def save_quantized(
-    model_or_pipeline: Any, path: str | Path, overwrite: bool = False, extra_json: dict[str, Any] | None = None
+    model_or_pipeline: Any,
+    path: str | Path,
+    overwrite: bool = False,
+    extra_json: dict[str, Any] | None = None,
+    source: str | Path | None = None,
 ) -> Path:
     """Write a quantized model (or a pipeline whose denoiser is quantized) to `path`, atomically.
 
     extra_json: file name -> JSON-serialisable object written into the folder in the same atomic step
-    (e.g. which zoo model the folder came from).
+    (e.g. which zoo model the folder came from). source: the pipeline folder the pipeline was loaded
+    from; its unquantized components are copied byte for byte instead of re-saved.
     """
     path = Path(path)
     with atomic_directory(path, overwrite) as tmp:
         if hasattr(model_or_pipeline, "components"):
-            _save_pipeline(model_or_pipeline, tmp)
+            _save_pipeline(model_or_pipeline, tmp, None if source is None else Path(source))
         else:
             _save_model_files(model_or_pipeline, tmp)
         for name, content in (extra_json or {}).items():
@@ -178,7 +183,7 @@ def save_quantized(
     return path
 
 
-def _save_pipeline(pipe: Any, folder: Path) -> None:
+def _save_pipeline(pipe: Any, folder: Path, source: Path | None) -> None:
     pipe.save_config(folder)
     for name, component in pipe.components.items():
         if component is None:
@@ -186,6 +191,8 @@ def _save_pipeline(pipe: Any, folder: Path) -> None:
         if getattr(component, STATE_ATTR, None) is not None:
             (folder / name).mkdir()
             _save_model_files(component, folder / name)
+        elif source is not None and (source / name).is_dir():
+            shutil.copytree(source / name, folder / name)
         elif hasattr(component, "save_pretrained"):
             component.save_pretrained(folder / name)
         else:

@@ -49,7 +49,7 @@ def quantize_folder(
         _, model = denoiser_of(pipe)
         calibration = pipeline_calibration(pipe, calib_samples or 8, calib_steps or 20, seed=seed or 0)
         quantize(model, recipe_obj, calibration=calibration)
-        return save_quantized(pipe, out, overwrite=overwrite)
+        return save_quantized(pipe, out, overwrite=overwrite, source=source)
     if recipe_obj.needs_calibration:
         raise ValueError(
             f"recipe {recipe_obj.name!r} needs calibration, which runs a sampler: give a pipeline folder "
@@ -75,7 +75,8 @@ def quantize_zoo_model(
     if recipe.needs_calibration:
         calibration = model.calibration(calib_samples, calib_steps, seed=seed)
     quantize(model.denoiser, recipe, calibration=calibration)
-    return save_quantized(model.pipe, out, overwrite=overwrite, extra_json={ZOO_MARKER: {"zoo": name}})
+    return save_quantized(model.pipe, out, overwrite=overwrite, extra_json={ZOO_MARKER: {"zoo": name}},
+                          source=zoo.get(name).folder)
 
 
 def zoo_name_of(folder: str | Path) -> str | None:

@@ -86,6 +86,7 @@ def test_quantize_pipeline_folder_with_calibration(dit_pipeline_folder, tmp_path
                "--calib-samples", "2", "--calib-steps", "2")
     assert done.returncode == 0, done.stderr
     assert (out / "model_index.json").is_file()
-    assert (out / "scheduler" / "scheduler_config.json").is_file()
+    for part in ("scheduler/scheduler_config.json", "vae/config.json", "vae/diffusion_pytorch_model.safetensors"):
+        assert (out / part).read_bytes() == (dit_pipeline_folder / part).read_bytes(), f"{part} was not copied"
     table = cli("info", str(out)).stdout
     assert "smoothquant-w8a8" in table and "attn.q" in table
