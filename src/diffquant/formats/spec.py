@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
+from diffquant.configs import reject_unknown_keys
 from diffquant.formats.base import QFormat, SpecError, get_format
 
 # Granularity names. For weights (viewed as a [out, K] matrix) "channel" means one range per output
@@ -85,8 +86,5 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantSpec:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise SpecError(f"unknown quantization spec keys {sorted(unknown)}; known: {sorted(known)}")
+        reject_unknown_keys("quantization spec", data, cls, SpecError)
         return cls(**data)

@@ -31,7 +31,7 @@ import contextlib
 import functools
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,6 +39,7 @@ from torch import nn
 
 from diffquant.calib.stats import ActivationStats, LayerStats
 from diffquant.calib.steps import current_step
+from diffquant.configs import reject_unknown_keys
 from diffquant.formats.spec import QuantSpec, SpecError
 from diffquant.nn.quantizers import ActivationQuantizer
 
@@ -81,10 +82,7 @@ class AttentionQuantConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AttentionQuantConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise SpecError(f"unknown attention operands {sorted(unknown)}; known: {list(OPERANDS)}")
+        reject_unknown_keys("attention operand", data, cls, SpecError)
         return cls(**{
             op: spec if spec is None or isinstance(spec, QuantSpec) else QuantSpec.from_dict(spec)
             for op, spec in data.items()

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
 
+from diffquant.configs import reject_unknown_keys
 from diffquant.formats.spec import QuantSpec, SpecError
 
 RECIPE_VERSION = 1
@@ -25,10 +26,7 @@ class RecipeError(ValueError):
 
 
 def _check_keys(kind: str, data: dict[str, Any], cls: type) -> None:
-    known = {f.name for f in fields(cls) if f.init}
-    unknown = set(data) - known
-    if unknown:
-        raise RecipeError(f"unknown {kind} keys {sorted(unknown)}; known: {sorted(known)}")
+    reject_unknown_keys(kind, data, cls, RecipeError)
 
 
 # -- stages -----------------------------------------------------------------------------------
