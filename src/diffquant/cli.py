@@ -96,6 +96,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _register_feature_commands() -> None:
     """Commands that live beside their features (imported here so they register)."""
+    import diffquant.eval.cli_commands  # noqa: F401
     import diffquant.zoo.cli_commands  # noqa: F401
 
 
