@@ -14,12 +14,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tests.tiny_models import fill_zero_params
 
 import diffquant
 from diffquant.eval import Judge, evaluate, runner
 from diffquant.eval.report import bits_of, markdown_table, merge_rows, plot_quality, row_order
 from diffquant.zoo.model import ClassConditioning, LatentDiffusionModel
+from tests.tiny_models import fill_zero_params
 
 SAMPLES, STEPS, SQNR_SAMPLES = 20, 3, 8
 TIME_KEYS = ("wall_time_s", "fp_wall_time_s")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.tiny_models import TINY_MODELS
 
 import diffquant
+from tests.tiny_models import TINY_MODELS
 
 TINY_DIT = TINY_MODELS["dit"]
 

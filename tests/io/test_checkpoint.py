@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from tests.io.conftest import dit_output
 
 import diffquant
 from diffquant.checkpoint import (
@@ -17,6 +16,7 @@ from diffquant.checkpoint import (
     load_quantized,
     save_quantized,
 )
+from tests.io.conftest import dit_output
 
 
 def test_round_trip_restores_recipe_and_plan(quantized_dit, tmp_path):

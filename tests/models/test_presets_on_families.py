@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 from safetensors import safe_open
-from tests.tiny_models import TINY_MODELS
 
 import diffquant
 from diffquant.checkpoint import load_quantized, save_quantized
 from diffquant.formats.ops import sqnr_db
 from diffquant.info import checkpoint_info
 from diffquant.recipes import list_presets
+from tests.tiny_models import TINY_MODELS
 
 PRESETS = list(list_presets())
 FAMILIES = list(TINY_MODELS)
