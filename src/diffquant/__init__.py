@@ -7,6 +7,7 @@ from diffquant.api import CalibrationRequiredError, quantize, quantized_layers, 
 from diffquant.calib.steps import current_step, sampling_step, track_pipeline_steps
 from diffquant.checkpoint import CheckpointError, load_quantized, save_quantized
 from diffquant.formats import QuantSpec
+from diffquant.freeze import freeze
 from diffquant.recipes import Recipe, get_preset, list_presets
 
 __version__ = "0.1.0"
@@ -17,6 +18,7 @@ __all__ = [
     "QuantSpec",
     "Recipe",
     "current_step",
+    "freeze",
     "get_preset",
     "list_presets",
     "load_quantized",

@@ -140,11 +140,14 @@ def _state_of(model: nn.Module) -> QuantizationState:
 
 
 def _save_model_files(model: nn.Module, folder: Path) -> None:
+    from diffquant.freeze import thawed  # a frozen model is saved as the codes it was frozen from
+
     state = _state_of(model)
     if not hasattr(model, "save_config"):
         raise TypeError(f"{type(model).__name__} is not a diffusers model (no save_config)")
     model.save_config(folder)
-    tensors, entries = _model_tensors(model, state)
+    with thawed(model):
+        tensors, entries = _model_tensors(model, state)
     save_file(tensors, folder / TENSORS, metadata={"format": FORMAT_NAME})
     manifest = {
         "format": FORMAT_NAME,

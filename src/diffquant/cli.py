@@ -100,6 +100,17 @@ def _register_feature_commands() -> None:
     import diffquant.zoo.cli_commands  # noqa: F401
 
 
+@command("kernels", "the CPU's instruction set and the integer-GEMM backend diffquant selects", lambda p: None)
+def _kernels(args: argparse.Namespace) -> int:
+    from diffquant.kernels import active_backend, detect_cpu, fastest_float_dtype
+
+    cpu = detect_cpu()
+    print(f"cpu: {cpu.model} ({cpu.capability}, {cpu.cores} cores)")
+    print(f"integer GEMM backend: {active_backend().name}  (override: DIFFQUANT_KERNEL_BACKEND)")
+    print(f"float dtype for unquantized work: {fastest_float_dtype()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     _register_feature_commands()
     parser = argparse.ArgumentParser(prog="diffquant", description="Low-bit quantization of diffusion models")

@@ -8,12 +8,21 @@ from diffquant.nn.attention import (
     remove_attention_quantizers,
 )
 from diffquant.nn.layers import QConv2d, QLinear, QuantizedLayer, wrap_layer
+from diffquant.nn.packed import PackedConv2d, PackedLinear
 from diffquant.nn.quantizers import ActivationQuantizer, WeightQuantizer
 
 __all__ = [
     "ActivationQuantizer",
     "AttentionQuantConfig",
     "AttentionQuantizers",
+    "PackedConv2d",
+    "PackedLinear",
+    "QConv2d",
+    "QLinear",
     "QuantAttnProcessor",
+    "QuantizedLayer",
+    "WeightQuantizer",
     "install_attention_quantizers",
-    "remove_attention_quantizers", "QConv2d", "QLinear", "QuantizedLayer", "WeightQuantizer", "wrap_layer"]
+    "remove_attention_quantizers",
+    "wrap_layer",
+]

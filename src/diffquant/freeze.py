@@ -1,0 +1,116 @@
+"""Freeze a quantized model into its packed form, and back for saving; memory accounting helpers.
+
+    model = diffquant.load_quantized(folder)     # QuantizedLayers holding integer codes
+    freeze(model)                                # in place: PackedLinear / PackedConv2d
+    with thawed(model):                          # codes-holding QuantizedLayers again, briefly
+        diffquant.save_quantized(model, out)
+
+freeze() works on a fake-quant model too: each layer first trades its float weight for codes
+(QuantizedLayer.store_codes), so no full-precision copy outlives its own layer's conversion.
+Layers without a weight quantizer (activation-only) have no integer weight and stay as they are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from diffquant.api import quantized_layers
+from diffquant.kernels import IntGemmBackend, select_backend
+from diffquant.nn.layers import QuantizedLayer
+from diffquant.nn.packed import PACKED_TYPES, PackedLayer
+
+log = logging.getLogger("diffquant.freeze")
+PROC_STATUS = Path("/proc/self/status")
+
+
+def _set_child(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, attr, module)
+
+
+def packed_layers(model: nn.Module) -> dict[str, PackedLayer]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, PackedLayer)}
+
+
+def freeze(model: nn.Module, backend: str | IntGemmBackend | None = None,
+           float_dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every QuantizedLayer of `model` by its packed module, in place; returns `model`.
+
+    backend: kernel backend name or object (default: diffquant.kernels.select_backend()).
+    float_dtype: dtype of the float paths (weight-only layers; default: the machine's fastest).
+    """
+    backend = select_backend(backend)
+    names = [n for n, layer in quantized_layers(model).items() if layer.weight_quantizer is not None]
+    for name in names:
+        layer: QuantizedLayer = model.get_submodule(name)
+        layer.store_codes()  # drops the float weight before the packed copy is made
+        _set_child(model, name, PACKED_TYPES[type(layer)](layer, backend=backend, float_dtype=float_dtype))
+        del layer
+    log.info("froze %d layers with kernel backend %r", len(names), backend.name)
+    return model
+
+
+def thaw(model: nn.Module) -> nn.Module:
+    """Inverse of freeze: packed modules back to QuantizedLayers holding codes (no float weights)."""
+    for name, packed in packed_layers(model).items():
+        _set_child(model, name, packed.to_quantized_layer())
+    return model
+
+
+@contextlib.contextmanager
+def thawed(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside: `model` with codes-holding QuantizedLayers (what checkpoint.save_quantized reads);
+    after: the same packed modules as before. Low-rank branches are not part of checkpoints yet."""
+    packed = packed_layers(model)
+    with_low_rank = [n for n, m in packed.items() if getattr(m, "low_rank_down", None) is not None]
+    if with_low_rank:
+        raise NotImplementedError(f"checkpoints cannot hold low-rank branches yet (layers {with_low_rank[:3]})")
+    thaw(model)
+    try:
+        yield model
+    finally:
+        for name, module in packed.items():
+            _set_child(model, name, module)
+
+
+def save_frozen(model: nn.Module, path: str | Path, **kwargs) -> Path:
+    """checkpoint.save_quantized for a frozen model (the same files as for the model before freezing)."""
+    from diffquant.checkpoint import save_quantized
+
+    with thawed(model):
+        return save_quantized(model, path, **kwargs)
+
+
+# -- memory accounting ------------------------------------------------------------------------------
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of every distinct tensor the model keeps (parameters, buffers, kernel-prepared weights)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        key = tensor.untyped_storage().data_ptr() if tensor.device.type != "meta" else id(tensor)
+        if key not in seen:
+            seen.add(key)
+            total += tensor.untyped_storage().nbytes() if tensor.device.type != "meta" else 0
+    for module in packed_layers(model).values():
+        total += sum(module.weight.backend.prepared_nbytes(p) for p in module.weight.prepared or ())
+    return total
+
+
+def process_rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc; 0 where unavailable), after a gc pass."""
+    gc.collect()
+    if not PROC_STATUS.is_file():
+        return 0
+    for line in PROC_STATUS.read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0

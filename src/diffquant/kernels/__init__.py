@@ -1,0 +1,55 @@
+"""Integer GEMM kernels for frozen models, chosen by what the CPU can do.
+
+    backend = diffquant.kernels.active_backend()      # chosen once per process, logged
+    acc = backend.matmul(a_int8_MxK, backend.prepare(b_int8_KxN))
+
+Backends (registry `BACKENDS`, best first where usable):
+    int_mm   torch._int_mm, int8 x int8 -> int32: CPUs with AVX-512 VNNI or AMX only.
+    fbgemm   fbgemm u8 x s8 GEMM via torch's quantized ops: AVX2 CPUs (int16 saturation handled).
+    float    codes as fp32 through the fp32 matmul: always correct.
+Override with $DIFFQUANT_KERNEL_BACKEND or select_backend(name). Every backend's `reference` is the
+plain-torch oracle (kernels/reference.py); segmented.py adds group-wise scales on top of any backend.
+"""
+
+from diffquant.kernels import fbgemm, float_fallback, int_mm  # noqa: F401  (register the backends)
+from diffquant.kernels.backend import (
+    BACKENDS,
+    ENV_BACKEND,
+    BackendUnavailableError,
+    IntGemmBackend,
+    active_backend,
+    get_backend,
+    register_backend,
+    reset_active_backend,
+    select_backend,
+    usable_backends,
+)
+from diffquant.kernels.cpu import CpuFeatures, detect_cpu, fastest_float_dtype
+from diffquant.kernels.reference import (
+    reference_int_matmul,
+    reference_segment_accumulations,
+    reference_segmented_matmul,
+)
+from diffquant.kernels.segmented import SegmentZeroPoints, segment_accumulations, segmented_matmul
+
+__all__ = [
+    "BACKENDS",
+    "ENV_BACKEND",
+    "BackendUnavailableError",
+    "CpuFeatures",
+    "IntGemmBackend",
+    "SegmentZeroPoints",
+    "active_backend",
+    "detect_cpu",
+    "fastest_float_dtype",
+    "get_backend",
+    "reference_int_matmul",
+    "reference_segment_accumulations",
+    "reference_segmented_matmul",
+    "register_backend",
+    "reset_active_backend",
+    "segment_accumulations",
+    "segmented_matmul",
+    "select_backend",
+    "usable_backends",
+]

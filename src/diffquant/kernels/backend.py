@@ -1,0 +1,153 @@
+"""Integer GEMM backends: the interface, the registry, and the choice by what the CPU can do.
+
+Notation (every backend):
+
+    M   rows of the activation matrix (tokens, or output pixels of a convolution)
+    K   reduction length (input features; kh*kw*c_in for a convolution)
+    N   output features
+    a   int8 [M, K]   activation codes (signed, offset-centred: see nn/packed.py)
+    b   int8 [K, N]   weight codes, contiguous, the layout `prepare` takes
+    acc [M, N]        exact int32 accumulations sum_k a[m, k] * b[k, n]: dtype int32, or float32
+                      holding the same integers (exact while |acc| <= 2**24, i.e. always for K <= 1024)
+
+A backend prepares a weight once (`prepare`, possibly into its own layout) and multiplies many times
+(`matmul`). Selection picks the highest-priority backend that is available and not pathological on
+this CPU; `DIFFQUANT_KERNEL_BACKEND=<name>` or an explicit name overrides it, but a backend that is
+pathological here (e.g. `int_mm` without VNNI) is refused rather than silently run 20-100x slowly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+
+from diffquant.kernels.cpu import CpuFeatures, detect_cpu
+from diffquant.kernels.reference import reference_int_matmul
+
+ENV_BACKEND = "DIFFQUANT_KERNEL_BACKEND"
+log = logging.getLogger("diffquant.kernels")
+
+
+class BackendUnavailableError(RuntimeError):
+    """A requested backend cannot run (or would run pathologically slowly) on this CPU."""
+
+
+class IntGemmBackend(ABC):
+    """One way of computing acc = a @ b on int8 codes. Subclasses register with @register_backend.
+
+    priority:     higher wins when several run well on a CPU.
+    prepare_free: True when `prepare` only makes views (no copy, no repacking). Packed modules then
+                  keep their own compact codes resident (int4 stays two per byte) and prepare per
+                  call; otherwise they keep the prepared weight resident and drop their codes.
+    """
+
+    name: ClassVar[str]
+    priority: ClassVar[int]
+    prepare_free: ClassVar[bool]
+
+    def available(self, cpu: CpuFeatures) -> bool:
+        """Runs correctly on this CPU (perhaps slowly)."""
+        return True
+
+    def pathological(self, cpu: CpuFeatures) -> str | None:
+        """Why this backend is far slower than fp32 on this CPU, or None."""
+        return None
+
+    @abstractmethod
+    def prepare(self, b: torch.Tensor) -> Any:
+        """b: int8 [K, N] -> this backend's weight object."""
+
+    @abstractmethod
+    def matmul(self, a: torch.Tensor, prepared: Any) -> torch.Tensor:
+        """a: int8 [M, K], prepared from b [K, N] -> acc [M, N] (int32, or float32 holding int32)."""
+
+    def reference(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Plain-torch oracle of matmul(a, prepare(b)): exact int64 [M, N]."""
+        return reference_int_matmul(a, b)
+
+    def unprepare(self, prepared: Any) -> torch.Tensor:
+        """The int8 [K, N] codes a prepared weight was made from."""
+        return prepared
+
+    def prepared_nbytes(self, prepared: Any) -> int:
+        """Bytes the prepared weight keeps resident (0 for views of codes held elsewhere)."""
+        return 0
+
+    def prepare_segments(self, b: torch.Tensor, length: int) -> list[Any]:
+        """One prepared weight per block of `length` rows of b [S*length, N]."""
+        return [self.prepare(b[s:s + length]) for s in range(0, b.shape[0], length)]
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+
+BACKENDS: dict[str, IntGemmBackend] = {}
+
+
+def register_backend(cls: type[IntGemmBackend]) -> type[IntGemmBackend]:
+    BACKENDS[cls.name] = cls()
+    return cls
+
+
+def get_backend(name: str) -> IntGemmBackend:
+    if name not in BACKENDS:
+        raise BackendUnavailableError(f"unknown kernel backend {name!r}; registered: {sorted(BACKENDS)}")
+    return BACKENDS[name]
+
+
+def usable_backends(cpu: CpuFeatures | None = None) -> list[IntGemmBackend]:
+    """Backends that run well on the CPU, best first."""
+    cpu = detect_cpu() if cpu is None else cpu
+    good = [b for b in BACKENDS.values() if b.available(cpu) and b.pathological(cpu) is None]
+    return sorted(good, key=lambda b: -b.priority)
+
+
+def _checked(backend: IntGemmBackend, cpu: CpuFeatures) -> IntGemmBackend:
+    if not backend.available(cpu):
+        raise BackendUnavailableError(f"kernel backend {backend.name!r} is not available on this CPU "
+                                      f"({cpu.instruction_set})")
+    reason = backend.pathological(cpu)
+    if reason is not None:
+        raise BackendUnavailableError(f"kernel backend {backend.name!r} is pathological on this CPU: {reason}")
+    return backend
+
+
+def select_backend(
+    backend: str | IntGemmBackend | None = None, cpu: CpuFeatures | None = None
+) -> IntGemmBackend:
+    """The backend to use: `backend` if given, else $DIFFQUANT_KERNEL_BACKEND, else the best usable one."""
+    cpu = detect_cpu() if cpu is None else cpu
+    if isinstance(backend, IntGemmBackend):
+        return _checked(backend, cpu)
+    name = backend or os.environ.get(ENV_BACKEND) or None
+    if name is not None:
+        return _checked(get_backend(name), cpu)
+    usable = usable_backends(cpu)
+    if not usable:
+        raise BackendUnavailableError(f"no kernel backend runs on this CPU ({cpu.instruction_set})")
+    return usable[0]
+
+
+_ACTIVE: IntGemmBackend | None = None
+
+
+def active_backend() -> IntGemmBackend:
+    """The process-wide default backend (select_backend() on this machine), logged once when chosen."""
+    global _ACTIVE
+    if _ACTIVE is None:
+        _ACTIVE = select_backend()
+        cpu = detect_cpu()
+        source = f"${ENV_BACKEND}" if os.environ.get(ENV_BACKEND) else "auto"
+        log.info("diffquant kernels: backend %r (%s) on %s, %s, %d cores", _ACTIVE.name, source, cpu.model,
+                 cpu.instruction_set, cpu.cores)
+    return _ACTIVE
+
+
+def reset_active_backend() -> None:
+    """Forget the cached choice (after changing $DIFFQUANT_KERNEL_BACKEND)."""
+    global _ACTIVE
+    _ACTIVE = None

@@ -1,0 +1,597 @@
+"""The frozen form of quantized layers: integer codes resident, integer GEMMs at run time.
+
+`PackedLinear` / `PackedConv2d` replace a QLinear / QConv2d (see diffquant.freeze). They hold no float
+weight. Per call they quantize the input to integer codes exactly as the fake-quant layer does
+(dynamic per-token / per-group, or static per-tensor with the step of the sampling context, after
+dividing by the smoothing vector), multiply codes by codes with int32 accumulation on the selected
+kernel backend (diffquant.kernels), and rescale in float32:
+
+    y = sum_s a_scale[m, s] * w_scale[s, n] * sum_{k in s} (a[m,k] - a_zero)(w[k,n] - w_zero) + bias
+        (+ (x / smooth) @ L1 @ L2 when a low-rank branch is given)
+
+where s runs over the K segments on which every scale is constant (one segment for per-token x
+per-channel; K / 64 for group-64 scales; kh*kw for a convolution with per-pixel input scales:
+kernels/segmented.py). The integer sums are exact, so the output equals the fake-quant layer's up to
+the order of float rounding.
+
+Codes are offset-centred to signed int8: a format with codes c in [0, 2^b) (unsigned) is held as
+c - 2^(b-1) with its zero point moved by the same offset, so every format meets the int8 GEMM.
+
+What stays resident (weight bytes incl. scales / fp32 weight bytes; 4096 x 4096 Linear):
+  * backends whose prepare() is free (int_mm on VNNI/AMX CPUs, float), and every weight-only layer:
+    the codes in compact form: <= 4-bit formats two per byte in the K-halves layout
+    (kernels/layouts.py), unpacked per call (~1 ms per 16M weights, ~3% of the int8 GEMM at 256
+    tokens); 5-8 bit formats one int8 per weight. Scales stay in their stored dtype (fp16 in the
+    presets). W8 per-channel 0.2501x, W4 per-channel 0.1251x, W4 group-64 0.1328x.
+  * fbgemm (AVX2 CPUs): fbgemm's prepacked int8 copy only (our codes are dropped and recovered with
+    unpack() for saving): W8 0.2504x, W4 per-channel 0.2504x, W4 group-64 0.2734x (one prepacked
+    block and its column offsets per group). Keeping nibbles and prepacking per call instead would
+    cost ~80 ms per 4096 x 4096 weight per call, more than the GEMM itself.
+tests/nn/test_packed.py asserts W8 <= 0.27x and W4 <= 0.14x for the selected backend where its
+prepare() is free.
+
+Paths (registry `PATHS`, chosen at construction, shown by repr):
+  "int":   integer GEMM as above. Needs integer formats and a scale that is constant along K within a
+           segment: per-input-channel static activation ranges are not, and use "float".
+  "float": dequantize the weight per call and run the float matmul / conv in `float_dtype` (default
+           the machine's fastest: bf16 where native, else fp32) on the fake-quantized (or, weight-only,
+           the plain) input. Weight-only W4A16 / W8A16 layers always use it.
+
+Conv2d decision (smoke scale; this 2-core AVX-512 VNNI machine while it trained models, so noisy;
+torch 2.13, 1 thread, min of 7 runs, ms; fp32 / bf16 = F.conv2d; int = im2col over int8 codes in
+(kh, kw, c_in) order + _int_mm, S segments; float = dequantized fp32 weight + fake-quantized input +
+F.conv2d; every column includes quantizing the input):
+
+    | conv, batch 2          | fp32 | bf16 | W8A8 tensor int / float | W8A8 token int / float | W4A4 g64 int / float |
+    |------------------------|------|------|-------------------------|------------------------|----------------------|
+    | 128->128 3x3 @ 32x32   | 10.8 |  7.2 |  8.3 / 12.9 (S=1)       | 10.8 / 11.2 (S=9)      | 17.2 / 11.7 (S=18)   |
+    | 320->320 3x3 @ 32x32   | 72.5 | 39.8 | 24.7 / 84.0 (S=1)       | 48.4 / 87.2 (S=9)      | 71.3 / 86.4 (S=45)   |
+    | 320->320 1x1 @ 32x32   |  6.2 |  2.6 |  4.3 /  9.8 (S=1)       |  8.2 / 16.3 (S=1)      |  9.4 / 16.0 (S=5)    |
+
+The integer path is used for every ungrouped convolution with integer activation codes: it beats or
+ties the float path and fp32 everywhere except small-channel group-wise W4A4 (many short segments;
+native bf16 is competitive at 128 channels), and its im2col copy is
+int8 (a quarter of an fp32 unfold); 1x1 convs need no copy at all (the patches are the pixels).
+Grouped / depthwise convolutions, "same"/"valid" string padding and per-channel static inputs use
+"float". Revisit with the full benchmark on an idle machine.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffquant.calib.steps import require_step
+from diffquant.formats.base import IntFormat, QFormat
+from diffquant.formats.ops import quantize, quantize_blocks
+from diffquant.formats.spec import QuantSpec
+from diffquant.kernels import (
+    IntGemmBackend,
+    SegmentZeroPoints,
+    fastest_float_dtype,
+    segmented_matmul,
+    select_backend,
+)
+from diffquant.kernels.layouts import pack_int4_halves, unpack_int4_halves
+from diffquant.nn.layers import QConv2d, QLinear
+from diffquant.nn.quantizers import ActivationQuantizer, WeightQuantizer
+
+# -- codes ----------------------------------------------------------------------------------------
+
+
+def code_offset(fmt: QFormat) -> int:
+    """What to subtract from a format's codes to centre them on signed int8 (0 for signed formats)."""
+    return 0 if fmt.signed else 2 ** (fmt.bits - 1)
+
+
+def integer_codes(spec: QuantSpec) -> bool:
+    """Codes that an int8 GEMM can multiply: integer formats of at most 8 bits."""
+    return isinstance(spec.qformat, IntFormat) and spec.bits <= 8
+
+
+def _compact(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """values in `dtype` if that is lossless (scales rounded to their storage dtype), else float32."""
+    narrow = values.detach().to(dtype)
+    return narrow if torch.equal(narrow.float(), values.detach().float()) else values.detach().float()
+
+
+# -- segments -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """K cut into `count` segments of `length` inputs, each with one activation and one weight scale.
+
+    act_blocks[s]: index of segment s's scale among a row's activation blocks; weight_groups[s]: index
+    of its weight group. k: the real K; k_pad = count * length >= k (padding holds zero codes).
+    """
+
+    k: int
+    length: int
+    count: int
+    act_blocks: torch.Tensor
+    weight_groups: torch.Tensor
+
+    @property
+    def k_pad(self) -> int:
+        return self.length * self.count
+
+
+def plan_segments(k: int, weight_group: int | None, act_period: int | None, act_group: int | None) -> SegmentPlan:
+    """Segments for a K axis where weight scales change every `weight_group` inputs and activation
+    scales every `act_group` inputs within periods of `act_period` (a conv's c_in per kernel position).
+    None: no boundary of that kind."""
+    bounds = [v for v in (weight_group, act_period, act_group) if v is not None]
+    length = math.gcd(*bounds) if bounds else k
+    count = -(-k // length)
+    starts = torch.arange(count) * length
+    weights = starts // weight_group if weight_group else torch.zeros_like(starts)
+    return SegmentPlan(k, length, count, _act_blocks(starts, act_period, act_group), weights)
+
+
+def _act_blocks(starts: torch.Tensor, period: int | None, group: int | None) -> torch.Tensor:
+    if period is None:
+        return starts // group if group else torch.zeros_like(starts)
+    if group is None:
+        return starts // period
+    return (starts // period) * -(-period // group) + (starts % period) // group
+
+
+def _group_len(spec: QuantSpec | None) -> int | None:
+    return spec.group_size if spec is not None and spec.granularity == "group" else None
+
+
+def _per_row(spec: QuantSpec) -> bool:
+    return spec.granularity in ("token", "group")
+
+
+# -- activation codes -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ActivationCodes:
+    """codes int8 [R, W] (W = C, or groups * group_size); scale float32 [R, B] or [1, 1];
+    zero float32 like scale, or None. Offset-centred (code_offset)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+
+
+def static_qparams(quantizer: ActivationQuantizer) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The calibrated scale / zero point in force: the current sampling step's when per-step."""
+    if quantizer.scale is None:
+        raise RuntimeError("static activation quantizer used before calibration")
+    scale, zero = quantizer.scale, quantizer.zero_point
+    if quantizer.spec.per_step:
+        step = require_step()
+        if step >= scale.shape[0]:
+            raise IndexError(f"sampling step {step} but ranges were calibrated for {scale.shape[0]} steps")
+        scale, zero = scale[step], None if zero is None else zero[step]
+    return scale, zero
+
+
+def quantize_activation(x2d: torch.Tensor, quantizer: ActivationQuantizer) -> ActivationCodes:
+    """Codes of x [R, C] with the same expression as the fake-quant ActivationQuantizer."""
+    spec = quantizer.spec
+    rows = x2d.shape[0]
+    if spec.dynamic:
+        codes, scale, zero = quantize_blocks(x2d, spec)
+        shape = (rows, -1) if _per_row(spec) else (1, 1)
+        codes, scale = codes.reshape(rows, -1), scale.reshape(shape)
+        zero = None if zero is None else zero.reshape(shape)
+    else:
+        scale, zero = static_qparams(quantizer)
+        codes = quantize(x2d, scale.to(x2d.dtype), None if zero is None else zero.to(x2d.dtype), spec.qformat)
+        scale, zero = scale.reshape(1, 1), None if zero is None else zero.reshape(1, 1)
+    return _centred(codes, scale.float(), zero, spec.qformat)
+
+
+def _centred(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: QFormat) -> ActivationCodes:
+    offset = code_offset(fmt)
+    if offset:
+        codes = codes - offset
+        zero = torch.full_like(scale, -offset) if zero is None else zero.float() - offset
+    return ActivationCodes(codes.to(torch.int8), scale, None if zero is None else zero.float())
+
+
+def fit_codes(codes: torch.Tensor, width: int, zero: torch.Tensor | None) -> torch.Tensor:
+    """Crop codes [R, W] to `width` columns, or pad them with the row's zero-point code."""
+    missing = width - codes.shape[1]
+    if missing <= 0:
+        return codes[:, :width]
+    if zero is None:
+        return F.pad(codes, (0, missing))
+    fill = zero[:, -1:].expand(codes.shape[0], missing).to(torch.int8)
+    return torch.cat([codes, fill], dim=1)
+
+
+# -- packed weight --------------------------------------------------------------------------------
+
+
+def _groups_by_output(blocks: torch.Tensor, spec: QuantSpec, out_features: int) -> torch.Tensor:
+    """Weight qparams [blocks, 1] (block_view order) -> [groups, N], or [1, 1] per tensor."""
+    if spec.granularity == "tensor":
+        return blocks.reshape(1, 1)
+    return blocks.reshape(out_features, -1).t().contiguous()
+
+
+def _blocks_from_groups(groups: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Inverse of _groups_by_output."""
+    return groups.reshape(1, 1) if spec.granularity == "tensor" else groups.t().reshape(-1, 1)
+
+
+class PackedWeight(nn.Module):
+    """A frozen weight: offset-centred codes as the GEMM's b [K_pad, N], scales [groups, N].
+
+    backend: the integer GEMM the codes feed, or None for a weight only ever dequantized (float path).
+    Buffers: `codes` (uint8 [K_pad/2, N] nibbles for <= 4-bit formats, else int8 [K_pad, N]; None
+    when the backend keeps its own prepared copy), `scale` (stored dtype), `zero_point` (int8,
+    centred; None when symmetric and signed), `segment_sums` (int32 [S, N], column sums per segment,
+    only when the input has a zero point). `shape` / `dtype` / `device` answer like a float weight's.
+    """
+
+    def __init__(self, codes: torch.Tensor, quantizer: WeightQuantizer, plan: SegmentPlan,
+                 backend: IntGemmBackend | None, shape: torch.Size, with_sums: bool = False,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        spec = quantizer.spec
+        if not integer_codes(spec):
+            raise NotImplementedError(f"packed weights need an integer format, got {spec.format!r}")
+        self.spec, self.plan, self.backend, self.shape, self.dtype = spec, plan, backend, torch.Size(shape), dtype
+        self.out_features = codes.shape[0]
+        self.offset = code_offset(spec.qformat)
+        b = torch.zeros(plan.k_pad + plan.k_pad % 2, self.out_features, dtype=torch.int8)
+        b[:plan.k] = (codes.t().to(torch.int16) - self.offset).to(torch.int8)
+        self._store_qparams(quantizer)
+        self.register_buffer("segment_sums", self._sums(b) if with_sums else None)
+        keep_codes = backend is None or backend.prepare_free
+        self.nibbles = spec.bits <= 4 and keep_codes
+        self.register_buffer("codes", (pack_int4_halves(b) if self.nibbles else b) if keep_codes else None)
+        self.prepared = None if keep_codes else backend.prepare_segments(b[:plan.k_pad], plan.length)
+
+    def _store_qparams(self, quantizer: WeightQuantizer) -> None:
+        spec, n = quantizer.spec, self.out_features
+        self.register_buffer("scale", _compact(_groups_by_output(quantizer.scale, spec, n), spec.torch_scale_dtype))
+        zero = None if quantizer.zero_point is None else _groups_by_output(quantizer.zero_point.float(), spec, n)
+        if self.offset:
+            zero = torch.zeros_like(self.scale, dtype=torch.float32) if zero is None else zero
+            zero = zero - self.offset
+        self.register_buffer("zero_point", None if zero is None else zero.to(torch.int8))
+
+    def _sums(self, b: torch.Tensor) -> torch.Tensor:
+        plan = self.plan
+        return b[:plan.k_pad].reshape(plan.count, plan.length, -1).sum(dim=1, dtype=torch.int32)
+
+    @property
+    def device(self) -> torch.device:
+        return self.scale.device
+
+    def int8_codes(self) -> torch.Tensor:
+        """int8 [K_pad, N] (unpacked per call from nibbles, or recovered from the backend's copy)."""
+        if self.codes is None:
+            return torch.cat([self.backend.unprepare(p) for p in self.prepared])
+        codes = unpack_int4_halves(self.codes) if self.nibbles else self.codes
+        return codes[:self.plan.k_pad]
+
+    def segments(self) -> list:
+        """The backend's prepared weight per segment."""
+        if self.prepared is not None:
+            return self.prepared
+        return self.backend.prepare_segments(self.int8_codes(), self.plan.length)
+
+    def segment_scales(self) -> torch.Tensor:
+        """float32 [S, N] (or [S, 1] per tensor)."""
+        return self.scale.float()[self.plan.weight_groups]
+
+    def segment_zero(self) -> torch.Tensor | None:
+        return None if self.zero_point is None else self.zero_point.float()[self.plan.weight_groups]
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """(codes - zero) * scale as [K, N] in `dtype`: the fake-quant layer's weight, transposed."""
+        plan = self.plan
+        w = self.int8_codes().float().reshape(plan.count, plan.length, -1)
+        zero = self.segment_zero()
+        if zero is not None:
+            w = w - zero.unsqueeze(1)
+        w = w * self.segment_scales().unsqueeze(1)
+        return w.reshape(plan.k_pad, -1)[:plan.k].to(dtype)
+
+    def layer_codes(self) -> torch.Tensor:
+        """Codes [N, K] in the format's storage dtype, as a QuantizedLayer holds them."""
+        codes = self.int8_codes()[:self.plan.k].t().to(torch.int16) + self.offset
+        return codes.to(self.spec.qformat.storage_dtype()).contiguous()
+
+    def quantizer(self) -> WeightQuantizer:
+        """A WeightQuantizer with this weight's qparams (float32, block_view layout)."""
+        quantizer = WeightQuantizer(self.spec)
+        quantizer.scale = _blocks_from_groups(self.scale.float(), self.spec)
+        if not self.spec.symmetric:
+            quantizer.zero_point = _blocks_from_groups(self.zero_point.float() + self.offset, self.spec)
+        return quantizer
+
+    def resident_bytes(self) -> int:
+        own = sum(t.numel() * t.element_size() for t in self.buffers())
+        return own + sum(self.backend.prepared_nbytes(p) for p in self.prepared or ())
+
+    def extra_repr(self) -> str:
+        layout = "int4 nibbles" if self.nibbles else ("int8" if self.codes is not None else "prepared")
+        return f"{self.spec.format} {self.spec.granularity}, {layout}, segments={self.plan.count}x{self.plan.length}"
+
+
+# -- modules --------------------------------------------------------------------------------------
+
+
+class PackedLayer(nn.Module):
+    """Shared run-time of PackedLinear / PackedConv2d. Subclasses define the int and float products."""
+
+    def _setup(self, weight: PackedWeight, input_quantizer: ActivationQuantizer | None, bias: torch.Tensor | None,
+               smooth: torch.Tensor | None, backend: IntGemmBackend, float_dtype: torch.dtype | None) -> None:
+        self.weight = weight
+        self.input_quantizer = input_quantizer
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.register_buffer("smooth", None if smooth is None else smooth.detach().clone())
+        self.backend = backend
+        self.float_dtype = fastest_float_dtype() if float_dtype is None else float_dtype
+
+    def smoothed(self, x: torch.Tensor) -> torch.Tensor:
+        """x (feature axis last) divided by the smoothing vector, as QuantizedLayer.quantize_input."""
+        return x if self.smooth is None else x / self.smooth.to(x.dtype)
+
+    def integer_product(self, act: ActivationCodes, a: torch.Tensor) -> torch.Tensor:
+        """Rescaled segmented GEMM of codes a [M, K_pad] with the weight: float32 [M, N]."""
+        plan = self.weight.plan
+        zero_points = self._zero_points(act)
+        return segmented_matmul(self.backend, a.contiguous(), self.weight.segments(), act.scale[:, plan.act_blocks],
+                                self.weight.segment_scales(), zero_points)
+
+    def _zero_points(self, act: ActivationCodes) -> SegmentZeroPoints | None:
+        weight = self.weight
+        if act.zero is None and weight.zero_point is None:
+            return None
+        a_zero = None if act.zero is None else act.zero[:, weight.plan.act_blocks]
+        sums = None if weight.segment_sums is None else weight.segment_sums.float()
+        return SegmentZeroPoints(a_zero, weight.segment_zero(), sums)
+
+    def resident_bytes(self) -> int:
+        """Bytes this module keeps alive: codes, scales, backend copies, bias, smoothing, quantizer state."""
+        own = sum(t.numel() * t.element_size() for n, t in self.named_buffers() if not n.startswith("weight."))
+        return own + self.weight.resident_bytes()
+
+    def extra_repr(self) -> str:
+        a = "fp" if self.input_quantizer is None else self.input_quantizer.spec.format
+        engine = f"backend={self.backend.name}" if self.path == "int" else f"dtype={self.float_dtype}"
+        return f"path={self.path}, {engine}, a={a}, smooth={self.smooth is not None}"
+
+
+def _needs_input_sums(input_quantizer: ActivationQuantizer | None) -> bool:
+    if input_quantizer is None:
+        return False
+    spec = input_quantizer.spec
+    return not spec.symmetric or not spec.qformat.signed
+
+
+def _choose_path(input_quantizer: ActivationQuantizer | None, integer_ok: bool) -> str:
+    if input_quantizer is None or not integer_ok:
+        return "float"
+    spec = input_quantizer.spec
+    return "int" if integer_codes(spec) and spec.granularity != "channel" else "float"
+
+
+class PackedLinear(PackedLayer):
+    """Frozen nn.Linear. codes: [out, in] integer codes (a QLinear's weight_codes);
+    low_rank: optional (L1 [in, r], L2 [r, out]) float factors, adding (x / smooth) @ L1 @ L2."""
+
+    def __init__(self, codes: torch.Tensor, weight_quantizer: WeightQuantizer,
+                 input_quantizer: ActivationQuantizer | None = None, bias: torch.Tensor | None = None,
+                 smooth: torch.Tensor | None = None, low_rank: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 backend: str | IntGemmBackend | None = None, float_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        backend = select_backend(backend)
+        self.out_features, self.in_features = codes.shape
+        self.path = _choose_path(input_quantizer, integer_ok=True)
+        in_spec = input_quantizer.spec if self.path == "int" else None
+        plan = plan_segments(self.in_features, _group_len(weight_quantizer.spec), None, _group_len(in_spec))
+        weight = PackedWeight(codes, weight_quantizer, plan, backend if self.path == "int" else None, codes.shape,
+                              with_sums=self.path == "int" and _needs_input_sums(input_quantizer))
+        self._setup(weight, input_quantizer, bias, smooth, backend, float_dtype)
+        self._set_low_rank(low_rank)
+
+    def _set_low_rank(self, low_rank: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        down, up = (None, None) if low_rank is None else low_rank
+        if low_rank is not None and (down.shape[0] != self.in_features or up.shape[1] != self.out_features
+                                     or down.shape[1] != up.shape[0]):
+            raise ValueError(f"low-rank factors {tuple(down.shape)} x {tuple(up.shape)} do not fit a "
+                             f"{self.in_features} -> {self.out_features} layer")
+        self.register_buffer("low_rank_down", None if down is None else down.detach().clone())
+        self.register_buffer("low_rank_up", None if up is None else up.detach().clone())
+
+    @classmethod
+    def from_layer(cls, layer: QLinear, backend: str | IntGemmBackend | None = None,
+                   float_dtype: torch.dtype | None = None,
+                   low_rank: tuple[torch.Tensor, torch.Tensor] | None = None) -> PackedLinear:
+        return cls(_layer_codes(layer), layer.weight_quantizer, layer.input_quantizer, layer.bias, layer.smooth,
+                   low_rank, backend, float_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xs = self.smoothed(x)
+        y = PATHS[self.path](self, xs).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        if self.low_rank_down is not None:
+            y = y + (xs @ self.low_rank_down.to(x.dtype)) @ self.low_rank_up.to(x.dtype)
+        return y
+
+    def int_product(self, xs: torch.Tensor) -> torch.Tensor:
+        x2d = xs.reshape(-1, self.in_features)
+        act = quantize_activation(x2d, self.input_quantizer)
+        a = fit_codes(act.codes, self.weight.plan.k_pad, act.zero)
+        return self.integer_product(act, a).reshape(*xs.shape[:-1], self.out_features)
+
+    def float_product(self, xs: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            xs = self.input_quantizer(xs)
+        return xs.to(self.float_dtype) @ self.weight.dequantized(self.float_dtype)
+
+    def to_quantized_layer(self) -> QLinear:
+        """The QLinear holding this layer's codes (no float weight): what checkpoints save."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        return _thawed(QLinear(linear, self.weight.spec, None), self)
+
+    def extra_repr(self) -> str:
+        rank = "" if self.low_rank_down is None else f", low_rank={self.low_rank_down.shape[1]}"
+        return f"{self.in_features} -> {self.out_features}, " + super().extra_repr() + rank
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int] | str
+    dilation: tuple[int, int]
+    groups: int
+
+    @classmethod
+    def of(cls, conv: nn.Module) -> ConvGeometry:
+        return cls(conv.in_channels, conv.out_channels, tuple(conv.kernel_size), tuple(conv.stride),
+                   conv.padding if isinstance(conv.padding, str) else tuple(conv.padding), tuple(conv.dilation),
+                   conv.groups)
+
+    @property
+    def weight_shape(self) -> torch.Size:
+        return torch.Size((self.out_channels, self.in_channels // self.groups, *self.kernel_size))
+
+    @property
+    def im2col_ok(self) -> bool:
+        return self.groups == 1 and not isinstance(self.padding, str)
+
+
+def im2col(x: torch.Tensor, geometry: ConvGeometry, pad_value: float = 0) -> torch.Tensor:
+    """x [B, H, W, C] (any dtype) -> patches [B*Ho*Wo, kh*kw*C], K ordered (kh, kw, c) like QConv2d's
+    weight matrix. A 1x1, stride-1, unpadded conv returns a view (no copy)."""
+    (kh, kw), (sh, sw), (dh, dw) = geometry.kernel_size, geometry.stride, geometry.dilation
+    ph, pw = geometry.padding
+    if ph or pw:
+        x = F.pad(x, (0, 0, pw, pw, ph, ph), value=pad_value)
+    batch, height, width, channels = x.shape
+    out_h, out_w = (height - dh * (kh - 1) - 1) // sh + 1, (width - dw * (kw - 1) - 1) // sw + 1
+    sb, s_h, s_w, sc = x.stride()
+    view = x.as_strided((batch, out_h, out_w, kh, kw, channels), (sb, s_h * sh, s_w * sw, s_h * dh, s_w * dw, sc))
+    return view.reshape(batch * out_h * out_w, kh * kw * channels)
+
+
+class PackedConv2d(PackedLayer):
+    """Frozen nn.Conv2d. codes: [out, kh*kw*c_in/groups] integer codes in (kh, kw, c_in) order."""
+
+    def __init__(self, codes: torch.Tensor, weight_quantizer: WeightQuantizer, geometry: ConvGeometry,
+                 input_quantizer: ActivationQuantizer | None = None, bias: torch.Tensor | None = None,
+                 smooth: torch.Tensor | None = None, backend: str | IntGemmBackend | None = None,
+                 float_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        backend = select_backend(backend)
+        self.geometry = geometry
+        self.path = _choose_path(input_quantizer, integer_ok=geometry.im2col_ok)
+        in_spec = input_quantizer.spec if self.path == "int" else None
+        period = geometry.in_channels if in_spec is not None and _per_row(in_spec) else None
+        plan = plan_segments(codes.shape[1], _group_len(weight_quantizer.spec), period, _group_len(in_spec))
+        weight = PackedWeight(codes, weight_quantizer, plan, backend if self.path == "int" else None,
+                              geometry.weight_shape, with_sums=self.path == "int" and _needs_input_sums(input_quantizer))
+        self._setup(weight, input_quantizer, bias, smooth, backend, float_dtype)
+
+    @classmethod
+    def from_layer(cls, layer: QConv2d, backend: str | IntGemmBackend | None = None,
+                   float_dtype: torch.dtype | None = None) -> PackedConv2d:
+        return cls(_layer_codes(layer), layer.weight_quantizer, ConvGeometry.of(layer), layer.input_quantizer,
+                   layer.bias, layer.smooth, backend, float_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xs = self.smoothed(x.movedim(1, -1))
+        y = PATHS[self.path](self, xs).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype).reshape(1, -1, 1, 1)
+        return y
+
+    def int_product(self, xs: torch.Tensor) -> torch.Tensor:
+        """xs [B, H, W, C] -> [B, N, Ho, Wo] (channels-last strides)."""
+        batch, height, width, channels = xs.shape
+        act = quantize_activation(xs.reshape(-1, channels), self.input_quantizer)
+        per_tensor = act.scale.shape[0] == 1
+        pad_code = 0 if act.zero is None or not per_tensor else float(act.zero)
+        codes = act.codes[:, :channels].reshape(batch, height, width, channels)
+        patches = im2col(codes, self.geometry, pad_code)
+        if not per_tensor:
+            act = ActivationCodes(patches, self._patch_map(act.scale, xs.shape),
+                                  None if act.zero is None else self._patch_map(act.zero, xs.shape))
+        a = fit_codes(patches, self.weight.plan.k_pad, act.zero)
+        y = self.integer_product(act, a)
+        out_h, out_w = self._output_size(height, width)
+        return y.reshape(batch, out_h, out_w, -1).permute(0, 3, 1, 2)
+
+    def _patch_map(self, per_pixel: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Per-pixel block values [B*H*W, blocks] -> per patch row [M, kh*kw*blocks]."""
+        return im2col(per_pixel.reshape(*shape[:3], -1), self.geometry, 0.0)
+
+    def _output_size(self, height: int, width: int) -> tuple[int, int]:
+        g = self.geometry
+        sizes = []
+        for size, k, s, p, d in zip((height, width), g.kernel_size, g.stride, g.padding, g.dilation, strict=True):
+            sizes.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
+        return sizes[0], sizes[1]
+
+    def float_product(self, xs: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            xs = self.input_quantizer(xs)
+        g, dtype = self.geometry, self.float_dtype
+        out, (kh, kw) = g.out_channels, g.kernel_size
+        weight = self.weight.dequantized(dtype).t().reshape(out, kh, kw, -1).permute(0, 3, 1, 2)
+        return F.conv2d(xs.movedim(-1, 1).to(dtype), weight, None, g.stride, g.padding, g.dilation, g.groups)
+
+    def to_quantized_layer(self) -> QConv2d:
+        """The QConv2d holding this layer's codes (no float weight): what checkpoints save."""
+        g = self.geometry
+        conv = nn.Conv2d(g.in_channels, g.out_channels, g.kernel_size, g.stride, g.padding, g.dilation, g.groups,
+                         bias=self.bias is not None, device="meta")
+        return _thawed(QConv2d(conv, self.weight.spec, None), self)
+
+    def extra_repr(self) -> str:
+        g = self.geometry
+        return f"{g.in_channels} -> {g.out_channels}, kernel={g.kernel_size}, " + super().extra_repr()
+
+
+PATHS: dict[str, Callable[[PackedLayer, torch.Tensor], torch.Tensor]] = {
+    "int": lambda layer, xs: layer.int_product(xs),
+    "float": lambda layer, xs: layer.float_product(xs),
+}
+
+
+def _layer_codes(layer: QLinear | QConv2d) -> torch.Tensor:
+    """The layer's integer weight codes [out, K]: stored ones, or computed from its float weight."""
+    if layer.weight_quantizer is None:
+        raise ValueError("a layer without a weight quantizer has no integer weight to pack")
+    if layer.weight_codes is not None:
+        return layer.weight_codes
+    storage = layer.weight_quantizer.spec.qformat.storage_dtype()
+    with torch.no_grad():
+        return layer.weight_quantizer.codes(layer.weight_matrix(layer.weight)).to(storage)
+
+
+def _thawed(layer: QLinear | QConv2d, packed: PackedLayer) -> QLinear | QConv2d:
+    layer.weight_quantizer = packed.weight.quantizer()
+    layer.input_quantizer = packed.input_quantizer
+    layer.hold_codes(packed.weight.layer_codes())
+    layer.bias = None if packed.bias is None else nn.Parameter(packed.bias.clone(), requires_grad=False)
+    layer.smooth = None if packed.smooth is None else packed.smooth.clone()
+    return layer.eval()
+
+
+PACKED_TYPES: dict[type[nn.Module], Callable[..., PackedLayer]] = {
+    QLinear: PackedLinear.from_layer,
+    QConv2d: PackedConv2d.from_layer,
+}
