@@ -25,8 +25,8 @@ class Conditioning:
     def denoiser_kwargs(self, labels: torch.Tensor) -> dict[str, Any]:
         raise NotImplementedError
 
-    def null_kwargs(self, batch: int) -> dict[str, Any]:
-        """The unconditional input of classifier-free guidance."""
+    def null_kwargs(self, batch: int, device: torch.device | str = "cpu") -> dict[str, Any]:
+        """The unconditional input of classifier-free guidance, on `device`."""
         raise NotImplementedError
 
 
@@ -39,8 +39,8 @@ class ClassConditioning(Conditioning):
     def denoiser_kwargs(self, labels: torch.Tensor) -> dict[str, Any]:
         return {"class_labels": labels}
 
-    def null_kwargs(self, batch: int) -> dict[str, Any]:
-        return {"class_labels": torch.full((batch,), self.null_class, dtype=torch.long)}
+    def null_kwargs(self, batch: int, device: torch.device | str = "cpu") -> dict[str, Any]:
+        return {"class_labels": torch.full((batch,), self.null_class, dtype=torch.long, device=device)}
 
 
 @dataclass
@@ -82,7 +82,8 @@ class LatentDiffusionModel:
         timesteps = t.expand(batch) if t.dim() == 0 else t
         if g == 1.0:
             return self._eps(latents, timesteps, self.conditioning.denoiser_kwargs(labels))
-        cond, null = self.conditioning.denoiser_kwargs(labels), self.conditioning.null_kwargs(batch)
+        cond = self.conditioning.denoiser_kwargs(labels)
+        null = self.conditioning.null_kwargs(batch, latents.device)
         both = {k: torch.cat([cond[k], null[k]]) for k in cond}
         eps = self._eps(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both)
         eps_cond, eps_null = eps.chunk(2)
