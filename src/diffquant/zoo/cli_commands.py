@@ -12,6 +12,7 @@ TRAINERS = {
     "fmnist-classifier": "diffquant.zoo.classifier",
     "fmnist-vae": "diffquant.zoo.vae",
     "fmnist-dit": "diffquant.zoo.models.fmnist_dit",
+    "fmnist-sd": "diffquant.zoo.models.fmnist_sd",
 }
 
 
