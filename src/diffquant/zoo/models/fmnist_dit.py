@@ -29,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from diffquant.eval import metrics
 from diffquant.zoo.classifier import accuracy, load_classifier
 from diffquant.zoo.data import CLASS_NAMES, fashion_mnist_tensors
 from diffquant.zoo.model import ClassConditioning, LatentDiffusionModel, generate
@@ -340,17 +341,8 @@ def classifier_features(classifier: nn.Module, images: torch.Tensor, batch_size:
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets (FID's formula)."""
-    from scipy import linalg
-
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = linalg.sqrtm(cov_a @ cov_b)
-    if not np.isfinite(covmean).all():  # singular product: regularise as the reference FID code does
-        eps = 1e-6 * np.eye(len(cov_a))
-        covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
-    diff = mu_a - mu_b
-    return float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean.real))
+    """Fréchet distance between Gaussians fitted to two feature sets (FID's formula; eval.metrics' maths)."""
+    return metrics.frechet_distance(*metrics.feature_statistics(a), *metrics.feature_statistics(b))
 
 
 def balanced_labels(n: int) -> torch.Tensor:
@@ -492,10 +484,10 @@ denoises the 8x8x4 latents of `fmnist-vae` (shipped here in `vae/`) conditioned 
   norm_type="ada_norm_zero")`: width {config.width}, {tokens} tokens, epsilon prediction only
 - Parameters: transformer {t["params"]:,}; VAE {t["vae_params"]:,}
 - Stored as float16 safetensors; `diffquant.zoo.load("{NAME}")` loads it as float32 in eval mode.
-- Classes 0-9 = {", ".join(CLASS_NAMES)}; label **{NULL_CLASS}** is the null class of classifier-free
-  guidance. `DiTPipeline.__call__` hard-codes null class 1000, so sample through `diffquant.zoo.model`
-  (`generate`, `sample_latents`), not the diffusers pipeline call; `DiffusionPipeline.from_pretrained` loads
-  the components.
+- Classes 0-9: {", ".join(CLASS_NAMES)}.
+- Label **{NULL_CLASS}** is the null class of classifier-free guidance. `DiTPipeline.__call__` hard-codes
+  null class 1000, so sample through `diffquant.zoo.model` (`generate`, `sample_latents`), not the
+  diffusers pipeline call; `DiffusionPipeline.from_pretrained` loads the components.
 
 ## Sampler (defaults of the zoo model)
 
@@ -543,7 +535,9 @@ the default {sampler["guidance_scale"]:g} was picked from this sweep as the trad
 ## Use
 
 ```python
+import torch
 import diffquant.zoo as zoo
+
 model = zoo.load("{NAME}")
 images = zoo.generate(model, labels=torch.arange(10))  # [-1, 1], 1x32x32
 ```
