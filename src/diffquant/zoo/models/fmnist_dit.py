@@ -511,8 +511,9 @@ denoises the 8x8x4 latents of `fmnist-vae` (shipped here in `vae/`) conditioned 
 
 1000 samples, 100 per class, seed 0, default sampler ({sampler["default_steps"]} DDIM steps, guidance
 {sampler["guidance_scale"]:g}), float16 weights run in float32. "FID" is a simple Fréchet distance in the
-256-d feature space of the shipped `fmnist-classifier` (`features()`), computed with `scipy.linalg.sqrtm`
-against the 10,000 test images; it is not comparable to Inception FID.
+256-d feature space of the shipped `fmnist-classifier` (`features()`) against the 10,000 test images,
+in float64 by `diffquant.eval.metrics` (equal to the `scipy.linalg.sqrtm` formula up to round-off); it is
+not comparable to Inception FID.
 
 | metric | value |
 | --- | --- |
