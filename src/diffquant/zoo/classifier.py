@@ -27,7 +27,6 @@ from diffquant.zoo.train_utils import (
     count_params,
     cpu_name,
     default_checkpoint_dir,
-    run_loop,
     set_lr,
     step_generator,
 )
@@ -241,17 +240,9 @@ def train_classifier(
         Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir("fmnist-classifier"),
         meta={"model": asdict(model.config), "train": asdict(cfg)},
     )
-    start, elapsed = ckpt.load(model, optimizer) if resume else (0, 0.0)
     images, labels = fashion_mnist_tensors("train")
-    wall = run_loop(
-        _make_step(model, optimizer, images, labels, cfg),
-        cfg.steps,
-        start,
-        elapsed,
-        on_checkpoint=lambda s, e: ckpt.save(s, model, optimizer, e),
-        checkpoint_every=checkpoint_every,
-        desc="classifier",
-    )
+    step_fn = _make_step(model, optimizer, images, labels, cfg)
+    wall = ckpt.run(model, optimizer, step_fn, cfg.steps, resume, checkpoint_every, "classifier")
     # Evaluate what we ship: the float16-rounded weights.
     model.load_state_dict(
         {k: v.half().float() if v.is_floating_point() else v for k, v in model.state_dict().items()}

@@ -106,6 +106,23 @@ class Checkpointer:
                 json.dumps({"step": step, "elapsed_s": elapsed, "meta": self.meta})
             )
 
+    def run(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        step_fn: Callable[[int], dict[str, float]],
+        total_steps: int,
+        resume: bool = True,
+        checkpoint_every: int = 200,
+        desc: str = "train",
+    ) -> float:
+        """Resume from the latest checkpoint (if `resume`), train to `total_steps` saving as it goes;
+        return the total wall time across resumes."""
+        start, elapsed = self.load(model, optimizer) if resume else (0, 0.0)
+        return run_loop(step_fn, total_steps, start, elapsed,
+                        on_checkpoint=lambda s, e: self.save(s, model, optimizer, e),
+                        checkpoint_every=checkpoint_every, desc=desc)
+
     def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, float]:
         """Restore the latest state if it belongs to the same run; return (next step, elapsed seconds)."""
         path = self._path()

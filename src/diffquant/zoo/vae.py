@@ -28,7 +28,6 @@ from diffquant.zoo.train_utils import (
     count_params,
     cpu_name,
     default_checkpoint_dir,
-    run_loop,
     set_lr,
     step_generator,
 )
@@ -270,17 +269,9 @@ def train_vae(
         Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir("fmnist-vae"),
         meta={"model": asdict(config), "train": asdict(cfg)},
     )
-    start, elapsed = ckpt.load(vae, optimizer) if resume else (0, 0.0)
     images, _ = fashion_mnist_tensors("train")
-    wall = run_loop(
-        _make_step(vae, optimizer, images, cfg),
-        cfg.steps,
-        start,
-        elapsed,
-        on_checkpoint=lambda s, e: ckpt.save(s, vae, optimizer, e),
-        checkpoint_every=checkpoint_every,
-        desc="vae",
-    )
+    step_fn = _make_step(vae, optimizer, images, cfg)
+    wall = ckpt.run(vae, optimizer, step_fn, cfg.steps, resume, checkpoint_every, "vae")
     vae = vae.half().float().eval()  # measure exactly what ships
     torch.manual_seed(seed)
     mean, std = latent_stats(vae, images[torch.randperm(len(images))[: cfg.scale_subset]])

@@ -81,7 +81,6 @@ from diffquant.zoo.train_utils import (
     count_params,
     cpu_name,
     default_checkpoint_dir,
-    run_loop,
     set_lr,
     step_generator,
 )
@@ -561,16 +560,8 @@ def train_sd(
     ckpt = Checkpointer(
         ckpt_dir, meta=json.loads(json.dumps(meta))
     )  # tuples -> lists, as state.json reads back
-    start, elapsed = ckpt.load(state, optimizer) if resume else (0, 0.0)
-    wall = run_loop(
-        make_train_step(state, optimizer, train_scheduler(cfg), latents, labels, cond, cfg),
-        cfg.steps,
-        start,
-        elapsed,
-        on_checkpoint=lambda s, e: ckpt.save(s, state, optimizer, e),
-        checkpoint_every=checkpoint_every,
-        desc=NAME,
-    )
+    step_fn = make_train_step(state, optimizer, train_scheduler(cfg), latents, labels, cond, cfg)
+    wall = ckpt.run(state, optimizer, step_fn, cfg.steps, resume, checkpoint_every, NAME)
     training = {
         **asdict(cfg),
         "wall_time_s": round(wall, 1),
