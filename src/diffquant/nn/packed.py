@@ -66,7 +66,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffquant.calib.steps import require_step
 from diffquant.formats.base import IntFormat, QFormat
 from diffquant.formats.ops import quantize, quantize_blocks
 from diffquant.formats.spec import QuantSpec
@@ -163,19 +162,6 @@ class ActivationCodes:
     zero: torch.Tensor | None
 
 
-def static_qparams(quantizer: ActivationQuantizer) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The calibrated scale / zero point in force: the current sampling step's when per-step."""
-    if quantizer.scale is None:
-        raise RuntimeError("static activation quantizer used before calibration")
-    scale, zero = quantizer.scale, quantizer.zero_point
-    if quantizer.spec.per_step:
-        step = require_step()
-        if step >= scale.shape[0]:
-            raise IndexError(f"sampling step {step} but ranges were calibrated for {scale.shape[0]} steps")
-        scale, zero = scale[step], None if zero is None else zero[step]
-    return scale, zero
-
-
 def quantize_activation(x2d: torch.Tensor, quantizer: ActivationQuantizer) -> ActivationCodes:
     """Codes of x [R, C] with the same expression as the fake-quant ActivationQuantizer."""
     spec = quantizer.spec
@@ -186,7 +172,7 @@ def quantize_activation(x2d: torch.Tensor, quantizer: ActivationQuantizer) -> Ac
         codes, scale = codes.reshape(rows, -1), scale.reshape(shape)
         zero = None if zero is None else zero.reshape(shape)
     else:
-        scale, zero = static_qparams(quantizer)
+        scale, zero = quantizer.static_qparams()
         codes = quantize(x2d, scale.to(x2d.dtype), None if zero is None else zero.to(x2d.dtype), spec.qformat)
         scale, zero = scale.reshape(1, 1), None if zero is None else zero.reshape(1, 1)
     return _centred(codes, scale.float(), zero, spec.qformat)

@@ -124,6 +124,12 @@ class ActivationQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.dynamic:
             return fake_quantize_dynamic(x, self.spec)
+        scale, zero_point = self.static_qparams()
+        return fake_quantize(x, scale.to(x.dtype), None if zero_point is None else zero_point.to(x.dtype),
+                             self.spec.qformat)
+
+    def static_qparams(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The calibrated scale / zero point in force: the current sampling step's when per-step."""
         if self.scale is None:
             raise RuntimeError("static activation quantizer used before calibration")
         scale, zero_point = self.scale, self.zero_point
@@ -131,10 +137,8 @@ class ActivationQuantizer(nn.Module):
             step = require_step()
             if step >= scale.shape[0]:
                 raise IndexError(f"sampling step {step} but ranges were calibrated for {scale.shape[0]} steps")
-            scale = scale[step]
-            zero_point = None if zero_point is None else zero_point[step]
-        return fake_quantize(x, scale.to(x.dtype), None if zero_point is None else zero_point.to(x.dtype),
-                             self.spec.qformat)
+            scale, zero_point = scale[step], None if zero_point is None else zero_point[step]
+        return scale, zero_point
 
     def extra_repr(self) -> str:
         kind = "dynamic" if self.spec.dynamic else ("static/step" if self.spec.per_step else "static")
