@@ -56,13 +56,7 @@ def quantized_copy(model: LatentDiffusionModel, recipe: str) -> LatentDiffusionM
     return q
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny forwards are far slower with several OpenMP threads on a busy machine (tests/tiny_models.py).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

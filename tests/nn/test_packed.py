@@ -42,12 +42,7 @@ MODEL_COSINE, MODEL_MAX_REL = 0.9999, 1e-3
 TIE_SENSITIVE_COSINE = 0.999  # tiny UNets with 8-bit activations (module docstring)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:

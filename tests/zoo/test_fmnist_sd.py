@@ -21,12 +21,7 @@ from diffquant.zoo.train_utils import step_generator  # noqa: E402
 TINY = fs.SDConfig(block_out_channels=(32, 64), head_dim=16, norm_num_groups=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
