@@ -429,12 +429,6 @@ def save_pipeline(transformer: nn.Module, vae: AutoencoderKL, out_dir: Path) -> 
     pipe.save_pretrained(str(out_dir), safe_serialization=True)
 
 
-def _fix_permissions(folder: Path) -> None:
-    # atomic_dir makes the top-level entries 0644, which strips the execute bit from sub-folders.
-    for path in [folder, *folder.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
-
-
 def evaluate_folder(folder: Path, sweep: bool = True) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """FP figures of the model card for the pipeline in `folder`: (results, images, labels)."""
     classifier = load_classifier()
@@ -458,7 +452,6 @@ def ship(ema: nn.Module, config: DiTConfig, training: dict, out_dir: Path, sweep
         results, images, labels = evaluate_folder(tmp, sweep)
         sample_grid(images, labels).save(tmp / "samples.png", optimize=True)
         (tmp / "README.md").write_text(model_card(config, training, results))
-    _fix_permissions(Path(out_dir))
     return results
 
 

@@ -59,7 +59,6 @@ from diffquant.zoo.data import CLASS_NAMES, fashion_mnist_tensors
 from diffquant.zoo.model import LatentDiffusionModel
 from diffquant.zoo.models.fmnist_dit import (
     TrainState,
-    _fix_permissions,
     _vae_fingerprint,
     balanced_labels,
     cached_latents,
@@ -409,7 +408,6 @@ def ship(
         results, images, labels = evaluate_folder(tmp, sweep)
         sample_grid(images, labels).save(tmp / "samples.png", optimize=True)
         (tmp / "README.md").write_text(model_card(config, spec, training, results))
-    _fix_permissions(Path(out_dir))
     return results
 
 
