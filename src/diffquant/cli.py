@@ -82,14 +82,39 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _demo_args(parser: argparse.ArgumentParser) -> None:
+    from diffquant.demo import DemoConfig
+
+    d = DemoConfig()
+    parser.add_argument("--model", default=d.model, help=f"zoo model (default {d.model})")
+    parser.add_argument("--recipes", nargs="+", default=list(d.recipes),
+                        help=f"presets or recipe files (default: {' '.join(d.recipes)})")
+    parser.add_argument("--samples", type=int, default=d.samples, help=f"samples per evaluation (default {d.samples})")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own)")
+    parser.add_argument("--out", type=Path, default=d.out, help=f"output folder (default {d.out})")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+@command("demo", "the main job: quantize the shipped zoo model with w8a8 and w4a4 and evaluate vs FP", _demo_args)
+def _demo(args: argparse.Namespace) -> int:
+    from diffquant.demo import DemoConfig, format_demo, run_demo
+
+    config = DemoConfig(args.model, tuple(args.recipes), args.samples, args.steps, args.out, not args.quiet)
+    results = run_demo(config)
+    print(format_demo(results))
+    print(f"quantized folders, metrics JSON and FP-over-quantized grids in {config.out}/")
+    return 0
+
+
+def _selfcheck_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipes", nargs="*", help="preset names (default: all)")
 
 
-@command("demo", "quantize a small seeded DiT with every preset: SQNR, size, bitwise reload", _demo_args)
-def _demo(args: argparse.Namespace) -> int:
-    from diffquant.demo import format_rows, run_demo
+@command("selfcheck", "quantize a small seeded random DiT with every preset: SQNR, size, bitwise reload",
+         _selfcheck_args)
+def _selfcheck(args: argparse.Namespace) -> int:
+    from diffquant.selfcheck import format_rows, run_selfcheck
 
-    rows = run_demo(args.recipes)
+    rows = run_selfcheck(args.recipes)
     print(format_rows(rows))
     return 0 if all(r.reload_bitwise for r in rows) else 1
 

@@ -129,6 +129,18 @@ def test_fewer_bits_are_further_from_fp(w8a8_result, fp_model, judge, cache_dir)
     assert w4["weight_bytes"] < w8["weight_bytes"]
 
 
+def test_frozen_evaluation_matches_fake_quant(w8a8_result, fp_model, judge, cache_dir):
+    fake, _ = w8a8_result
+    frozen = run(quantized_copy(fp_model, "w8a8"), fp_model, judge, cache_dir, frozen=True)
+    assert frozen["frozen"] and frozen["kernel_backend"] and not fake["frozen"]
+    assert frozen["weight_bytes"] == fake["weight_bytes"]  # counted before the layers are repacked
+    # Integer kernels and fake quantization agree up to float rounding: far above W8A8's own error.
+    assert frozen["psnr_vs_fp"] == pytest.approx(fake["psnr_vs_fp"], abs=1.0)
+    assert frozen["eps_sqnr_db"] == pytest.approx(fake["eps_sqnr_db"], abs=1.0)
+    with pytest.raises(ValueError, match="quantized target"):
+        run(fp_model, None, judge, cache_dir, frozen=True)
+
+
 def test_fp_against_itself(fp_model, judge, cache_dir, w8a8_result):
     result = run(fp_model, None, judge, cache_dir)
     assert (result["recipe"], result["bits"]) == ("fp", "W16A16")

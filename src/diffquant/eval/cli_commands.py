@@ -23,6 +23,9 @@ def _eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cache", action="store_true",
                         help="regenerate the FP reference images instead of using ~/.cache/diffquant/eval")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
+    parser.add_argument("--frozen", action="store_true",
+                        help="run a quantized target through the packed integer kernels (diffquant.freeze) "
+                             "instead of fake quantization")
 
 
 @command("eval", "FID, class accuracy, PSNR/SSIM/feature distance and eps SQNR vs full precision", _eval_args)
@@ -32,7 +35,8 @@ def _eval(args: argparse.Namespace) -> int:
     target = args.target
     result = evaluate(target, args.samples, args.steps, args.seed, sqnr_samples=args.sqnr_samples,
                       batch_size=args.batch_size, cache=not args.no_cache, json_path=args.json,
-                      grid_path=args.grid, progress=args.progress)
+                      grid_path=args.grid, progress=args.progress,
+                      frozen=args.frozen)
     print(format_result(result))
     for label, path in (("metrics", args.json), ("grid", args.grid)):
         if path is not None:

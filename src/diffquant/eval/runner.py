@@ -65,6 +65,7 @@ class EvalSettings:
     cache: bool = True
     cache_dir: Path | None = None
     progress: bool = False
+    frozen: bool = False  # run a quantized target through the packed integer kernels (diffquant.freeze)
 
     def __post_init__(self) -> None:
         if self.samples < 2:
@@ -318,12 +319,13 @@ def evaluate(
     grid_path: str | Path | None = None,
     judge: Judge | None = None,
     progress: bool = False,
+    frozen: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a zoo model name (FP), a quantized zoo folder, or a LatentDiffusionModel (with its FP
     `reference` when quantized) against full precision; returns the metrics as a flat dict and writes
     them to `json_path` / a sample grid to `grid_path` when given. See the module docstring."""
     settings = EvalSettings(samples, steps, seed, sqnr_samples, batch_size, cache,
-                            Path(cache_dir) if cache_dir is not None else None, progress)
+                            Path(cache_dir) if cache_dir is not None else None, progress, frozen)
     evaluation = run_evaluation(resolve_target(target, reference), settings, judge or Judge())
     if json_path is not None:
         write_json_atomic(json_path, evaluation.result)
@@ -347,13 +349,14 @@ def run_evaluation(target: EvalTarget, settings: EvalSettings, judge: Judge) -> 
     ref = target.reference
     steps = settings.steps or ref.default_steps
     labels = balanced_labels(settings.samples, ref.num_classes)
+    recipe, bits = recipe_and_bits(target.model.denoiser)
+    total_bytes, q_bytes = weight_bytes(target.model.denoiser, target.folder)  # before freezing repacks
+    backend = _freeze_if_asked(target, settings)
     fp, fp_wall = fp_images(ref, target.name, labels, settings, steps)
     q, q_wall = (fp, fp_wall) if target.is_reference else timed_generate(target.model, labels, settings, steps)
     fid, acc, q_feat = judge.quality(q, labels)
     fp_fid, fp_acc, fp_feat = (fid, acc, q_feat) if target.is_reference else judge.quality(fp, labels)
     per_step = _sqnr_per_step(target, labels, settings, steps)
-    recipe, bits = recipe_and_bits(target.model.denoiser)
-    total_bytes, q_bytes = weight_bytes(target.model.denoiser, target.folder)
     result = {
         "model": target.name, "recipe": recipe, "bits": bits,
         "fid": fid, "fp_fid": fp_fid, "class_accuracy": acc, "fp_class_accuracy": fp_acc,
@@ -362,12 +365,27 @@ def run_evaluation(target: EvalTarget, settings: EvalSettings, judge: Judge) -> 
         "eps_sqnr_db": sum(per_step) / len(per_step), "eps_sqnr_db_per_step": per_step,
         "wall_time_s": q_wall, "fp_wall_time_s": fp_wall,
         "weight_bytes": total_bytes, "quantized_layer_bytes": q_bytes,
+        "frozen": settings.frozen, "kernel_backend": backend,
         "samples": settings.samples, "steps": steps, "seed": settings.seed,
         "sqnr_samples": min(settings.sqnr_samples, settings.samples),
         "fid_method": FID_METHOD, "feature_distance_method": FEATURE_DISTANCE_METHOD,
         "psnr_cap_db": metrics.PSNR_CAP_DB,
     }
     return Evaluation(result, target, labels, fp, q)
+
+
+def _freeze_if_asked(target: EvalTarget, settings: EvalSettings) -> str | None:
+    """Freeze the target's denoiser into packed modules when asked; the kernel backend's name."""
+    if not settings.frozen:
+        return None
+    if target.is_reference:
+        raise ValueError("frozen evaluation needs a quantized target, not the full-precision model")
+    from diffquant.freeze import freeze  # imports the kernel stack only when asked
+    from diffquant.kernels import select_backend
+
+    backend = select_backend()
+    freeze(target.model.denoiser, backend=backend)
+    return backend.name
 
 
 def _sqnr_per_step(target: EvalTarget, labels: torch.Tensor, settings: EvalSettings, steps: int) -> list[float]:
