@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -26,12 +27,15 @@ def test_readme_starts_with_two_commands_that_ci_runs():
     assert "pytest" in commands[1]
 
 
-def test_readme_main_job_runs():
+def test_readme_main_job_runs(tmp_path):
+    """The README's main job, as written, at toy size (CI runs it at full size as README command 1)."""
     install, _ = readme_commands()
     main_job = install.split("&&", 1)[1].strip()
     assert main_job.startswith("diffquant ")
-    args = main_job.split()[1:]
-    done = subprocess.run([sys.executable, "-m", "diffquant", *args], capture_output=True, text=True, timeout=600,
-                          cwd=ROOT)
+    toy = ["--samples", "10", "--steps", "2", "--recipes", "w8a8", "--out", str(tmp_path / "demo"), "--quiet"]
+    env = {**os.environ, "DIFFQUANT_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "diffquant", *main_job.split()[1:], *toy], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "reload bitwise" in done.stdout and "False" not in done.stdout
+    assert "| `fp` |" in done.stdout and "| `w8a8` |" in done.stdout
+    assert (tmp_path / "demo" / "fmnist-dit-w8a8.json").is_file()
