@@ -411,6 +411,14 @@ def ship(
     return results
 
 
+def _steps_line(t: dict) -> str:
+    trained = t.get("steps_trained", t["steps"])
+    if trained == t["steps"]:
+        return f"{trained} steps"
+    return (f"{trained} steps (stopped early, `--stop-at {trained}`, on a {t['steps']}-step schedule, whose cosine "
+            f"decay had brought the learning rate to {cosine_lr(trained, t['steps'], t['lr'], t['warmup']):.2g})")
+
+
 def model_card(config: SDConfig, spec: PromptSpec, t: dict, r: dict) -> str:
     s, fl, sampler = r["samples"], r["floors"], r["sampler"]
     sweep = "\n".join(
@@ -468,7 +476,7 @@ through cross-attention on the token embeddings of a frozen pretrained text enco
 - Data: VAE latents of the 60,000 Fashion-MNIST training images (posterior mean x scaling_factor, encoded
   once and cached; no augmentation)
 - Loss: epsilon MSE at uniform timesteps
-- {t["steps"]} steps x batch {t["batch_size"]}, AdamW lr {t["lr"]:g} (weight decay {t["weight_decay"]:g}) with
+- {_steps_line(t)} x batch {t["batch_size"]}, AdamW lr {t["lr"]:g} (weight decay {t["weight_decay"]:g}) with
   {t["warmup"]}-step warmup + cosine decay, gradient clipping {t["grad_clip"]}, bf16 autocast: {t["bf16"]};
   EMA decay {t["ema_decay"]} (the EMA weights are shipped); seed {t["seed"]}; attention computed with
   diffusers' `AttnProcessor` in training (faster backward on CPU than fused SDPA; same function)
@@ -533,8 +541,14 @@ def train_sd(
     bf16: bool = True,
     checkpoint_every: int = 200,
     command: str = "python -m diffquant.zoo.models.fmnist_sd",
+    stop_at: int | None = None,
 ) -> dict:
-    """Train on cached VAE latents, then ship the EMA weights as a pipeline folder with its card."""
+    """Train on cached VAE latents, then ship the EMA weights as a pipeline folder with its card.
+
+    stop_at: train (or resume) only up to this step of the `steps`-long schedule, then ship -- for a
+    run that must end early; the card says so."""
+    if stop_at is not None and not 0 < stop_at <= steps:
+        raise ValueError(f"--stop-at must lie in 1..{steps}, got {stop_at}")
     torch.set_num_threads(threads)
     cfg = SDTrainConfig(steps=steps, batch_size=batch_size, seed=seed, bf16=bf16)
     config = config or SDConfig()
@@ -559,9 +573,11 @@ def train_sd(
         ckpt_dir, meta=json.loads(json.dumps(meta))
     )  # tuples -> lists, as state.json reads back
     step_fn = make_train_step(state, optimizer, train_scheduler(cfg), latents, labels, cond, cfg)
-    wall = ckpt.run(state, optimizer, step_fn, cfg.steps, resume, checkpoint_every, NAME)
+    trained = stop_at or cfg.steps
+    wall = ckpt.run(state, optimizer, step_fn, trained, resume, checkpoint_every, NAME)
     training = {
         **asdict(cfg),
+        "steps_trained": trained,
         "wall_time_s": round(wall, 1),
         "latent_encode_s": round(encode_s, 1),
         "threads": threads,
@@ -588,10 +604,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--fp32", action="store_true", help="train without bf16 autocast")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="train (or resume) only to this step of the --steps schedule, then ship")
     args = p.parse_args(argv)
     command = f"python -m diffquant.zoo.models.fmnist_sd --steps {args.steps} --batch-size {args.batch_size} --seed {args.seed}"
     if args.fp32:
         command += " --fp32"
+    if args.stop_at:
+        command += f" --stop-at {args.stop_at}"
     t = time.perf_counter()
     result = train_sd(
         args.out,
@@ -603,6 +623,7 @@ def main(argv: list[str] | None = None) -> None:
         args.threads,
         bf16=not args.fp32,
         command=command,
+        stop_at=args.stop_at,
     )
     print(json.dumps(result["eval"], indent=2))
     print(f"wrote {args.out} ({time.perf_counter() - t:.0f} s)")
