@@ -4,13 +4,16 @@
     python benchmarks/kernels/bench_linear.py              # full: 4096x4096, 3072x12288, 12288x3072
                                                            #       at 256 / 1024 / 4096 tokens
     python benchmarks/kernels/bench_linear.py --peers      # + sdnq / torchao / optimum-quanto if installed
+                                                           #   (pip install -e ".[bench]")
 
 Everything runs in ONE process, so every method sees the same machine state; each time is the minimum
-of several runs. Each case is guarded by a time limit: a probe on a few tokens predicts the full
-case and skips it as "timeout" if it would exceed the limit (e.g. torch._int_mm or bf16 on an
-AVX2-only CPU), and the timed runs stop at the limit (checked between operations). Results: JSON and
-a markdown table (CPU model, instruction set, cores, threads, torch version, date, the command)
-written to --out.
+of several runs, every case under a time limit (harness.py). Quantized methods, diffquant's and the
+peers', take their input in the machine's fastest float dtype (bf16 where native, else fp32), as a model
+running in that dtype feeds them; fp32 and bf16 rows are the float baselines. Each peer is checked to
+run its quantized path (a quantized weight type and an int8 matmul), else it is reported as an error.
+Results: JSON and a markdown table (CPU model, instruction set, cores, threads, torch version, load
+average, the command) with ratios to the fastest float path and to the best peer, peak memory of a
+call, and resident weight bytes against fp32.
 
 Methods and peers are registry entries; a peer whose package is missing is reported as skipped.
 """
@@ -18,54 +21,56 @@ Methods and peers are registry entries; a peer whose package is missing is repor
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import datetime as dt
 import importlib.util
 import json
-import platform
-import signal
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from harness import (
+    Skip,
+    Timing,
+    cpu_slug,
+    guarded,
+    load_average,
+    machine,
+    machine_lines,
+    module_bytes,
+    relative_error,
+    time_case,
+)
 from torch import nn
 
 from diffquant.formats import QuantSpec
-from diffquant.kernels import CpuFeatures, active_backend, detect_cpu, usable_backends
+from diffquant.kernels import CpuFeatures, detect_cpu, fastest_float_dtype, usable_backends
 from diffquant.nn.layers import QLinear
 from diffquant.nn.packed import PackedLinear
 
-FULL = {"shapes": [(4096, 4096), (3072, 12288), (12288, 3072)], "tokens": [256, 1024, 4096], "runs": 5}
+FULL = {"shapes": [(4096, 4096), (3072, 12288), (12288, 3072)], "tokens": [256, 1024, 4096], "runs": 3}
 QUICK = {"shapes": [(512, 512), (512, 2048), (2048, 512)], "tokens": [64, 256], "runs": 3}
+HEADLINE = ((4096, 4096), 1024)  # the issue's targets are stated for this case
 PROBE_TOKENS = 32
 LOW_RANK = 32
-
-
-class Skip(Exception):
-    """The method does not apply on this machine (reason in the message)."""
-
-
-class CaseTimeout(Exception):
-    pass
+ACT_DTYPE = fastest_float_dtype()  # what quantized methods take as input
 
 
 @dataclass
 class Runner:
     fn: Callable[[torch.Tensor], torch.Tensor]
-    input_dtype: torch.dtype = torch.float32
+    input_dtype: torch.dtype = ACT_DTYPE
     resident_bytes: int | None = None
+    note: str = ""
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
     build: Callable[[nn.Linear, CpuFeatures], Runner]
-    kind: str  # "baseline" | "diffquant" | "peer"
+    kind: str  # "float" | "diffquant" | "peer"
 
 
 METHODS: dict[str, Method] = {}
@@ -79,15 +84,15 @@ def method(name: str, kind: str) -> Callable:
     return wrap
 
 
-# -- baselines ---------------------------------------------------------------------------------------
+# -- float baselines ---------------------------------------------------------------------------------
 
 
-@method("fp32", "baseline")
+@method("fp32", "float")
 def _fp32(linear: nn.Linear, cpu: CpuFeatures) -> Runner:
-    return Runner(linear, resident_bytes=linear.weight.numel() * 4)
+    return Runner(linear, torch.float32, linear.weight.numel() * 4)
 
 
-@method("bf16", "baseline")
+@method("bf16", "float")
 def _bf16(linear: nn.Linear, cpu: CpuFeatures) -> Runner:
     if not cpu.native_bf16:
         raise Skip(f"bf16 is emulated on this CPU ({cpu.instruction_set}): 0.15-0.2x fp32")
@@ -116,7 +121,7 @@ def diffquant_method(name: str, weight: QuantSpec, inputs: QuantSpec | None, ran
         layer = QLinear(linear, weight, inputs)
         layer.calibrate_weight()
         packed = PackedLinear.from_layer(layer, backend=backend, low_rank=low_rank)
-        return Runner(packed, resident_bytes=packed.resident_bytes())
+        return Runner(packed, resident_bytes=packed.resident_bytes(), note=packed.extra_repr())
 
     METHODS[name] = Method(name, build, "diffquant")
 
@@ -130,106 +135,86 @@ def low_rank_split(linear: nn.Linear, rank: int) -> tuple[torch.Tensor, torch.Te
 
 
 diffquant_method("diffquant W8A8", INT8_CHANNEL, INT8_TOKEN)
-diffquant_method("diffquant W8A8 [fbgemm]", INT8_CHANNEL, INT8_TOKEN, backend="fbgemm")
 diffquant_method("diffquant W4A8", INT4_CHANNEL, INT8_TOKEN)
 diffquant_method("diffquant W4A4", INT4_G64, INT4_TOKEN_G64)
 diffquant_method(f"diffquant W4A4+r{LOW_RANK}", INT4_G64, INT4_TOKEN_G64, rank=LOW_RANK)
 diffquant_method("diffquant W4A16", INT4_G64, None)
+# The same layers on torch._int_mm with per-segment rescale passes (kernels/segmented.py): what the
+# fused kernels of the "vnni" backend replace, and the path of CPUs without them.
+diffquant_method("diffquant W8A8 [int_mm]", INT8_CHANNEL, INT8_TOKEN, backend="int_mm")
+diffquant_method("diffquant W4A4 [int_mm]", INT4_G64, INT4_TOKEN_G64, backend="int_mm")
+diffquant_method("diffquant W8A8 [fbgemm]", INT8_CHANNEL, INT8_TOKEN, backend="fbgemm")
 
 
-# -- peers (optional extra; each skipped cleanly when its package is missing) ------------------------------
+# -- peers (optional `bench` extra; each skipped cleanly when its package is missing) ----------------------
 
 
 def peer(name: str, package: str) -> Callable:
-    def wrap(build: Callable[[nn.Linear, CpuFeatures], Runner]) -> Callable:
-        def guarded(linear: nn.Linear, cpu: CpuFeatures) -> Runner:
+    def wrap(build: Callable[[nn.Module], Runner]) -> Callable:
+        def guarded_build(linear: nn.Linear, cpu: CpuFeatures) -> Runner:
             if importlib.util.find_spec(package.split(".")[0]) is None:
                 raise Skip(f"package {package!r} is not installed")
-            return build(copy.deepcopy(linear), cpu)
+            model = nn.Sequential(copy.deepcopy(linear).to(ACT_DTYPE)).eval()
+            runner = build(model)
+            runner.resident_bytes = module_bytes(model)  # quantized weight, scales and bias, as diffquant's
+            return runner
 
-        METHODS[name] = Method(name, guarded, "peer")
+        METHODS[name] = Method(name, guarded_build, "peer")
         return build
 
     return wrap
 
 
-@peer("torchao W8A8", "torchao")
-def _torchao(linear: nn.Linear, cpu: CpuFeatures) -> Runner:
-    from torchao import quantization as tq
+def quantized_path(ok: bool, what: str) -> None:
+    if not ok:
+        raise RuntimeError(f"did not take its quantized path: {what}")
 
-    config = getattr(tq, "Int8DynamicActivationInt8WeightConfig", None)
-    model = nn.Sequential(linear)
-    tq.quantize_(model, config() if config else tq.int8_dynamic_activation_int8_weight())
-    return Runner(model)
+
+@peer("torchao W8A8", "torchao")
+def _torchao(model: nn.Module) -> Runner:
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    quantize_(model, Int8DynamicActivationInt8WeightConfig())
+    weight = type(model[0].weight).__name__
+    quantized_path("Int8" in weight or "Affine" in weight, f"weight is a {weight}")
+    return Runner(model, note=f"eager, weight {weight}")
+
+
+@peer("torchao W8A8 + compile", "torchao")
+def _torchao_compiled(model: nn.Module) -> Runner:
+    import torch._inductor.config as inductor
+
+    _torchao(model)  # quantizes in place and checks the quantized path
+    inductor.freezing = True  # constant-folds the int8 weight into oneDNN's qlinear (CPU-KERNELS.md)
+    compiled = torch.compile(model, dynamic=True)  # one compilation for every token count
+    with torch.no_grad():
+        compiled(torch.randn(PROBE_TOKENS, model[0].in_features, dtype=ACT_DTYPE))
+    return Runner(compiled, note="torch.compile(dynamic=True), inductor freezing; compiled before timing")
 
 
 @peer("optimum-quanto W8A8", "optimum.quanto")
-def _quanto(linear: nn.Linear, cpu: CpuFeatures) -> Runner:
+def _quanto(model: nn.Module) -> Runner:
     from optimum.quanto import Calibration, freeze, qint8, quantize
 
-    model = nn.Sequential(linear)
     quantize(model, weights=qint8, activations=qint8)
     with Calibration(), torch.no_grad():
-        model(torch.randn(64, linear.in_features))
+        model(torch.randn(256, model[0].in_features, dtype=ACT_DTYPE))
     freeze(model)
-    return Runner(model)
+    weight = type(model[0].weight).__name__
+    quantized_path("QBytes" in weight and model[0].activation_qtype is not None, f"weight is a {weight}")
+    return Runner(model, note=f"static per-tensor activation scale (calibrated), weight {weight}")
 
 
 @peer("sdnq W8A8", "sdnq")
-def _sdnq(linear: nn.Linear, cpu: CpuFeatures) -> Runner:
-    from sdnq.quantizer import sdnq_post_load_quant  # API of sdnq >= 0.1; unverified here
+def _sdnq(model: nn.Module) -> Runner:
+    from sdnq import sdnq_post_load_quant
 
-    model = sdnq_post_load_quant(nn.Sequential(linear), weights_dtype="int8", use_quantized_matmul=True)
-    return Runner(model)
-
-
-# -- timing ------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def deadline(seconds: float) -> Iterator[None]:
-    """Raise CaseTimeout after `seconds` (between Python operations; one long C++ call finishes first)."""
-    def expire(_signum, _frame):
-        raise CaseTimeout
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def _timed(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tuple[float, torch.Tensor]:
-    start = time.perf_counter()
-    y = fn(x)
-    return time.perf_counter() - start, y
-
-
-@torch.no_grad()
-def time_case(runner: Runner, x: torch.Tensor, runs: int, limit: float) -> dict[str, Any]:
-    """Probe, predict, warm up, then time up to `runs` calls: min / all times in ms, plus the output."""
-    x = x.to(runner.input_dtype)
-    tokens = x.shape[0]
-    with deadline(limit):
-        probe_s, _ = _timed(runner.fn, x[:PROBE_TOKENS])
-    predicted = probe_s * tokens / min(PROBE_TOKENS, tokens)
-    if predicted > limit:
-        return {"status": "timeout", "note": f"predicted {predicted:.3g} s from {PROBE_TOKENS} tokens"}
-    times, started = [], time.perf_counter()
-    with deadline(limit):
-        _, y = _timed(runner.fn, x)  # warm-up
-        for _ in range(runs):
-            times.append(_timed(runner.fn, x)[0])
-            if time.perf_counter() - started > limit:
-                break
-    return {"status": "ok", "ms": 1e3 * min(times), "runs_ms": [1e3 * t for t in times], "output": y.float()}
-
-
-def relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean squared error / mean square of the fp32 output (as in shared/docs/CPU-KERNELS.md)."""
-    return float((y.double() - reference.double()).pow(2).mean() / reference.double().pow(2).mean())
+    model = sdnq_post_load_quant(model, weights_dtype="int8", use_quantized_matmul=True, torch_dtype=ACT_DTYPE,
+                                 add_skip_keys=False)
+    forward = getattr(model[0], "forward_func", None)
+    name = getattr(forward, "__name__", str(forward))
+    quantized_path("int8_matmul" in name, f"forward is {name}")
+    return Runner(model, note=f"forward {name}")
 
 
 # -- the run -----------------------------------------------------------------------------------------------
@@ -239,8 +224,7 @@ def relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
 class Bench:
     shapes: list[tuple[int, int]]
     tokens: list[int]
-    runs: int
-    limit: float
+    timing: Timing
     methods: list[Method]
     cpu: CpuFeatures = field(default_factory=detect_cpu)
     results: list[dict[str, Any]] = field(default_factory=list)
@@ -252,14 +236,11 @@ class Bench:
             runners = {m.name: self._build(m, linear) for m in self.methods}
             for tokens in self.tokens:
                 self._run_tokens(linear, runners, tokens)
+            del runners
 
     def _build(self, m: Method, linear: nn.Linear) -> Runner | dict[str, Any]:
-        try:
-            return m.build(linear, self.cpu)
-        except Skip as exc:
-            return {"status": "skip", "note": str(exc)}
-        except Exception as exc:  # a peer's API drift must not end the run
-            return {"status": "error", "note": f"{type(exc).__name__}: {exc}"[:300]}
+        built = guarded(lambda: {"runner": m.build(linear, self.cpu)}, 10 * self.timing.limit)
+        return built.get("runner", built)
 
     def _run_tokens(self, linear: nn.Linear, runners: dict[str, Any], tokens: int) -> None:
         x = torch.randn(tokens, linear.in_features, generator=torch.Generator().manual_seed(1))
@@ -268,11 +249,13 @@ class Bench:
             row = self._case(runner, x)
             output = row.pop("output", None)
             if name == "fp32" and output is not None:
-                reference = output
+                reference = output.float()
             if output is not None and reference is not None:
                 row["rel_err"] = relative_error(output, reference)
-            if isinstance(runner, Runner) and runner.resident_bytes is not None:
-                row["resident_vs_fp32"] = runner.resident_bytes / (4 * linear.weight.numel())
+            if isinstance(runner, Runner):
+                row["note"] = row.get("note", runner.note)
+                if runner.resident_bytes is not None:
+                    row["resident_vs_fp32"] = runner.resident_bytes / (4 * linear.weight.numel())
             row.update(method=name, shape=[linear.in_features, linear.out_features], tokens=tokens)
             self.results.append(row)
             print(_progress_line(row), flush=True)
@@ -280,51 +263,100 @@ class Bench:
     def _case(self, runner: Runner | dict[str, Any], x: torch.Tensor) -> dict[str, Any]:
         if not isinstance(runner, Runner):
             return dict(runner)
-        try:
-            return time_case(runner, x, self.runs, self.limit)
-        except CaseTimeout:
-            return {"status": "timeout", "note": f"exceeded {self.limit:.3g} s"}
+        x = x.to(runner.input_dtype)
+        probe = x[:PROBE_TOKENS]
+        scale = x.shape[0] / probe.shape[0]
+        return guarded(lambda: time_case(lambda: runner.fn(x), lambda: runner.fn(probe), scale, self.timing),
+                       self.timing.limit)
 
 
 def _progress_line(row: dict[str, Any]) -> str:
-    value = f"{row['ms']:.2f} ms" if row["status"] == "ok" else row["status"]
-    return f"{row['shape'][0]}x{row['shape'][1]} @ {row['tokens']:>5} tokens  {row['method']:<26} {value}"
+    value = f"{row['ms']:.2f} ms" if row["status"] == "ok" else f"{row['status']}: {row.get('note', '')}"
+    return f"{row['shape'][0]}x{row['shape'][1]} @ {row['tokens']:>5} tokens  {row['method']:<28} {value}"
 
 
-def machine(cpu: CpuFeatures) -> dict[str, Any]:
-    return {"cpu": cpu.model, "instruction_set": cpu.instruction_set, "cores": cpu.cores,
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
-            "kernel_backend": active_backend().name,
-            "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
+# -- report ------------------------------------------------------------------------------------------------
 
 
-def _cell(row: dict[str, Any], fp32_ms: float | None) -> str:
+def add_ratios(results: list[dict[str, Any]], kinds: dict[str, str]) -> None:
+    """Per case: speed-up over the fastest float path and over the best peer (>1: faster)."""
+    cases: dict[tuple, list[dict[str, Any]]] = {}
+    for row in results:
+        cases.setdefault((tuple(row["shape"]), row["tokens"]), []).append(row)
+    for rows in cases.values():
+        ok = [r for r in rows if r["status"] == "ok"]
+        floats = [r["ms"] for r in ok if kinds.get(r["method"]) == "float"]
+        peers = [r for r in ok if kinds.get(r["method"]) == "peer"]
+        best_peer = min(peers, key=lambda r: r["ms"]) if peers else None
+        for r in ok:
+            if floats:
+                r["vs_fastest_float"] = min(floats) / r["ms"]
+            if best_peer is not None:
+                r["vs_best_peer"] = best_peer["ms"] / r["ms"]
+                r["best_peer"] = best_peer["method"]
+
+
+def _cell(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return ""
     if row["status"] != "ok":
         return row["status"]
-    speed = f" ({fp32_ms / row['ms']:.2f}x)" if fp32_ms else ""
-    return f"{row['ms']:.1f}{speed}"
+    ratio = f" ({row['vs_fastest_float']:.2f}x)" if "vs_fastest_float" in row else ""
+    return f"{row['ms']:.1f}{ratio}"
 
 
-def markdown(bench: Bench, info: dict[str, Any], command: str) -> str:
+def timing_table(bench: Bench) -> list[str]:
     names = [m.name for m in bench.methods]
-    lines = [f"# Linear layer timings ({info['date']})", "",
-             f"`{command}`", "",
-             f"CPU: {info['cpu']}, {info['instruction_set']}, {info['cores']} cores, {info['threads']} threads; "
-             f"torch {info['torch']}; diffquant kernel backend: {info['kernel_backend']}", "",
-             "ms, min of runs (speed-up vs fp32 in the same process). skip / timeout / error: see the JSON notes.",
-             "", "| in x out | tokens | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    lines = ["| in x out | tokens | " + " | ".join(names) + " | best peer | diffquant W8A8 vs best peer |",
+             "|---|---|" + "---|" * (len(names) + 2)]
     for shape in bench.shapes:
         for tokens in bench.tokens:
             rows = {r["method"]: r for r in bench.results if tuple(r["shape"]) == shape and r["tokens"] == tokens}
-            fp32 = rows.get("fp32", {}).get("ms")
-            cells = [_cell(rows[n], fp32) if n in rows else "" for n in names]
-            lines.append(f"| {shape[0]}x{shape[1]} | {tokens} | " + " | ".join(cells) + " |")
-    lines += ["", "| method | rel. error vs fp32 (first case) | resident weight bytes / fp32 |", "|---|---|---|"]
-    for name in names:
-        row = next((r for r in bench.results if r["method"] == name), {})
-        err = f"{row['rel_err']:.1e}" if "rel_err" in row else "-"
+            w8 = rows.get("diffquant W8A8", {})
+            peer = w8.get("best_peer", "-")
+            versus = f"{w8['vs_best_peer']:.2f}x" if "vs_best_peer" in w8 else "-"
+            cells = [_cell(rows.get(n)) for n in names]
+            lines.append(f"| {shape[0]}x{shape[1]} | {tokens} | " + " | ".join(cells) + f" | {peer} | {versus} |")
+    return lines
+
+
+def memory_table(bench: Bench) -> list[str]:
+    shape, tokens = bench.shapes[0], bench.tokens[-1]
+    lines = [f"| method | resident weight bytes / fp32 | peak memory of a call, MiB ({shape[0]}x{shape[1]} @ "
+             f"{tokens}) | rel. error vs fp32 (same case) | notes |", "|---|---|---|---|---|"]
+    for m in bench.methods:
+        row = next((r for r in bench.results if r["method"] == m.name and tuple(r["shape"]) == shape
+                    and r["tokens"] == tokens), {})
         mem = f"{row['resident_vs_fp32']:.3f}" if "resident_vs_fp32" in row else "-"
-        lines.append(f"| {name} | {err} | {mem} |")
+        peak = f"{row['peak_mib']:.0f}" if "peak_mib" in row else "-"
+        err = f"{row['rel_err']:.1e}" if "rel_err" in row else "-"
+        note = row.get("note", "") if row.get("status") == "ok" else f"{row.get('status', '')}: {row.get('note', '')}"
+        lines.append(f"| {m.name} | {mem} | {peak} | {err} | {note} |")
+    return lines
+
+
+def headline(bench: Bench) -> list[str]:
+    shape, tokens = HEADLINE
+    rows = {r["method"]: r for r in bench.results if tuple(r["shape"]) == shape and r["tokens"] == tokens}
+    if "diffquant W8A8" not in rows or rows["diffquant W8A8"]["status"] != "ok":
+        return []
+    w8, w4 = rows["diffquant W8A8"], rows.get("diffquant W4A4", {})
+    lines = [f"Issue-5 targets at {shape[0]}x{shape[1]}, {tokens} tokens:", "",
+             f"- W8A8 {w8['ms']:.1f} ms = {w8.get('vs_fastest_float', float('nan')):.2f}x the fastest float path "
+             f"(target >= 1.8x)"]
+    if "vs_best_peer" in w8:
+        lines.append(f"- W8A8 vs the best peer ({w8['best_peer']}): {w8['vs_best_peer']:.2f}x (target >= 1.0x)")
+    if w4.get("status") == "ok":
+        lines.append(f"- W4A4 {w4['ms']:.1f} ms = {w4['ms'] / w8['ms']:.2f}x W8A8's time (target <= 1.10x), "
+                     f"weight bytes {w4.get('resident_vs_fp32', 0):.3f} vs {w8.get('resident_vs_fp32', 0):.3f} of fp32")
+    return [*lines, ""]
+
+
+def markdown(bench: Bench, info: dict[str, Any], command: str) -> str:
+    lines = [f"# Linear layer timings ({info['date']})", "", *machine_lines(info, command),
+             f"Quantized methods take {str(ACT_DTYPE).removeprefix('torch.')} input. ms, min of runs "
+             "(speed-up vs the fastest float path in the same process). skip / timeout / error: see notes.", "",
+             *headline(bench), *timing_table(bench), "", *memory_table(bench)]
     return "\n".join(lines) + "\n"
 
 
@@ -332,9 +364,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run on small shapes")
     parser.add_argument("--peers", action="store_true", help="also time sdnq / torchao / optimum-quanto")
-    parser.add_argument("--limit", type=float, default=None, help="seconds per case (default 10 quick, 120 full)")
+    parser.add_argument("--only", nargs="*", default=None, help="method names to run (default: all)")
+    parser.add_argument("--shapes", nargs="*", default=None, help="in x out shapes, e.g. 4096x4096 (default: preset)")
+    parser.add_argument("--tokens", nargs="*", type=int, default=None, help="token counts (default: preset)")
+    parser.add_argument("--tag", default="", help="suffix of the output file names")
+    parser.add_argument("--limit", type=float, default=None, help="seconds per case (default 10 quick, 60 full)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="output folder")
+    parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                        help="thread: this thread's CPU time, for --threads 1 on a shared machine")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent, help="output folder")
     return parser.parse_args(argv)
 
 
@@ -343,17 +381,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = QUICK if args.quick else FULL
-    methods = [m for m in METHODS.values() if args.peers or m.kind != "peer"]
-    bench = Bench(preset["shapes"], preset["tokens"], preset["runs"], args.limit or (10 if args.quick else 120),
-                  methods)
+    methods = [m for m in METHODS.values() if (args.peers or m.kind != "peer")
+               and (args.only is None or m.name in args.only or m.kind == "float")]
+    if args.clock == "thread" and torch.get_num_threads() != 1:
+        raise SystemExit("--clock thread measures one thread's CPU time: use it with --threads 1")
+    timing = Timing(preset["runs"], args.limit or (10 if args.quick else 60), args.clock)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else preset["shapes"]
+    bench = Bench(shapes, args.tokens or preset["tokens"], timing, methods)
+    info, command = {**machine(), "clock": args.clock}, " ".join(["python", *sys.argv])
     bench.run()
-    info, command = machine(bench.cpu), " ".join(["python", *sys.argv])
+    info["load_average_at_end"] = load_average()
+    add_ratios(bench.results, {m.name: m.kind for m in methods})
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"bench_linear-{'quick' if args.quick else 'full'}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
-    (args.out / f"{stem}.json").write_text(json.dumps({"machine": info, "command": command,
-                                                       "results": bench.results}, indent=2))
-    (args.out / f"{stem}.md").write_text(markdown(bench, info, command))
-    print(f"wrote {args.out / stem}.json and .md")
+    stem = args.out / f"linear{'-quick' if args.quick else ''}-{cpu_slug()}{'-' + args.tag if args.tag else ''}"
+    stem.with_suffix(".json").write_text(json.dumps({"machine": info, "command": command,
+                                                     "results": bench.results}, indent=2))
+    stem.with_suffix(".md").write_text(markdown(bench, info, command))
+    print(f"wrote {stem}.json and .md")
     return 0
 
 

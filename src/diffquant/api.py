@@ -77,7 +77,9 @@ def _parent_of(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_path) if parent_path else model), attr
 
 
-def gather_stats(model: nn.Module, plan: dict[str, LayerPlan], calibration: Calibration) -> ActivationStats:
+def gather_stats(model: nn.Module, plan: dict[str, LayerPlan], calibration: Calibration,
+                 sample_rows: int = 0) -> ActivationStats:
+    """Statistics of the planned layers' inputs; sample_rows: input rows per layer to keep a sample of."""
     if isinstance(calibration, ActivationStats):
         missing = [n for n in plan if n not in calibration]
         if missing:
@@ -88,7 +90,7 @@ def gather_stats(model: nn.Module, plan: dict[str, LayerPlan], calibration: Cali
             "calibration must be ActivationStats or a function that runs the sampler on the model, "
             f"got {type(calibration).__name__}"
         )
-    stats = collect_activation_stats(modules_by_name(model, plan), lambda: calibration(model))
+    stats = collect_activation_stats(modules_by_name(model, plan), lambda: calibration(model), sample_rows=sample_rows)
     missing = [n for n in plan if n not in stats]
     if missing:
         raise ValueError(f"{len(missing)} planned layers never ran during calibration, e.g. {missing[:3]}")
@@ -117,7 +119,7 @@ def quantize(
         )
     job = QuantizationJob(model, recipe, plan, progress=progress)
     if calibration is not None and recipe.needs_calibration:
-        job.stats = gather_stats(model, plan, calibration)
+        job.stats = gather_stats(model, plan, calibration, recipe.calibration_rows)
     job.wrap()
     for stage in recipe.stages:
         stage.apply(job)

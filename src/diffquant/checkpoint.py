@@ -7,7 +7,10 @@ A quantized model folder holds
                                   packing, sha256 of the two files beside it
     diffquant_model.safetensors   every tensor of the model; quantized weights as packed integer
                                   codes (tensors/packing.py) "<layer>.weight_codes" with their
-                                  qparams, everything else as it was
+                                  qparams; low-rank branches (SVDQuant) as "<layer>.low_rank_down"
+                                  [in, r] and "<layer>.low_rank_up" [r, out] in the narrowest float
+                                  dtype that holds them exactly (the manifest's per-layer
+                                  "low_rank": {"rank", "dtype"}); everything else as it was
 
 A pipeline folder keeps diffusers' layout (model_index.json + one folder per component) with the
 denoiser's folder in the layout above.
@@ -37,7 +40,7 @@ from diffquant.formats.spec import QuantSpec
 from diffquant.nn.layers import QuantizedLayer, wrap_layer
 from diffquant.plan import LayerPlan
 from diffquant.recipes.config import Recipe
-from diffquant.tensors.packing import pack_codes, packing_for, unpack_codes
+from diffquant.tensors.packing import pack_format_codes, packing_for, unpack_format_codes
 
 FORMAT_NAME = "diffquant-quantized"
 FORMAT_VERSION = 1
@@ -99,20 +102,36 @@ def _layer_entry(layer: QuantizedLayer, plan: LayerPlan) -> dict[str, Any]:
         "weight_shape": list(layer.weight_shape),
         "packing": None if wq is None else packing_for(wq.spec.bits),
         "codes_shape": None,
+        "low_rank": None,
     }
+
+
+# Low-rank factors are stored in the first of these that holds them exactly (SVDQuant rounds its
+# branch to 16 bits, so float16 is the rule and reload stays bitwise identical).
+LOW_RANK_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _low_rank_tensors(name: str, layer: QuantizedLayer, entry: dict[str, Any]) -> dict[str, torch.Tensor]:
+    down, up = (t.detach() for t in layer.low_rank)
+    dtype = next(d for d in LOW_RANK_DTYPES if all(torch.equal(t.to(d).to(t.dtype), t) for t in (down, up)))
+    entry["low_rank"] = {"rank": down.shape[1], "dtype": str(dtype).removeprefix("torch.")}
+    return {f"{name}.low_rank_down": down.to(dtype), f"{name}.low_rank_up": up.to(dtype)}
 
 
 def _layer_tensors(name: str, layer: QuantizedLayer, entry: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The layer's tensors with the float weight replaced by packed codes and stored-dtype scales."""
     tensors = {f"{name}.{k}": v for k, v in layer.state_dict().items() if k != "weight"}
+    if layer.low_rank is not None:
+        tensors.update(_low_rank_tensors(name, layer, entry))
     wq = layer.weight_quantizer
     if wq is None:
         return tensors
     codes = layer.weight_codes if layer.weight_codes is not None else wq.codes(layer.weight_matrix(layer.weight))
     entry["codes_shape"] = list(codes.shape)
     fmt = wq.spec.qformat
-    tensors[f"{name}.weight_codes"] = pack_codes(codes, fmt.bits, fmt.signed)
-    tensors[f"{name}.weight_quantizer.scale"] = wq.scale.to(wq.spec.torch_scale_dtype)
+    tensors[f"{name}.weight_codes"] = pack_format_codes(codes, fmt)
+    # the spec's scale format decides: float16 values, or E4M3 bit patterns beside the global scale
+    tensors[f"{name}.weight_quantizer.scale"] = wq.spec.scale_format.encode(wq.scale, wq.global_scale)
     if wq.zero_point is not None:
         tensors[f"{name}.weight_quantizer.zero_point"] = wq.zero_point.to(fmt.storage_dtype())
     return tensors
@@ -278,14 +297,42 @@ def _prepare_layers(model: nn.Module, layers: dict[str, Any], tensors: dict[str,
             )
         if weight is not None:
             packed = tensors.pop(f"{name}.weight_codes")
-            fmt = weight.qformat
-            codes = unpack_codes(packed, fmt.bits, fmt.signed, entry["codes_shape"][-1])
+            codes = unpack_format_codes(packed, weight.qformat, entry["codes_shape"][-1])
             tensors[f"{name}.weight_codes"] = codes
+            _decode_weight_scale(name, weight, tensors)
             layer.hold_codes(codes)
+        if entry.get("low_rank") is not None:
+            _load_low_rank(name, layer, tensors)
         parent_path, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_path) if parent_path else model, attr, layer)
         plan[name] = LayerPlan(name, entry["role"], weight, inp)
     return plan
+
+
+def _decode_weight_scale(name: str, spec: QuantSpec, tensors: dict[str, torch.Tensor]) -> None:
+    """Stored weight scales -> the float32 scales the maths uses (spec.scale_format.decode)."""
+    key, global_key = f"{name}.weight_quantizer.scale", f"{name}.weight_quantizer.global_scale"
+    if key not in tensors:
+        return  # reported as a missing key by load_state_dict
+    try:
+        tensors[key] = spec.scale_format.decode(tensors[key], tensors.get(global_key))
+    except ValueError as exc:
+        raise CheckpointError(f"layer {name!r}: {exc}") from exc
+
+
+def _load_low_rank(name: str, layer: QuantizedLayer, tensors: dict[str, torch.Tensor]) -> None:
+    """Install the branch in the dtype of the layer's other floats (exact: see LOW_RANK_DTYPES)."""
+    keys = (f"{name}.low_rank_down", f"{name}.low_rank_up")
+    missing = [k for k in keys if k not in tensors]
+    if missing:
+        raise CheckpointError(f"layer {name!r} is recorded with a low-rank branch but {missing} are missing")
+    dtype = layer.bias.dtype if layer.bias is not None else torch.float32
+    for key in keys:
+        tensors[key] = tensors[key].to(dtype)
+    try:
+        layer.set_low_rank(*(tensors[k] for k in keys))
+    except (ValueError, NotImplementedError) as exc:
+        raise CheckpointError(f"layer {name!r}: {exc}") from exc
 
 
 def _add_buffer_placeholders(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

@@ -23,8 +23,9 @@ from torch import nn
 
 from diffquant.api import quantized_layers
 from diffquant.kernels import IntGemmBackend, select_backend
+from diffquant.nn.emulated import EMULATED, packed_type
 from diffquant.nn.layers import QuantizedLayer
-from diffquant.nn.packed import PACKED_TYPES, PackedLayer
+from diffquant.nn.packed import PackedLayer
 
 log = logging.getLogger("diffquant.freeze")
 PROC_STATUS = Path("/proc/self/status")
@@ -51,9 +52,11 @@ def freeze(model: nn.Module, backend: str | IntGemmBackend | None = None,
     for name in names:
         layer: QuantizedLayer = model.get_submodule(name)
         layer.store_codes()  # drops the float weight before the packed copy is made
-        _set_child(model, name, PACKED_TYPES[type(layer)](layer, backend=backend, float_dtype=float_dtype))
+        _set_child(model, name, packed_type(layer)(layer, backend=backend, float_dtype=float_dtype))
         del layer
-    log.info("froze %d layers with kernel backend %r", len(names), backend.name)
+    emulated = sum(model.get_submodule(n).path == EMULATED for n in names)  # fp formats: nn/emulated.py
+    log.info("froze %d layers with kernel backend %r, %d of them emulated (decoded to float per call)",
+             len(names), backend.name, emulated)
     return model
 
 
@@ -66,12 +69,9 @@ def thaw(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def thawed(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside: `model` with codes-holding QuantizedLayers (what checkpoint.save_quantized reads);
-    after: the same packed modules as before. Low-rank branches are not part of checkpoints yet."""
+    """Inside: `model` with codes-holding QuantizedLayers (what checkpoint.save_quantized reads), low-rank
+    branches included; after: the same packed modules as before."""
     packed = packed_layers(model)
-    with_low_rank = [n for n, m in packed.items() if getattr(m, "low_rank_down", None) is not None]
-    if with_low_rank:
-        raise NotImplementedError(f"checkpoints cannot hold low-rank branches yet (layers {with_low_rank[:3]})")
     thaw(model)
     try:
         yield model

@@ -11,6 +11,7 @@ from typing import Any
 from safetensors import safe_open
 
 from diffquant.checkpoint import MANIFEST, PIPELINE_INDEX, TENSORS, CheckpointError, _read_manifest
+from diffquant.formats import get_format
 
 
 def _numel(shape: list[int]) -> int:
@@ -75,7 +76,7 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
 def _bits(spec: dict[str, Any] | None) -> int:
     if spec is None:
         return 16
-    return int("".join(ch for ch in spec["format"] if ch.isdigit()) or 16)
+    return get_format(spec["format"]).bits  # the registry's, not the name's digits ("fp4_e2m1")
 
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}

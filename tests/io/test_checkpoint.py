@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import diffquant
+from diffquant.algorithms.svdquant import SVDQuant
 from diffquant.checkpoint import (
     MANIFEST,
     MODEL_CONFIG,
@@ -16,7 +19,9 @@ from diffquant.checkpoint import (
     load_quantized,
     save_quantized,
 )
+from diffquant.recipes import Recipe, get_preset
 from tests.io.conftest import dit_output
+from tests.tiny_models import TINY_MODELS
 
 
 def test_round_trip_restores_recipe_and_plan(quantized_dit, tmp_path):
@@ -170,3 +175,40 @@ def test_pipeline_folder_round_trip(dit_pipeline_folder, tmp_path):
                      output_type="np").images
 
     assert (sample(loaded) == sample(pipe)).all()
+
+
+def cheap_svdquant() -> Recipe:
+    """svdquant-w4a4 with a short grid and few refits: the machinery, quickly."""
+    preset = get_preset("svdquant-w4a4")
+    return dataclasses.replace(preset, stages=(SVDQuant(rank=4, grid_step=0.25, iterations=3, sample_rows=32),))
+
+
+def test_pipeline_with_low_rank_branches_round_trip(dit_pipeline_folder, tmp_path):
+    from diffusers import DiTPipeline
+
+    pipe = DiTPipeline.from_pretrained(dit_pipeline_folder)
+    calib = diffquant.calib.pipeline_calibration(pipe, num_samples=2, num_inference_steps=3, progress=False)
+    diffquant.quantize(pipe.transformer, cheap_svdquant(), calibration=calib, progress=False)
+    assert any(layer.low_rank is not None for layer in diffquant.quantized_layers(pipe.transformer).values())
+    loaded = load_quantized(save_quantized(pipe, tmp_path / "qpipe"))
+
+    def sample(p):
+        with diffquant.track_pipeline_steps(p):
+            return p(class_labels=[3], num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                     output_type="np").images
+
+    assert (sample(loaded) == sample(pipe)).all()
+
+
+def test_missing_low_rank_tensors_are_named(tmp_path):
+    from tests.io.conftest import dit_calibration
+
+    model = diffquant.quantize(TINY_MODELS["dit"].build(), cheap_svdquant(), calibration=dit_calibration,
+                               progress=False)
+    folder = save_quantized(model, tmp_path / "q")
+    tensors = load_file(folder / TENSORS)
+    name = next(k for k in tensors if k.endswith(".low_rank_up"))
+    del tensors[name]
+    save_file(tensors, folder / TENSORS)
+    with pytest.raises(CheckpointError, match=r"low-rank branch but \['.*low_rank_up'\] are missing"):
+        load_quantized(folder, verify=False)

@@ -290,13 +290,19 @@ def test_load_quantized_then_freeze_and_save_again(family, recipe, tmp_path):
         assert torch.equal(tiny.run(load_quantized(second), tiny.inputs(2)), expected)
 
 
-def test_low_rank_branches_are_not_saved_silently(tmp_path):
-    model = freeze(quantized("dit", "w8a8"))
+def test_low_rank_branches_are_saved_and_reloaded(tmp_path):
+    tiny, model = TINY_MODELS["dit"], freeze(quantized("dit", "w8a8"), float_dtype=torch.float32)
     name, packed = next(iter(packed_layers(model).items()))
     g = torch.Generator().manual_seed(0)
     branch = (torch.randn(packed.in_features, 2, generator=g), torch.randn(2, packed.out_features, generator=g))
     layer = copy.deepcopy(packed).to_quantized_layer()
     parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent), attr, PackedLinear.from_layer(layer, low_rank=branch))
-    with pytest.raises(NotImplementedError, match="low-rank"), thawed(model):
-        pass
+    setattr(model.get_submodule(parent), attr, PackedLinear.from_layer(layer, low_rank=branch, float_dtype=torch.float32))
+    with thawed(model):
+        assert torch.equal(model.get_submodule(name).low_rank_down, branch[0])  # float32: not 16-bit values
+    with torch.no_grad(), sampling_step(0):
+        expected = tiny.run(model, tiny.inputs(2))
+        reloaded = load_quantized(save_frozen(model, tmp_path / "q"))
+        assert torch.equal(reloaded.get_submodule(name).low_rank_up, branch[1])
+        got = tiny.run(freeze(reloaded, float_dtype=torch.float32), tiny.inputs(2))
+    assert torch.equal(got, expected)

@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from diffquant.formats import get_format
-from diffquant.tensors import BYTES, NIBBLES, pack_codes, packing_for, unpack_codes
+from diffquant.tensors import (
+    BYTES,
+    NIBBLES,
+    pack_codes,
+    pack_format_codes,
+    packing_for,
+    unpack_codes,
+    unpack_format_codes,
+)
 
 BITS = list(range(2, 9))
 SIGNEDNESS = [pytest.param(True, id="signed"), pytest.param(False, id="unsigned")]
@@ -98,3 +106,39 @@ def test_unpack_truncates_padding_to_recorded_length():
     assert packed.shape == (2, 2)
     assert unpack_codes(packed, 4, True, 3).tolist() == [[1, 2, 3], [-1, -2, -3]]
     assert unpack_codes(packed, 4, True, 4).tolist() == [[1, 2, 3, 0], [-1, -2, -3, 0]]
+
+
+# -- format-driven packing (pack_format_codes) ------------------------------------------------------
+
+FP4_FORMATS = ["fp4_e2m1", "nvfp4"]
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+@pytest.mark.parametrize("name", FP4_FORMATS)
+def test_fp4_bit_patterns_pack_two_per_byte_and_round_trip(name, length):
+    fmt = get_format(name)
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 16, (4, length), generator=g, dtype=torch.uint8)
+    codes[0, 0], codes[-1, -1] = 15, 8  # -6 and -0
+    packed = pack_format_codes(codes, fmt)
+    assert packed.dtype == torch.uint8 and packed.shape == (4, math.ceil(length / 2))
+    unpacked = unpack_format_codes(packed, fmt, length)
+    assert unpacked.dtype == torch.uint8 and torch.equal(unpacked, codes)
+    assert torch.equal(fmt.decode(unpacked), fmt.decode(codes))
+
+
+def test_fp4_documented_nibble_order():
+    """E2M1 -0.5 is code 0x9 (sign bit + 0.5's code 1), 6 is 0x7: [-0.5, 6] packs to 0x79."""
+    fmt = get_format("nvfp4")
+    codes = fmt.encode(torch.tensor([-0.5, 6.0, 1.5]))
+    assert codes.tolist() == [0x9, 0x7, 0x3]
+    assert pack_format_codes(codes, fmt).tolist() == [0x79, 0x03]
+
+
+@pytest.mark.parametrize("name", ["int4", "uint4", "int8", "uint6"])
+def test_format_packing_of_integer_formats_is_the_plain_packing(name):
+    fmt = get_format(name)
+    codes = random_codes(fmt.bits, fmt.signed, rows=3, length=11, seed=4)
+    packed = pack_format_codes(fmt.encode(codes), fmt)
+    assert torch.equal(packed, pack_codes(codes, fmt.bits, fmt.signed))
+    assert torch.equal(unpack_format_codes(packed, fmt, 11).to(torch.int64), codes)

@@ -1,12 +1,16 @@
 """Streaming activation statistics, collected with hooks while the full-precision sampler runs.
 
-Only running per-channel min / max (over every token of every call) are kept, never activations:
-memory is O(layers x channels x steps) whatever the number of calibration samples.
+Always kept: running per-channel min / max (over every token of every call), O(layers x channels x
+steps) whatever the number of calibration samples. On request (`sample_rows=n`, for stages that score
+candidates by a layer's output error, e.g. SVDQuant), also a uniform random sample of at most n input
+rows per layer (`RowSample`, O(layers x n x channels)), and which layers read the very same input
+tensor (`ActivationStats.input_groups`: q/k/v of one attention, adaLN linears fed by one embedding).
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -46,12 +50,50 @@ class ChannelRange:
         return ChannelRange(self.lo / divisor, self.hi / divisor, self.count)
 
 
+ROW_SAMPLE_SEED = 0
+
+
+@dataclass
+class RowSample:
+    """A uniform random sample (without replacement) of at most `capacity` rows of everything seen.
+
+    Bottom-k sampling: every row draws a random key and the `capacity` smallest keys are kept, so the
+    sample is uniform over all rows of all calls at any point, in O(capacity x channels) memory. Each
+    sample draws from its own generator with one seed: layers fed the same tensors keep the same rows.
+    """
+
+    capacity: int
+    rows: torch.Tensor | None = None  # float32 [n <= capacity, C], in order of arrival
+    keys: torch.Tensor | None = None  # float64 [n]
+    seen: int = 0
+    generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(ROW_SAMPLE_SEED))
+
+    def update(self, x2d: torch.Tensor) -> None:
+        keys = torch.rand(x2d.shape[0], generator=self.generator, dtype=torch.float64)
+        rows = x2d.detach().float()
+        if self.rows is not None:
+            rows, keys = torch.cat([self.rows, rows]), torch.cat([self.keys, keys])
+        if rows.shape[0] > self.capacity:
+            kept = keys.topk(self.capacity, largest=False).indices.sort().values
+            rows, keys = rows[kept], keys[kept]
+        elif self.rows is None:
+            rows = rows.clone()  # never keep a view of the model's activation
+        self.rows, self.keys = rows, keys
+        self.seen += x2d.shape[0]
+
+    def divided(self, divisor: torch.Tensor) -> RowSample:
+        rows = None if self.rows is None else self.rows / divisor
+        return RowSample(self.capacity, rows, self.keys, self.seen, self.generator)
+
+
 @dataclass
 class LayerStats:
-    """Input statistics of one layer: over all calls, and per sampling step when steps were set."""
+    """Input statistics of one layer: over all calls, per sampling step when steps were set, and a
+    sample of input rows when calibration was asked for one."""
 
     overall: ChannelRange | None = None
     per_step: dict[int, ChannelRange] = field(default_factory=dict)
+    sample: RowSample | None = None
 
     def observe(self, x2d: torch.Tensor, step: int | None) -> None:
         x2d = x2d.detach().float()
@@ -64,11 +106,14 @@ class LayerStats:
                 self.per_step[step].update(x2d)
             else:
                 self.per_step[step] = ChannelRange.of(x2d)
+        if self.sample is not None:
+            self.sample.update(x2d)
 
     def divided(self, divisor: torch.Tensor) -> LayerStats:
         assert self.overall is not None
         return LayerStats(self.overall.divided(divisor),
-                          {s: r.divided(divisor) for s, r in self.per_step.items()})
+                          {s: r.divided(divisor) for s, r in self.per_step.items()},
+                          None if self.sample is None else self.sample.divided(divisor))
 
     @property
     def num_steps(self) -> int:
@@ -76,12 +121,85 @@ class LayerStats:
 
 
 class ActivationStats(dict[str, LayerStats]):
-    """Module name -> LayerStats of its input. What static-range and smoothing stages consume."""
+    """Module name -> LayerStats of its input. What static-range and smoothing stages consume.
+
+    input_groups: sets of layers (two or more) that read the very same input tensor in every call of
+    the calibration run, as observed by observe_inputs (empty when not observed).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.input_groups: list[tuple[str, ...]] = []
 
     def require(self, name: str) -> LayerStats:
         if name not in self or self[name].overall is None:
             raise KeyError(f"no calibration statistics for layer {name!r}: it never ran during calibration")
         return self[name]
+
+    def require_sample(self, name: str) -> torch.Tensor:
+        """The sampled input rows [n, C] of a layer (calibration run with sample_rows > 0)."""
+        sample = self.require(name).sample
+        if sample is None or sample.rows is None:
+            raise KeyError(f"no sampled input rows for layer {name!r}: collect the statistics with sample_rows > 0 "
+                           "(diffquant.quantize does so for recipes whose stages need them)")
+        return sample.rows
+
+    def input_group_of(self, name: str) -> tuple[str, ...]:
+        """The layers reading the same input as `name` (itself included), in registration order."""
+        return next((g for g in self.input_groups if name in g), (name,))
+
+
+def _version(x: torch.Tensor) -> int | None:
+    """The tensor's in-place modification counter (None for inference-mode tensors, which have none)."""
+    try:
+        return x._version
+    except RuntimeError:
+        return None
+
+
+class InputSharing:
+    """Which layers read the very same tensor object, unmodified, in every call.
+
+    Within a run, each live input tensor (held by a weak reference, so a recycled address never
+    matches) collects the layers that consumed it while its version counter was unchanged. Layers a
+    and b share their input when every consumption of either included the other.
+    """
+
+    def __init__(self) -> None:
+        self._live: dict[int, tuple[weakref.ref, int, list[str]]] = {}
+        self._partners: dict[str, set[str]] = {}
+
+    def see(self, name: str, x: torch.Tensor) -> None:
+        key, version = id(x), _version(x)
+        entry = self._live.get(key)
+        if entry is not None and entry[0]() is x and entry[1] == version and version is not None:
+            entry[2].append(name)
+            return
+        self._close(key)
+        self._live[key] = (weakref.ref(x, lambda _, key=key: self._close(key)), version, [name])
+
+    def _close(self, key: int) -> None:
+        entry = self._live.pop(key, None)
+        if entry is None:
+            return
+        group = dict.fromkeys(entry[2])  # a set in order of consumption
+        for name in group:
+            known = self._partners.get(name)
+            self._partners[name] = set(group) if known is None else known & group.keys()
+
+    def groups(self) -> list[tuple[str, ...]]:
+        """Groups of two or more layers with a shared input (after the run), in first-seen order."""
+        for key in list(self._live):
+            self._close(key)
+        groups, placed = [], set()
+        for name, partners in self._partners.items():
+            if name in placed:
+                continue
+            group = tuple(p for p in self._partners if p in partners and name in self._partners[p])
+            placed.update(group)
+            if len(group) > 1:
+                groups.append(group)
+        return groups
 
 
 def feature_last_2d(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -92,12 +210,21 @@ def feature_last_2d(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def observe_inputs(modules: dict[str, nn.Module], stats: ActivationStats) -> Iterator[ActivationStats]:
-    """Record the input ranges of `modules` into `stats` while the block runs."""
+def observe_inputs(modules: dict[str, nn.Module], stats: ActivationStats,
+                   sample_rows: int = 0) -> Iterator[ActivationStats]:
+    """Record the input ranges of `modules` into `stats` while the block runs; with sample_rows > 0
+    also a sample of that many input rows per layer. On exit, stats.input_groups lists the layers
+    that read one tensor (see InputSharing)."""
+    if sample_rows < 0:
+        raise ValueError(f"sample_rows must be >= 0, got {sample_rows}")
+    sharing = InputSharing()
 
     def make_hook(name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
-            stats.setdefault(name, LayerStats()).observe(feature_last_2d(module, args[0]), current_step())
+            if name not in stats:
+                stats[name] = LayerStats(sample=RowSample(sample_rows) if sample_rows else None)
+            sharing.see(name, args[0])
+            stats[name].observe(feature_last_2d(module, args[0]), current_step())
 
         return hook
 
@@ -107,14 +234,19 @@ def observe_inputs(modules: dict[str, nn.Module], stats: ActivationStats) -> Ite
     finally:
         for handle in handles:
             handle.remove()
+        stats.input_groups = sharing.groups()
 
 
 def collect_activation_stats(
-    modules: dict[str, nn.Module], run: Callable[[], object], stats: ActivationStats | None = None
+    modules: dict[str, nn.Module], run: Callable[[], object], stats: ActivationStats | None = None,
+    sample_rows: int = 0,
 ) -> ActivationStats:
-    """Run `run()` (the full-precision sampler over the calibration conditions) and return input stats."""
+    """Run `run()` (the full-precision sampler over the calibration conditions) and return input stats.
+
+    sample_rows: keep a uniform sample of this many input rows per layer (0: ranges only).
+    """
     stats = ActivationStats() if stats is None else stats
-    with torch.no_grad(), observe_inputs(modules, stats):
+    with torch.no_grad(), observe_inputs(modules, stats, sample_rows):
         run()
     return stats
 

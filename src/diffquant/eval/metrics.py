@@ -20,13 +20,13 @@ returns), so the data range of PSNR and SSIM is 2. Features are [N, D] float ten
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from diffquant.kernels.cpu import torch_threads
 
 PSNR_CAP_DB = 100.0
 SQNR_CAP_DB = 100.0  # identical noise predictions (the FP model against itself) have infinite SQNR
@@ -73,22 +73,12 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
       for threads to pay, and on a busy machine thread start-up dominated.
     """
     a, b = torch.from_numpy(_as_float64(sigma1)), torch.from_numpy(_as_float64(sigma2))
-    with _torch_threads(1):
+    with torch_threads(1):
         w, v = torch.linalg.eigh(a)
         root = (v * w.clamp(min=0).sqrt()) @ v.T  # Σ1^½, negative round-off eigenvalues clipped
         inner = root @ b @ root
         eig = torch.linalg.eigvalsh((inner + inner.T) / 2)  # symmetrise away round-off
     return float(eig.clamp(min=0).sqrt().sum())
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def fid_from_features(features: torch.Tensor | np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray) -> float:

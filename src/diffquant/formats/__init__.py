@@ -9,6 +9,7 @@ from diffquant.formats.base import (
     known_format_patterns,
     register_format,
 )
+from diffquant.formats.floating import FloatFormat
 from diffquant.formats.ops import (
     block_view,
     dequantize,
@@ -24,6 +25,7 @@ from diffquant.formats.ops import (
 from diffquant.formats.spec import QuantSpec
 
 __all__ = [
+    "FloatFormat",
     "IntFormat",
     "QFormat",
     "QuantSpec",

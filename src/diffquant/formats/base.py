@@ -2,17 +2,19 @@
 
 A format knows its code range and how to put a real number (already divided by the scale and shifted
 by the zero point) onto its grid. Formats are registered by a name pattern, so floating-point,
-logarithmic and binary formats are added later as new registry entries, not new code paths:
+logarithmic and binary formats are new registry entries, not new code paths (formats/floating.py
+registers the floating-point family that way):
 
-    @register_format(r"fp8_e4m3")
-    def _(match): return FloatFormat(...)
+    @register_format(r"log4")
+    def _(match): return LogFormat(...)
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -29,10 +31,19 @@ class UnknownFormatError(SpecError):
 
 @dataclass(frozen=True)
 class QFormat:
-    """A quantization grid. Subclasses define the code range and the rounding onto the grid."""
+    """A quantization grid. Subclasses define the code range and the rounding onto the grid.
+
+    Two views of a quantized value: its grid value in code units (what quantize() returns and
+    dequantize() scales; integers for integer formats, E2M1 values for fp4) and its stored code,
+    the bit pattern a checkpoint keeps (`encode` / `decode`; the same integers for integer formats).
+
+    spec_defaults: QuantSpec fields the format fixes, as (field, value) pairs — a block format such
+    as nvfp4 names its block size and scale format, so a spec need only say `format: nvfp4`.
+    """
 
     name: str
     bits: int
+    spec_defaults: tuple[tuple[str, Any], ...] = field(default=(), kw_only=True)
 
     @property
     def qmin(self) -> float:
@@ -52,6 +63,24 @@ class QFormat:
 
     def storage_dtype(self) -> torch.dtype:
         """Integer dtype that holds one code (before any sub-byte packing)."""
+        raise NotImplementedError
+
+    @property
+    def codes_signed(self) -> bool:
+        """Whether stored codes are two's complement (else plain binary): what packing needs."""
+        return self.storage_dtype().is_signed
+
+    @property
+    def has_zero_point(self) -> bool:
+        """Whether affine (asymmetric) ranges make sense: a zero point shifts codes on the grid."""
+        return True
+
+    def encode(self, values: torch.Tensor) -> torch.Tensor:
+        """Grid values (in code units, within [qmin, qmax]) -> stored codes in storage_dtype()."""
+        raise NotImplementedError
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Stored codes -> grid values as float32; decode(encode(v)) == v exactly."""
         raise NotImplementedError
 
 
@@ -74,6 +103,12 @@ class IntFormat(QFormat):
 
     def storage_dtype(self) -> torch.dtype:
         return torch.int8 if self.is_signed else torch.uint8
+
+    def encode(self, values: torch.Tensor) -> torch.Tensor:
+        return values.to(self.storage_dtype())
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes.float()
 
 
 def register_format(pattern: str) -> Callable:

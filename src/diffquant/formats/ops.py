@@ -6,6 +6,9 @@ shape [blocks, 1] and broadcast against that view.
 
     codes = clamp(round(x / s) + z, qmin, qmax)      (z = 0 when symmetric)
     x_hat = (codes - z) * s
+
+"codes" here are grid values in code units: integers for integer formats, values such as 1.5 or
+-6 for fp4_e2m1. QFormat.encode / decode map them to and from the bit patterns a checkpoint stores.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from diffquant.formats.base import QFormat
+from diffquant.formats.scales import ScaleFormat, get_scale_format, round_scale  # noqa: F401  (round_scale: re-exported)
 from diffquant.formats.spec import QuantSpec
 
 
@@ -60,35 +64,42 @@ def unblock_view(xb: torch.Tensor, shape: torch.Size, granularity: str) -> torch
     return xb.reshape(shape)
 
 
-def round_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Round scales to their storage dtype, upwards, so the block's extreme value never clips.
+def range_extent(lo: torch.Tensor, hi: torch.Tensor, fmt: QFormat, symmetric: bool) -> tuple[torch.Tensor, float]:
+    """(extent of [lo, hi], extent of the codes it maps onto): the unrounded scale is their ratio."""
+    if not symmetric:
+        lo = torch.minimum(lo, torch.zeros_like(lo))
+        hi = torch.maximum(hi, torch.zeros_like(hi))
+        return hi - lo, fmt.qmax - fmt.qmin
+    if fmt.signed:
+        return torch.maximum(lo.abs(), hi.abs()), fmt.qmax
+    return hi.clamp(min=0), fmt.qmax  # unsigned symmetric: non-negative inputs, zero at code 0
 
-    Returned in float32 (values exactly representable in `dtype`), clamped to dtype's smallest normal.
-    """
-    if dtype == torch.float32:
-        return scale
-    tiny = torch.finfo(dtype).tiny
-    rounded = scale.clamp(min=tiny).to(dtype)
-    low = rounded.float() < scale
-    rounded = torch.where(low, torch.nextafter(rounded, torch.full_like(rounded, float("inf"))), rounded)
-    return rounded.float()
+
+def global_scale_from_range(
+    lo: torch.Tensor, hi: torch.Tensor, fmt: QFormat, symmetric: bool, scale_format: ScaleFormat | torch.dtype
+) -> torch.Tensor | None:
+    """The per-tensor global scale of a two-level scale format over all these blocks (else None)."""
+    extent, code_extent = range_extent(lo, hi, fmt, symmetric)
+    return get_scale_format(scale_format).global_scale(extent.amax(), code_extent)
 
 
 def qparams_from_range(
-    lo: torch.Tensor, hi: torch.Tensor, fmt: QFormat, symmetric: bool, scale_dtype: torch.dtype
+    lo: torch.Tensor, hi: torch.Tensor, fmt: QFormat, symmetric: bool, scale_format: ScaleFormat | torch.dtype,
+    global_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scale and zero point (None when symmetric) covering [lo, hi] on the format's grid."""
-    eps = torch.finfo(torch.float32).tiny
+    """Scale and zero point (None when symmetric) covering [lo, hi] on the format's grid.
+
+    scale_format: a ScaleFormat (QuantSpec.scale_format) or a torch float dtype. Two-level formats
+    use `global_scale`, computed over all the given blocks when None (global_scale_from_range).
+    """
+    scale_format = get_scale_format(scale_format)
+    extent, code_extent = range_extent(lo, hi, fmt, symmetric)
+    if global_scale is None and scale_format.two_level:
+        global_scale = scale_format.global_scale(extent.amax(), code_extent)
+    scale = scale_format.round(extent / code_extent, global_scale)
     if symmetric:
-        if fmt.signed:
-            absmax = torch.maximum(lo.abs(), hi.abs())
-            scale = absmax / fmt.qmax
-        else:  # unsigned symmetric: non-negative inputs, zero at code 0
-            scale = hi.clamp(min=0) / fmt.qmax
-        return round_scale(scale.clamp(min=eps), scale_dtype), None
+        return scale, None
     lo = torch.minimum(lo, torch.zeros_like(lo))
-    hi = torch.maximum(hi, torch.zeros_like(hi))
-    scale = round_scale(((hi - lo) / (fmt.qmax - fmt.qmin)).clamp(min=eps), scale_dtype)
     zero_point = (fmt.qmin - torch.round(lo / scale)).clamp(fmt.qmin, fmt.qmax)
     return scale, zero_point
 
@@ -110,6 +121,16 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     if zero_point is not None:
         codes = codes - zero_point
     return codes * scale
+
+
+def decode_codes(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                 spec: QuantSpec) -> torch.Tensor:
+    """Stored codes (QFormat.encode, feature axis last) -> the dequantized tensor of the same shape.
+
+    Bitwise what fake_quantize gives for the tensor the codes were taken from.
+    """
+    blocks = block_view(spec.qformat.decode(codes), spec.granularity, spec.group_size)
+    return unblock_view(dequantize(blocks, scale, zero_point), codes.shape, spec.granularity)
 
 
 def fake_quantize(
@@ -140,7 +161,7 @@ def fake_quantize_dynamic(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Fake-quantize x (feature axis last) with ranges computed from x itself."""
     xb = block_view(x, spec.granularity, spec.group_size)
     lo, hi = block_range(xb)
-    scale, zero_point = qparams_from_range(lo, hi, spec.qformat, spec.symmetric, spec.torch_scale_dtype)
+    scale, zero_point = qparams_from_range(lo, hi, spec.qformat, spec.symmetric, spec.scale_format)
     return unblock_view(fake_quantize(xb, scale, zero_point, spec.qformat), x.shape, spec.granularity)
 
 
@@ -148,7 +169,7 @@ def quantize_blocks(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, tor
     """Codes [blocks, block_len], scale [blocks, 1], zero point [blocks, 1] or None for x (feature last)."""
     xb = block_view(x, spec.granularity, spec.group_size)
     lo, hi = block_range(xb)
-    scale, zero_point = qparams_from_range(lo, hi, spec.qformat, spec.symmetric, spec.torch_scale_dtype)
+    scale, zero_point = qparams_from_range(lo, hi, spec.qformat, spec.symmetric, spec.scale_format)
     return quantize(xb, scale, zero_point, spec.qformat), scale, zero_point
 
 

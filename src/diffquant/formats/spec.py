@@ -2,33 +2,37 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
 
 from diffquant.configs import reject_unknown_keys
 from diffquant.formats.base import QFormat, SpecError, get_format
+from diffquant.formats.scales import ScaleFormat, get_scale_format
 
 # Granularity names. For weights (viewed as a [out, K] matrix) "channel" means one range per output
 # channel; for activations (feature axis last) "channel" means one range per input channel (static
 # only), "token" one range per token. "group" splits the input/feature axis into blocks of group_size.
 WEIGHT_GRANULARITIES = ("tensor", "channel", "group")
 ACTIVATION_GRANULARITIES = ("tensor", "channel", "token", "group")
-SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
 class QuantSpec:
     """How one tensor (a weight or a layer input) is quantized.
 
-    format:      number format name, e.g. "int8", "uint4" (see formats.get_format).
+    format:      number format name, e.g. "int8", "uint4", "fp8_e4m3", "nvfp4" (formats.get_format).
+                 A block format fixes some fields (QFormat.spec_defaults; nvfp4: group 16, e4m3
+                 scales): from_dict / for_format fill in the ones not given, and a spec that sets
+                 them otherwise is an error.
     granularity: "tensor" | "channel" | "token" | "group" (see module comment).
     group_size:  block length along the input/feature axis; required iff granularity == "group".
     symmetric:   zero point fixed at 0 (range ±absmax) or an affine range [min, max] with zero point.
     dynamic:     activations only — range computed from each input at run time instead of calibrated.
     per_step:    static activations only — one calibrated range per sampling step.
-    scale_dtype: dtype the scales are rounded to and stored in.
+    scale_dtype: scale format the scales are rounded to and stored in: "float32", "float16",
+                 "bfloat16", or "e4m3" (two-level, with a float32 global scale; formats/scales.py).
     """
 
     format: str = "int8"
@@ -40,7 +44,7 @@ class QuantSpec:
     scale_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        get_format(self.format)  # raises for unknown formats / bit widths
+        fmt = get_format(self.format)  # raises for unknown formats / bit widths
         if self.granularity not in ACTIVATION_GRANULARITIES:
             raise SpecError(
                 f"unknown granularity {self.granularity!r}; choose one of {ACTIVATION_GRANULARITIES}"
@@ -51,8 +55,17 @@ class QuantSpec:
             raise SpecError(f"group_size must be positive, got {self.group_size}")
         if self.dynamic and self.per_step:
             raise SpecError("per_step applies to static (calibrated) ranges; a dynamic range has no steps")
-        if self.scale_dtype not in SCALE_DTYPES:
-            raise SpecError(f"scale_dtype must be one of {list(SCALE_DTYPES)}, got {self.scale_dtype!r}")
+        get_scale_format(self.scale_dtype)  # raises for unknown scale formats
+        self._check_format_fields(fmt)
+
+    def _check_format_fields(self, fmt: QFormat) -> None:
+        for key, value in fmt.spec_defaults:
+            if getattr(self, key) != value:
+                fixed = ", ".join(f"{k}: {v}" for k, v in fmt.spec_defaults)
+                raise SpecError(f"format {self.format!r} fixes {fixed}; got {key}: {getattr(self, key)} "
+                                f"(leave the field out of the spec, or use another format)")
+        if not (self.symmetric or fmt.has_zero_point):
+            raise SpecError(f"format {self.format!r} has a sign bit and no zero point: set symmetric: true")
 
     @property
     def qformat(self) -> QFormat:
@@ -63,8 +76,13 @@ class QuantSpec:
         return self.qformat.bits
 
     @property
+    def scale_format(self) -> ScaleFormat:
+        return get_scale_format(self.scale_dtype)
+
+    @property
     def torch_scale_dtype(self) -> torch.dtype:
-        return SCALE_DTYPES[self.scale_dtype]
+        """dtype in which the scales the maths uses are exact (float32 for two-level e4m3 scales)."""
+        return self.scale_format.torch_dtype
 
     def validate_for_weight(self) -> None:
         if self.granularity not in WEIGHT_GRANULARITIES:
@@ -84,7 +102,25 @@ class QuantSpec:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def with_changes(self, **changes: Any) -> QuantSpec:
+        """dataclasses.replace that follows the format: a new format brings the fields it fixes and
+        lets go of those the old one fixed (back to their defaults), unless `changes` sets them, so
+        an override {format: int8} of an nvfp4 spec does not keep e4m3 scales by accident."""
+        data = self.to_dict()
+        if changes.get("format", self.format) != self.format:
+            defaults = {f.name: f.default for f in fields(self)}
+            data.update({key: defaults[key] for key, _ in self.qformat.spec_defaults})
+            data.update(get_format(changes["format"]).spec_defaults)
+        return QuantSpec(**{**data, **changes})
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantSpec:
+        """A spec from a recipe entry; fields its format fixes (spec_defaults) may be left out."""
         reject_unknown_keys("quantization spec", data, cls, SpecError)
-        return cls(**data)
+        fmt = get_format(data.get("format", cls.format))
+        return cls(**{**dict(fmt.spec_defaults), **data})
+
+    @classmethod
+    def for_format(cls, name: str, **fields: Any) -> QuantSpec:
+        """QuantSpec.for_format("nvfp4", dynamic=True): from_dict for Python callers."""
+        return cls.from_dict({"format": name, **fields})

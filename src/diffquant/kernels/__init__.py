@@ -4,18 +4,22 @@
     acc = backend.matmul(a_int8_MxK, backend.prepare(b_int8_KxN))
 
 Backends (registry `BACKENDS`, best first where usable):
+    vnni     torch._int_mm plus diffquant's own fused group-wise GEMM and activation quantizer
+             (vnni.c, compiled on first use): CPUs with AVX-512 VNNI + BW + VL and a C compiler.
     int_mm   torch._int_mm, int8 x int8 -> int32: CPUs with AVX-512 VNNI or AMX only.
     fbgemm   fbgemm u8 x s8 GEMM via torch's quantized ops: AVX2 CPUs (int16 saturation handled).
     float    codes as fp32 through the fp32 matmul: always correct.
 Override with $DIFFQUANT_KERNEL_BACKEND or select_backend(name). Every backend's `reference` is the
-plain-torch oracle (kernels/reference.py); segmented.py adds group-wise scales on top of any backend.
+plain-torch oracle (kernels/reference.py); segmented.py adds group-wise scales on top of any backend;
+a backend's `fused` kernels (FusedKernels) do the same in one pass where it has them.
 """
 
-from diffquant.kernels import fbgemm, float_fallback, int_mm  # noqa: F401  (register the backends)
+from diffquant.kernels import fbgemm, float_fallback, int_mm, vnni  # noqa: F401  (register the backends)
 from diffquant.kernels.backend import (
     BACKENDS,
     ENV_BACKEND,
     BackendUnavailableError,
+    FusedKernels,
     IntGemmBackend,
     active_backend,
     get_backend,
@@ -37,6 +41,7 @@ __all__ = [
     "ENV_BACKEND",
     "BackendUnavailableError",
     "CpuFeatures",
+    "FusedKernels",
     "IntGemmBackend",
     "SegmentZeroPoints",
     "active_backend",

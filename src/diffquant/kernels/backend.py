@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -36,6 +36,25 @@ class BackendUnavailableError(RuntimeError):
     """A requested backend cannot run (or would run pathologically slowly) on this CPU."""
 
 
+class FusedKernels(Protocol):
+    """A backend's fused group-wise product on its own resident weight layout (kernels/vnni.py has the
+    notation): y = sum_s a_scales[:, s] * b_scales[s] * (a_s @ b_s) without per-segment passes over y,
+    and symmetric dynamic activation quantization. Packed modules use them where `supports` says so
+    and neither side has a zero point; everything else goes through `matmul` (kernels/segmented.py)."""
+
+    def supports(self, bits: int, length: int, k: int) -> bool: ...
+
+    def pack(self, b: torch.Tensor, bits: int) -> torch.Tensor: ...
+
+    def unpack(self, packed: torch.Tensor, k: int, n: int, bits: int) -> torch.Tensor: ...
+
+    def matmul(self, a: torch.Tensor, packed: torch.Tensor, n: int, bits: int, length: int,
+               a_scales: torch.Tensor, b_scales: torch.Tensor) -> torch.Tensor: ...
+
+    def quantize(self, x: torch.Tensor, length: int, qmin: int,
+                 qmax: int) -> tuple[torch.Tensor, torch.Tensor] | None: ...
+
+
 class IntGemmBackend(ABC):
     """One way of computing acc = a @ b on int8 codes. Subclasses register with @register_backend.
 
@@ -43,15 +62,21 @@ class IntGemmBackend(ABC):
     prepare_free: True when `prepare` only makes views (no copy, no repacking). Packed modules then
                   keep their own compact codes resident (int4 stays two per byte) and prepare per
                   call; otherwise they keep the prepared weight resident and drop their codes.
+    fused:        the backend's FusedKernels, or None.
     """
 
     name: ClassVar[str]
     priority: ClassVar[int]
     prepare_free: ClassVar[bool]
+    fused: ClassVar[FusedKernels | None] = None
 
     def available(self, cpu: CpuFeatures) -> bool:
         """Runs correctly on this CPU (perhaps slowly)."""
         return True
+
+    def unavailable_reason(self, cpu: CpuFeatures) -> str | None:
+        """Why `available` is False here (None when it is True or no reason is known)."""
+        return None
 
     def pathological(self, cpu: CpuFeatures) -> str | None:
         """Why this backend is far slower than fp32 on this CPU, or None."""
@@ -108,8 +133,9 @@ def usable_backends(cpu: CpuFeatures | None = None) -> list[IntGemmBackend]:
 
 def _checked(backend: IntGemmBackend, cpu: CpuFeatures) -> IntGemmBackend:
     if not backend.available(cpu):
+        why = backend.unavailable_reason(cpu)
         raise BackendUnavailableError(f"kernel backend {backend.name!r} is not available on this CPU "
-                                      f"({cpu.instruction_set})")
+                                      f"({cpu.instruction_set})" + (f": {why}" if why else ""))
     reason = backend.pathological(cpu)
     if reason is not None:
         raise BackendUnavailableError(f"kernel backend {backend.name!r} is pathological on this CPU: {reason}")

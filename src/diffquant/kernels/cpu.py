@@ -12,9 +12,11 @@ with `vpmaddubsw`, which saturates the int16 sum of each adjacent pair.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,3 +85,14 @@ def fastest_float_dtype(cpu: CpuFeatures | None = None) -> torch.dtype:
     """bf16 where the CPU computes it natively, else fp32 (bf16 is 5-7x slower than fp32 on AVX2)."""
     cpu = detect_cpu() if cpu is None else cpu
     return torch.bfloat16 if cpu.native_bf16 else torch.float32
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with `n` torch intra-op threads (small problems lose to thread overhead)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -4,6 +4,13 @@ Either quantizer may be absent (weight-only or activation-only). An optional per
 `smooth` divisor (SmoothQuant, SVDQuant) is applied to the input before its quantization; the
 matching factor is folded into the weight by the smoothing stage.
 
+An optional low-rank branch (SVDQuant; Linear layers only) adds the smoothed, unquantized input
+through two float factors, L1 = `low_rank_down` [in, r] and L2 = `low_rank_up` [r, out]:
+
+    Y = Q(X / smooth) · Q(W)ᵀ + (X / smooth) · L1 · L2 + b
+
+where W is then the residual that `split_low_rank` left in the weight.
+
 Weights are quantized as a [out, K] matrix with the input axis last. For Conv2d, K is ordered
 (kh, kw, c_in) with c_in fastest, so a quantization group of g inputs covers g input channels at
 one kernel position — the same channels an input group of g covers at one pixel.
@@ -34,6 +41,8 @@ class QuantizedLayer(nn.Module):
         self.input_quantizer = ActivationQuantizer(input_spec) if input_spec is not None else None
         self.register_buffer("smooth", None)
         self.register_buffer("weight_codes", None)
+        self.register_parameter("low_rank_down", None)
+        self.register_parameter("low_rank_up", None)
         self.quant_enabled = True  # False: compute in full precision (smoothing kept), for checks
 
     # -- weight views -------------------------------------------------------------------------
@@ -104,6 +113,48 @@ class QuantizedLayer(nn.Module):
     def weight_quantizer_calibrated(self) -> bool:
         return self.weight_quantizer is not None and self.weight_quantizer.scale is not None
 
+    # -- low-rank branch ----------------------------------------------------------------------------
+    supports_low_rank: bool = False
+
+    @property
+    def low_rank(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(L1 [in, r], L2 [r, out]) of the low-rank branch, or None."""
+        return None if self.low_rank_down is None else (self.low_rank_down, self.low_rank_up)
+
+    def set_low_rank(self, down: torch.Tensor, up: torch.Tensor) -> None:
+        """Install the branch factors as they are (no change to the weight): for loading."""
+        if not self.supports_low_rank:
+            raise NotImplementedError(f"{type(self).__name__} has no low-rank branch (Linear layers only)")
+        inputs, outputs = self.low_rank_shape
+        if down.dim() != 2 or up.dim() != 2 or down.shape[0] != inputs or up.shape[1] != outputs \
+                or down.shape[1] != up.shape[0]:
+            raise ValueError(f"low-rank factors {tuple(down.shape)} x {tuple(up.shape)} do not fit a "
+                             f"{inputs} -> {outputs} layer")
+        # contiguous: a transposed view would pick another GEMM kernel (other rounding) than the
+        # contiguous tensors a checkpoint reloads, and the reload would not be bitwise identical
+        self.low_rank_down = nn.Parameter(down.detach().clone(memory_format=torch.contiguous_format),
+                                          requires_grad=False)
+        self.low_rank_up = nn.Parameter(up.detach().clone(memory_format=torch.contiguous_format), requires_grad=False)
+
+    @torch.no_grad()
+    def split_low_rank(self, down: torch.Tensor, up: torch.Tensor) -> None:
+        """Move L1·L2 out of the (smoothed) weight into the branch: W ← W − (L1·L2)ᵀ.
+
+        Function-preserving in full precision. Runs before the weight is quantized, so the weight
+        quantizer calibrates on the residual.
+        """
+        if self.weight_codes is not None or self.weight_quantizer_calibrated:
+            raise RuntimeError("split_low_rank must run before the weight is quantized")
+        if self.low_rank_down is not None:
+            raise RuntimeError("the layer already has a low-rank branch")
+        self.set_low_rank(down, up)
+        self.weight.sub_(low_rank_product(self.low_rank_down, self.low_rank_up).to(self.weight.dtype))
+
+    @property
+    def low_rank_shape(self) -> tuple[int, int]:
+        """(inputs, outputs) the branch factors must fit."""
+        raise NotImplementedError
+
     # -- forward --------------------------------------------------------------------------------
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.smooth is None and self.input_quantizer is None:
@@ -119,7 +170,16 @@ class QuantizedLayer(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.low_rank_down is not None:
+            return self.forward_low_rank(x)
         return self.matmul(self.quantize_input(x), self.effective_weight().to(x.dtype))
+
+    def forward_low_rank(self, x: torch.Tensor) -> torch.Tensor:
+        """Q(x̂)·Q(W)ᵀ + b + x̂·L1·L2 with x̂ = x / smooth (feature axis last: Linear layers)."""
+        xs = x if self.smooth is None else x / self.smooth.to(x.dtype)
+        xq = self.input_quantizer(xs) if self.input_quantizer is not None and self.quant_enabled else xs
+        y = self.matmul(xq, self.effective_weight().to(x.dtype))
+        return y + (xs @ self.low_rank_down.to(x.dtype)) @ self.low_rank_up.to(x.dtype)
 
     def matmul(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -127,17 +187,28 @@ class QuantizedLayer(nn.Module):
     def extra_repr(self) -> str:
         w = self.weight_quantizer.spec.format if self.weight_quantizer else "fp"
         a = self.input_quantizer.spec.format if self.input_quantizer else "fp"
-        return f"w={w}, a={a}, smooth={self.smooth is not None}, stored={self.weight_codes is not None}"
+        rank = "" if self.low_rank_down is None else f", low_rank={self.low_rank_down.shape[1]}"
+        return f"w={w}, a={a}, smooth={self.smooth is not None}, stored={self.weight_codes is not None}{rank}"
+
+
+def low_rank_product(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """(L1 · L2)ᵀ: the branch as an [out, in] weight matrix."""
+    return (down @ up).t()
 
 
 class QLinear(QuantizedLayer):
     feature_axis = -1
+    supports_low_rank = True
 
     def __init__(self, linear: nn.Linear, weight_spec: QuantSpec | None, input_spec: QuantSpec | None):
         super().__init__(weight_spec, input_spec)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
+
+    @property
+    def low_rank_shape(self) -> tuple[int, int]:
+        return self.in_features, self.out_features
 
     def matmul(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)

@@ -12,7 +12,9 @@ kernel backend (diffquant.kernels), and rescale in float32:
 where s runs over the K segments on which every scale is constant (one segment for per-token x
 per-channel; K / 64 for group-64 scales; kh*kw for a convolution with per-pixel input scales:
 kernels/segmented.py). The integer sums are exact, so the output equals the fake-quant layer's up to
-the order of float rounding.
+the order of float rounding. Where the backend has fused kernels (`vnni`: kernels/vnni.py) and neither
+side has a zero point, the whole sum runs in one kernel that rescales each segment in registers, and
+dynamic symmetric inputs are quantized in one pass; otherwise per segment on `backend.matmul`.
 
 Codes are offset-centred to signed int8: a format with codes c in [0, 2^b) (unsigned) is held as
 c - 2^(b-1) with its zero point moved by the same offset, so every format meets the int8 GEMM.
@@ -23,6 +25,8 @@ What stays resident (weight bytes incl. scales / fp32 weight bytes; 4096 x 4096 
     (kernels/layouts.py), unpacked per call (~1 ms per 16M weights, ~3% of the int8 GEMM at 256
     tokens); 5-8 bit formats one int8 per weight. Scales stay in their stored dtype (fp16 in the
     presets). W8 per-channel 0.2501x, W4 per-channel 0.1251x, W4 group-64 0.1328x.
+  * vnni (fused): the same bytes in the kernel's VNNI order (<= 4-bit two per byte; N padded to 16),
+    unpacked per call into an L2-sized panel inside the kernel, never as a whole int8 copy.
   * fbgemm (AVX2 CPUs): fbgemm's prepacked int8 copy only (our codes are dropped and recovered with
     unpack() for saving): W8 0.2504x, W4 per-channel 0.2504x, W4 group-64 0.2734x (one prepacked
     block and its column offsets per group). Keeping nibbles and prepacking per call instead would
@@ -70,6 +74,7 @@ from diffquant.formats.base import IntFormat, QFormat
 from diffquant.formats.ops import quantize, quantize_blocks
 from diffquant.formats.spec import QuantSpec
 from diffquant.kernels import (
+    FusedKernels,
     IntGemmBackend,
     SegmentZeroPoints,
     fastest_float_dtype,
@@ -162,10 +167,15 @@ class ActivationCodes:
     zero: torch.Tensor | None
 
 
-def quantize_activation(x2d: torch.Tensor, quantizer: ActivationQuantizer) -> ActivationCodes:
-    """Codes of x [R, C] with the same expression as the fake-quant ActivationQuantizer."""
+def quantize_activation(x2d: torch.Tensor, quantizer: ActivationQuantizer,
+                        backend: IntGemmBackend | None = None) -> ActivationCodes:
+    """Codes of x [R, C] with the same expression as the fake-quant ActivationQuantizer (in one pass on
+    the backend's fused quantizer where it has one for the spec)."""
     spec = quantizer.spec
     rows = x2d.shape[0]
+    fused = _fused_quantize(x2d, spec, backend)
+    if fused is not None:
+        return ActivationCodes(*fused, None)
     if spec.dynamic:
         codes, scale, zero = quantize_blocks(x2d, spec)
         shape = (rows, -1) if _per_row(spec) else (1, 1)
@@ -176,6 +186,19 @@ def quantize_activation(x2d: torch.Tensor, quantizer: ActivationQuantizer) -> Ac
         codes = quantize(x2d, scale.to(x2d.dtype), None if zero is None else zero.to(x2d.dtype), spec.qformat)
         scale, zero = scale.reshape(1, 1), None if zero is None else zero.reshape(1, 1)
     return _centred(codes, scale.float(), zero, spec.qformat)
+
+
+def _fused_quantize(x2d: torch.Tensor, spec: QuantSpec,
+                    backend: IntGemmBackend | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(codes int8 [R, W], scale float32 [R, blocks]) from the backend's quantizer: signed symmetric
+    dynamic per-token / per-group integer codes with float32 scales only; else None."""
+    fused = None if backend is None else backend.fused
+    fmt = spec.qformat
+    if (fused is None or not spec.dynamic or not spec.symmetric or not _per_row(spec) or not fmt.signed
+            or not integer_codes(spec) or spec.scale_dtype != "float32"):
+        return None
+    length = spec.group_size if spec.granularity == "group" else x2d.shape[1]
+    return fused.quantize(x2d, length, int(fmt.qmin), int(fmt.qmax))
 
 
 def _centred(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: QFormat) -> ActivationCodes:
@@ -216,7 +239,8 @@ class PackedWeight(nn.Module):
     """A frozen weight: offset-centred codes as the GEMM's b [K_pad, N], scales [groups, N].
 
     backend: the integer GEMM the codes feed, or None for a weight only ever dequantized (float path).
-    Buffers: `codes` (uint8 [K_pad/2, N] nibbles for <= 4-bit formats, else int8 [K_pad, N]; None
+    Buffers: `codes` (uint8 [K_pad/2, N] nibbles for <= 4-bit formats, else int8 [K_pad, N]; the
+    backend's own layout when its fused kernels take this weight (`fused`, kernels/vnni.py); None
     when the backend keeps its own prepared copy), `scale` (stored dtype), `zero_point` (int8,
     centred; None when symmetric and signed), `segment_sums` (int32 [S, N], column sums per segment,
     only when the input has a zero point). `shape` / `dtype` / `device` answer like a float weight's.
@@ -237,9 +261,20 @@ class PackedWeight(nn.Module):
         self._store_qparams(quantizer)
         self.register_buffer("segment_sums", self._sums(b) if with_sums else None)
         keep_codes = backend is None or backend.prepare_free
-        self.nibbles = spec.bits <= 4 and keep_codes
-        self.register_buffer("codes", (pack_int4_halves(b) if self.nibbles else b) if keep_codes else None)
+        self.fused = self._fused_kernels(backend, with_sums)
+        self.nibbles = spec.bits <= 4 and keep_codes and self.fused is None
+        if self.fused is not None:
+            self.register_buffer("codes", self.fused.pack(b[:plan.k_pad], spec.bits))
+        else:
+            self.register_buffer("codes", (pack_int4_halves(b) if self.nibbles else b) if keep_codes else None)
         self.prepared = None if keep_codes else backend.prepare_segments(b[:plan.k_pad], plan.length)
+
+    def _fused_kernels(self, backend: IntGemmBackend | None, with_sums: bool) -> FusedKernels | None:
+        """The backend's fused kernels where they take this weight: no zero point on either side."""
+        fused = None if backend is None else backend.fused
+        if fused is None or with_sums or self.zero_point is not None:
+            return None
+        return fused if fused.supports(self.spec.bits, self.plan.length, self.plan.k_pad) else None
 
     def _store_qparams(self, quantizer: WeightQuantizer) -> None:
         spec, n = quantizer.spec, self.out_features
@@ -262,6 +297,8 @@ class PackedWeight(nn.Module):
         """int8 [K_pad, N] (unpacked per call from nibbles, or recovered from the backend's copy)."""
         if self.codes is None:
             return torch.cat([self.backend.unprepare(p) for p in self.prepared])
+        if self.fused is not None:
+            return self.fused.unpack(self.codes, self.plan.k_pad, self.out_features, self.spec.bits)
         codes = unpack_int4_halves(self.codes) if self.nibbles else self.codes
         return codes[:self.plan.k_pad]
 
@@ -270,6 +307,11 @@ class PackedWeight(nn.Module):
         if self.prepared is not None:
             return self.prepared
         return self.backend.prepare_segments(self.int8_codes(), self.plan.length)
+
+    def fused_matmul(self, a: torch.Tensor, a_scales: torch.Tensor) -> torch.Tensor:
+        """sum_s a_scales[:, s] * scale_s * (a_s @ codes_s) on the fused kernel: float32 [M, N]."""
+        return self.fused.matmul(a, self.codes, self.out_features, self.spec.bits, self.plan.length, a_scales,
+                                 self.segment_scales())
 
     def segment_scales(self) -> torch.Tensor:
         """float32 [S, N] (or [S, 1] per tensor)."""
@@ -307,6 +349,7 @@ class PackedWeight(nn.Module):
 
     def extra_repr(self) -> str:
         layout = "int4 nibbles" if self.nibbles else ("int8" if self.codes is not None else "prepared")
+        layout = f"{self.backend.name} fused" if self.fused is not None else layout
         return f"{self.spec.format} {self.spec.granularity}, {layout}, segments={self.plan.count}x{self.plan.length}"
 
 
@@ -332,6 +375,8 @@ class PackedLayer(nn.Module):
     def integer_product(self, act: ActivationCodes, a: torch.Tensor) -> torch.Tensor:
         """Rescaled segmented GEMM of codes a [M, K_pad] with the weight: float32 [M, N]."""
         plan = self.weight.plan
+        if self.weight.fused is not None:  # symmetric on both sides: one pass, no per-segment float passes
+            return self.weight.fused_matmul(a, act.scale[:, plan.act_blocks])
         zero_points = self._zero_points(act)
         return segmented_matmul(self.backend, a.contiguous(), self.weight.segments(), act.scale[:, plan.act_blocks],
                                 self.weight.segment_scales(), zero_points)
@@ -389,18 +434,22 @@ class PackedLinear(PackedLayer):
         self._set_low_rank(low_rank)
 
     def _set_low_rank(self, low_rank: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Keep the factors in float16 where that is lossless (SVDQuant rounds them to 16 bits), else
+        float32; they are cast to the input's dtype per call."""
         down, up = (None, None) if low_rank is None else low_rank
         if low_rank is not None and (down.shape[0] != self.in_features or up.shape[1] != self.out_features
                                      or down.shape[1] != up.shape[0]):
             raise ValueError(f"low-rank factors {tuple(down.shape)} x {tuple(up.shape)} do not fit a "
                              f"{self.in_features} -> {self.out_features} layer")
-        self.register_buffer("low_rank_down", None if down is None else down.detach().clone())
-        self.register_buffer("low_rank_up", None if up is None else up.detach().clone())
+        self.register_buffer("low_rank_down", None if down is None else _half_if_exact(down))
+        self.register_buffer("low_rank_up", None if up is None else _half_if_exact(up))
 
     @classmethod
     def from_layer(cls, layer: QLinear, backend: str | IntGemmBackend | None = None,
                    float_dtype: torch.dtype | None = None,
                    low_rank: tuple[torch.Tensor, torch.Tensor] | None = None) -> PackedLinear:
+        """low_rank: a branch to add; default the layer's own (QuantizedLayer.low_rank)."""
+        low_rank = layer.low_rank if low_rank is None else low_rank
         return cls(_layer_codes(layer), layer.weight_quantizer, layer.input_quantizer, layer.bias, layer.smooth,
                    low_rank, backend, float_dtype)
 
@@ -415,7 +464,7 @@ class PackedLinear(PackedLayer):
 
     def int_product(self, xs: torch.Tensor) -> torch.Tensor:
         x2d = xs.reshape(-1, self.in_features)
-        act = quantize_activation(x2d, self.input_quantizer)
+        act = quantize_activation(x2d, self.input_quantizer, self.backend)
         a = fit_codes(act.codes, self.weight.plan.k_pad, act.zero)
         return self.integer_product(act, a).reshape(*xs.shape[:-1], self.out_features)
 
@@ -507,7 +556,7 @@ class PackedConv2d(PackedLayer):
     def int_product(self, xs: torch.Tensor) -> torch.Tensor:
         """xs [B, H, W, C] -> [B, N, Ho, Wo] (channels-last strides)."""
         batch, height, width, channels = xs.shape
-        act = quantize_activation(xs.reshape(-1, channels), self.input_quantizer)
+        act = quantize_activation(xs.reshape(-1, channels), self.input_quantizer, self.backend)
         per_tensor = act.scale.shape[0] == 1
         pad_code = 0 if act.zero is None or not per_tensor else float(act.zero)
         codes = act.codes[:, :channels].reshape(batch, height, width, channels)
@@ -557,6 +606,11 @@ PATHS: dict[str, Callable[[PackedLayer, torch.Tensor], torch.Tensor]] = {
 }
 
 
+def _half_if_exact(factor: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of a low-rank factor, in float16 where that holds it exactly."""
+    return _compact(factor, torch.float16).contiguous().clone()
+
+
 def _layer_codes(layer: QLinear | QConv2d) -> torch.Tensor:
     """The layer's integer weight codes [out, K]: stored ones, or computed from its float weight."""
     if layer.weight_quantizer is None:
@@ -574,6 +628,8 @@ def _thawed(layer: QLinear | QConv2d, packed: PackedLayer) -> QLinear | QConv2d:
     layer.hold_codes(packed.weight.layer_codes())
     layer.bias = None if packed.bias is None else nn.Parameter(packed.bias.clone(), requires_grad=False)
     layer.smooth = None if packed.smooth is None else packed.smooth.clone()
+    if getattr(packed, "low_rank_down", None) is not None:
+        layer.set_low_rank(packed.low_rank_down.float(), packed.low_rank_up.float())
     return layer.eval()
 
 

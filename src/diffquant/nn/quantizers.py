@@ -10,9 +10,10 @@ from diffquant.calib.steps import require_step
 from diffquant.formats.ops import (
     block_range,
     block_view,
-    dequantize,
+    decode_codes,
     fake_quantize,
     fake_quantize_dynamic,
+    global_scale_from_range,
     qparams_from_range,
     quantize,
     unblock_view,
@@ -24,8 +25,9 @@ class WeightQuantizer(nn.Module):
     """Round-to-nearest weight quantizer over a [out, K] weight matrix (input axis last).
 
     Buffers: scale [blocks, 1] and zero_point [blocks, 1] (asymmetric only), block layout as
-    formats.block_view(granularity). Calibrated once from the weight; methods that learn the
-    scales (LSQ) make them parameters.
+    formats.block_view(granularity); global_scale [1] (float32) for two-level scale formats (e4m3),
+    whose scale is then (E4M3 value) x global_scale. Calibrated once from the weight; methods that
+    learn the scales (LSQ) make them parameters.
     """
 
     def __init__(self, spec: QuantSpec) -> None:
@@ -34,28 +36,30 @@ class WeightQuantizer(nn.Module):
         self.spec = spec
         self.register_buffer("scale", None)
         self.register_buffer("zero_point", None)
+        self.register_buffer("global_scale", None)
 
     def calibrate(self, weight2d: torch.Tensor) -> None:
         lo, hi = block_range(self._blocks(weight2d))
         spec = self.spec
+        self.global_scale = global_scale_from_range(lo, hi, spec.qformat, spec.symmetric, spec.scale_format)
         self.scale, self.zero_point = qparams_from_range(
-            lo, hi, spec.qformat, spec.symmetric, spec.torch_scale_dtype
+            lo, hi, spec.qformat, spec.symmetric, spec.scale_format, self.global_scale
         )
 
     def _blocks(self, weight2d: torch.Tensor) -> torch.Tensor:
         return block_view(weight2d, self.spec.granularity, self.spec.group_size)
 
     def codes(self, weight2d: torch.Tensor) -> torch.Tensor:
-        """Integer codes [out, K] in the weight matrix's own layout (float dtype, integral values)."""
+        """Stored codes [out, K] in the weight matrix's own layout, in the format's storage dtype
+        (QFormat.encode: the integers themselves for integer formats, bit patterns for fp formats)."""
         self._check_calibrated()
         blocks = quantize(self._blocks(weight2d.detach()), self.scale, self.zero_point, self.spec.qformat)
-        return unblock_view(blocks, weight2d.shape, self.spec.granularity)
+        return self.spec.qformat.encode(unblock_view(blocks, weight2d.shape, self.spec.granularity))
 
     def decode(self, codes2d: torch.Tensor) -> torch.Tensor:
         """Dequantize stored codes [out, K]; the same expression as forward(), so bitwise equal."""
         self._check_calibrated()
-        blocks = dequantize(self._blocks(codes2d.float()), self.scale, self.zero_point)
-        return unblock_view(blocks, codes2d.shape, self.spec.granularity)
+        return decode_codes(codes2d, self.scale, self.zero_point, self.spec)
 
     def forward(self, weight2d: torch.Tensor) -> torch.Tensor:
         self._check_calibrated()
@@ -119,7 +123,7 @@ class ActivationQuantizer(nn.Module):
         if self.spec.granularity == "tensor":
             lo, hi = lo.amin().reshape(1), hi.amax().reshape(1)
         spec = self.spec
-        return qparams_from_range(lo, hi, spec.qformat, spec.symmetric, spec.torch_scale_dtype)
+        return qparams_from_range(lo, hi, spec.qformat, spec.symmetric, spec.scale_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.dynamic:

@@ -48,6 +48,10 @@ class StageConfig:
     def apply(self, job) -> None:  # job: diffquant.api.QuantizationJob
         raise NotImplementedError
 
+    def calibration_rows(self) -> int:
+        """Input rows per layer the stage needs sampled during calibration (0: ranges suffice)."""
+        return 0
+
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.type, **dataclasses.asdict(self)}
 
@@ -123,7 +127,7 @@ def patch_spec(base: QuantSpec | None, patch: str | dict[str, Any] | None, side:
             f"the recipe's `{side}` instead"
         )
     try:
-        return dataclasses.replace(base, **patch)
+        return base.with_changes(**patch)
     except (TypeError, ValueError) as exc:
         raise RecipeError(f"override of {side} spec: {exc}") from exc
 
@@ -164,6 +168,11 @@ class Recipe:
         return static_input or any(s.needs_calibration for s in self.stages) or any(
             isinstance(o.input, dict) and not o.input.get("dynamic", True) for o in self.overrides
         )
+
+    @property
+    def calibration_rows(self) -> int:
+        """Input rows per layer that calibration samples for the stages (diffquant.calib.RowSample)."""
+        return max((s.calibration_rows() for s in self.stages), default=0)
 
     @property
     def label(self) -> str:

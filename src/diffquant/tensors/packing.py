@@ -8,11 +8,18 @@ high nibble, each as the code's 4-bit two's complement (signed formats) or plain
 
 Formats of 5-8 bits are stored one code per byte ("bytes": int8 for signed, uint8 for unsigned).
 A checkpoint records the layout name and the unpacked length L, so unpacking is exact.
+
+Which codes a format stores is the format's business (QFormat.encode): integer formats store their
+integers, floating-point formats their sign-magnitude bit pattern as an unsigned code, so an fp4
+value takes one nibble like an int4 (e.g. E2M1 -0.5 is 0x9 and 6 is 0x7: [-0.5, 6] packs to 0x79).
+pack_format_codes / unpack_format_codes pick bits and signedness from the format.
 """
 
 from __future__ import annotations
 
 import torch
+
+from diffquant.formats.base import QFormat
 
 NIBBLES = "nibbles"
 BYTES = "bytes"
@@ -43,3 +50,13 @@ def unpack_codes(packed: torch.Tensor, bits: int, signed: bool, length: int) -> 
     if signed:
         codes = (codes ^ 8) - 8  # sign-extend the 4-bit two's complement
     return codes.to(torch.int8 if signed else torch.uint8)
+
+
+def pack_format_codes(codes: torch.Tensor, fmt: QFormat) -> torch.Tensor:
+    """Stored codes of `fmt` (QFormat.encode) -> packed storage, in the layout its bit width takes."""
+    return pack_codes(codes, fmt.bits, fmt.codes_signed)
+
+
+def unpack_format_codes(packed: torch.Tensor, fmt: QFormat, length: int) -> torch.Tensor:
+    """Inverse of pack_format_codes: codes in fmt.storage_dtype(), last dim `length`."""
+    return unpack_codes(packed, fmt.bits, fmt.codes_signed, length).to(fmt.storage_dtype())

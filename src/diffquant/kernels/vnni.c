@@ -1,0 +1,291 @@
+/* diffquant's own int8 kernels for x86 CPUs with AVX-512 VNNI (+BW, VL): a group-wise integer GEMM with the
+ * per-group rescale fused into its inner loop, and symmetric dynamic activation quantization.
+ * Built and loaded by kernels/vnni.py (ctypes); every function has a plain-torch oracle in the tests.
+ *
+ * Notation (as kernels/backend.py and kernels/segmented.py):
+ *   M rows (tokens), K = G*L reduction length cut into G groups of L (L % 4 == 0), N outputs,
+ *   NB = ceil(N/16) strips of 16 outputs, K4 = K/4, K8 = K/8.
+ *   a      int8  [M, lda]     signed activation codes (the first K columns are used)
+ *   w      uint8 weight codes plus `offset` (8 for <= 4-bit formats, 128 for 5..8-bit), VNNI order:
+ *            bits8: [NB][K4][16][4]   byte = u(4q + j, 16s + c)                          (K*NB*16 bytes)
+ *            bits4: [NB][K8][16][4]   byte = u(8p + j, 16s + c) | u(8p + 4 + j, 16s + c) << 4  (half that)
+ *   sa     f32 [M, G] activation scales (row stride sa_rs; 0 = one row shared by all)
+ *   sw     f32 [G, ldsw] weight scales, ldsw >= 16*NB (padded)
+ *   y      f32 [M, ldy]
+ *   y[m, n] = sum_g sa[m, g] * sw[g, n] * acc_g[m, n],  acc_g = sum_{k in g} a[m, k] * (u[k, n] - offset)
+ *
+ * vpdpbusd multiplies unsigned by signed bytes: u (weights) is the unsigned side, so each group's int32
+ * accumulator starts at -offset * sum_{k in g} a[m, k] and ends exactly at acc_g (no saturation: vpdpbusd
+ * sums four u8*s8 products straight into int32). Work is cut into M blocks (~A_BLOCK bytes of A, kept in
+ * L3 across all of N) x blocks of NR strips; a thread unpacks the 4-bit weights of its strips once per M
+ * block into an L2-resident panel, so nibbles stay the resident form. A is repacked so that a micro-tile's
+ * MR rows are one stream. */
+
+#include <immintrin.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MR 4                   /* rows per micro-tile: MR*NR int32 + MR*NR float accumulators in zmm registers */
+#define NR 3                   /* strips of 16 outputs per micro-tile */
+#define A_BLOCK (2 << 20)      /* bytes of A one M block reuses across all of N: stays in L3, not in DRAM */
+#define MAX_THREADS 64
+
+typedef struct {
+    const int8_t *a; int64_t lda;
+    const uint8_t *w; int32_t bits4; int32_t offset;
+    const float *sa; int64_t sa_rs;
+    const float *sw; int64_t ldsw;
+    float *y; int64_t ldy;
+    int64_t M, N, K, L;
+    int8_t *ap;               /* a repacked per tile: [ceil(M/MR)][K/4][MR][4], rows past M zero */
+    int32_t *corr;            /* [M, G]: -offset * group sums of a */
+    uint8_t *panels;          /* one unpacked NR-strip panel (K/4 x 64 bytes per strip) per thread */
+    int64_t mc, mblocks, nparts;  /* work items: M blocks of mc rows x parts of N */
+} Gemm;
+
+static inline int32_t load4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
+
+static inline __mmask16 tail(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
+
+/* One micro-tile: mr rows from m0 x nr strips from s0 over all of K. panel: nr strips of K/4*64 bytes. */
+static inline __attribute__((always_inline)) void tile(const Gemm *g, int mr, int nr, int64_t m0, int64_t s0,
+                                                       const uint8_t *panel) {
+    const int64_t G = g->K / g->L, quads = g->L / 4, strip = g->K / 4 * 64;
+    __m512 yf[MR][NR];
+    for (int r = 0; r < MR; r++) for (int v = 0; v < NR; v++) yf[r][v] = _mm512_setzero_ps();
+    for (int64_t gi = 0; gi < G; gi++) {
+        __m512i acc[MR][NR];
+        for (int r = 0; r < mr; r++) {
+            __m512i c = _mm512_set1_epi32(g->corr[(m0 + r) * G + gi]);
+            for (int v = 0; v < nr; v++) acc[r][v] = c;
+        }
+        const int8_t *ag = g->ap + m0 * g->K + gi * g->L * MR;  /* m0 % MR == 0 */
+        const uint8_t *pg = panel + gi * quads * 64;
+        for (int64_t q = 0; q < quads; q++) {
+            __m512i b[NR];
+            for (int v = 0; v < nr; v++) b[v] = _mm512_loadu_si512(pg + v * strip + q * 64);
+            for (int r = 0; r < mr; r++) {
+                __m512i x = _mm512_set1_epi32(load4(ag + (q * MR + r) * 4));
+                for (int v = 0; v < nr; v++) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], b[v], x);
+            }
+        }
+        for (int r = 0; r < mr; r++) {
+            __m512 s = _mm512_set1_ps(g->sa[(m0 + r) * g->sa_rs + gi]);
+            for (int v = 0; v < nr; v++) {
+                __m512 w = _mm512_mul_ps(_mm512_loadu_ps(g->sw + gi * g->ldsw + (s0 + v) * 16), s);
+                yf[r][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][v]), w, yf[r][v]);
+            }
+        }
+    }
+    for (int v = 0; v < nr; v++)
+        for (int r = 0; r < mr; r++)
+            _mm512_mask_storeu_ps(g->y + (m0 + r) * g->ldy + (s0 + v) * 16, tail(g->N - (s0 + v) * 16), yf[r][v]);
+}
+
+/* Specialise tile() for every (mr, nr) so the accumulators live in registers. */
+#define TILE_NR(mr) \
+    switch (nr) { case 1: tile(g, mr, 1, m0, s0, panel); break; case 2: tile(g, mr, 2, m0, s0, panel); break; \
+                  default: tile(g, mr, 3, m0, s0, panel); }
+
+static void tile_any(const Gemm *g, int mr, int nr, int64_t m0, int64_t s0, const uint8_t *panel) {
+    switch (mr) { case 1: TILE_NR(1); break; case 2: TILE_NR(2); break; case 3: TILE_NR(3); break; default: TILE_NR(4); }
+}
+
+/* The nr strips from s0 over all of K: a view of 8-bit weights, or 4-bit weights unpacked into `buf`
+ * (an L2-resident panel, so nibbles stay the resident form and unpacking costs one pass per M block). */
+static const uint8_t *panel_of(const Gemm *g, int64_t s0, int nr, uint8_t *buf) {
+    const int64_t k4 = g->K / 4, k8 = g->K / 8;
+    if (!g->bits4) return g->w + s0 * k4 * 64;
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    for (int v = 0; v < nr; v++) {
+        const uint8_t *src = g->w + (s0 + v) * k8 * 64;
+        uint8_t *dst = buf + v * k4 * 64;
+        for (int64_t p = 0; p < k8; p++) {
+            __m512i x = _mm512_loadu_si512(src + p * 64);
+            _mm512_storeu_si512(dst + 2 * p * 64, _mm512_and_si512(x, low));
+            _mm512_storeu_si512(dst + (2 * p + 1) * 64, _mm512_and_si512(_mm512_srli_epi16(x, 4), low));
+        }
+    }
+    return buf;
+}
+
+/* One work item: an M block x a range of NR-strip blocks. */
+static void run_item(const Gemm *g, int64_t item, uint8_t *buf) {
+    const int64_t strips = (g->N + 15) / 16, blocks = (strips + NR - 1) / NR;
+    const int64_t mb = item / g->nparts, part = item % g->nparts;
+    const int64_t m_begin = mb * g->mc, m_end = m_begin + g->mc < g->M ? m_begin + g->mc : g->M;
+    for (int64_t j = part * blocks / g->nparts; j < (part + 1) * blocks / g->nparts; j++) {
+        const int64_t s0 = j * NR;
+        const int nr = (int)(strips - s0 < NR ? strips - s0 : NR);
+        const uint8_t *panel = panel_of(g, s0, nr, buf);
+        for (int64_t m0 = m_begin; m0 < m_end; m0 += MR)
+            tile_any(g, (int)(m_end - m0 < MR ? m_end - m0 : MR), nr, m0, s0, panel);
+    }
+}
+
+/* Run fn(ctx, tid, threads) on `threads` threads (this one included); a thread that cannot be started has
+ * its share run here, so the result never depends on thread creation succeeding. */
+typedef void (*Job)(void *ctx, int tid, int threads);
+typedef struct { Job fn; void *ctx; int tid, threads; } Task;
+
+static void *run_task(void *arg) { Task *t = arg; t->fn(t->ctx, t->tid, t->threads); return NULL; }
+
+static void parallel(Job fn, void *ctx, int threads) {
+    pthread_t ids[MAX_THREADS];
+    Task tasks[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int t = 1; t < threads; t++) {
+        tasks[t] = (Task){fn, ctx, t, threads};
+        started[t] = pthread_create(&ids[t], NULL, run_task, &tasks[t]) == 0;
+    }
+    fn(ctx, 0, threads);
+    for (int t = 1; t < threads; t++) {
+        if (started[t]) pthread_join(ids[t], NULL);
+        else fn(ctx, t, threads);
+    }
+}
+
+static int clamp_threads(int threads) { return threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads; }
+
+/* Repack A so that a micro-tile's rows are one stream (4 bytes of each of MR rows per K quad), and take
+ * the group sums for the zero-point correction on the way. */
+static void pack_a(void *ctx, int tid, int threads) {
+    const Gemm *g = ctx;
+    const int64_t G = g->K / g->L, tiles = (g->M + MR - 1) / MR, per = (tiles + threads - 1) / threads;
+    for (int64_t tl = tid * per; tl < (tid + 1) * per && tl < tiles; tl++) {
+        int8_t *dst = g->ap + tl * MR * g->K;
+        for (int r = 0; r < MR; r++) {
+            const int64_t m = tl * MR + r;
+            for (int64_t gi = 0; gi < G && m < g->M; gi++) {
+                const int8_t *src = g->a + m * g->lda + gi * g->L;
+                int32_t sum = 0;
+                for (int64_t k = 0; k < g->L; k++) sum += src[k];
+                g->corr[m * G + gi] = -g->offset * sum;
+            }
+            for (int64_t q = 0; q < g->K / 4; q++) {
+                int32_t v = m < g->M ? load4(g->a + m * g->lda + q * 4) : 0;
+                memcpy(dst + (q * MR + r) * 4, &v, 4);
+            }
+        }
+    }
+}
+
+static void gemm_items(void *ctx, int tid, int threads) {
+    const Gemm *g = ctx;
+    uint8_t *buf = g->bits4 ? g->panels + (size_t)tid * (size_t)(g->K / 4 * 64 * NR) : NULL;
+    for (int64_t item = tid; item < g->mblocks * g->nparts; item += threads) run_item(g, item, buf);
+}
+
+/* M blocks of about A_BLOCK bytes of A; then enough parts of N that every thread has two items. */
+static void plan_items(Gemm *g, int threads) {
+    const int64_t blocks = ((g->N + 15) / 16 + NR - 1) / NR;
+    g->mc = A_BLOCK / g->K / MR * MR;
+    if (g->mc < MR) g->mc = MR;
+    g->mblocks = (g->M + g->mc - 1) / g->mc;
+    g->nparts = 1;
+    while (g->mblocks * g->nparts < 2 * threads && g->nparts < blocks) g->nparts++;
+}
+
+/* Returns 0 on success, -1 on bad arguments or allocation failure. */
+int dq_vnni_gemm(const int8_t *a, int64_t lda, const uint8_t *w, int32_t bits4, int32_t offset,
+                 const float *sa, int64_t sa_rs, const float *sw, int64_t ldsw, float *y, int64_t ldy,
+                 int64_t M, int64_t N, int64_t K, int64_t L, int32_t threads) {
+    if (M <= 0 || N <= 0 || L <= 0 || L % 4 || K % L || (bits4 && K % 8) || lda < K || ldy < N) return -1;
+    const int t = clamp_threads(threads);
+    Gemm g = {.a = a, .lda = lda, .w = w, .bits4 = bits4, .offset = offset, .sa = sa, .sa_rs = sa_rs, .sw = sw,
+              .ldsw = ldsw, .y = y, .ldy = ldy, .M = M, .N = N, .K = K, .L = L};
+    plan_items(&g, t);
+    g.corr = malloc(sizeof(int32_t) * (size_t)(M * (K / L)));
+    g.ap = malloc((size_t)((M + MR - 1) / MR * MR * K));
+    g.panels = bits4 ? aligned_alloc(64, (size_t)t * (size_t)(K / 4 * 64 * NR)) : NULL;
+    if (g.corr && g.ap && (!bits4 || g.panels)) {
+        parallel(pack_a, &g, M >= 64 ? t : 1);
+        parallel(gemm_items, &g, t);
+    }
+    const int status = g.corr && g.ap && (!bits4 || g.panels) ? 0 : -1;
+    free(g.corr);
+    free(g.ap);
+    free(g.panels);
+    return status;
+}
+
+/* -- symmetric dynamic activation quantization ------------------------------------------------------
+ * x [M, C] (f32, or bf16 when bf16 != 0; row stride ldx elements) -> codes int8 [M, width] (columns >= C
+ * are 0) and scales f32 [M, G], G = ceil(C / L), with the expression of formats/ops.py for a signed
+ * symmetric format and float32 scales, in x's dtype as torch computes it:
+ *   scale = max(max_k |x[m, k]| / qmax, FLT_MIN)        (bf16 x: the quotient rounded to bf16)
+ *   code  = clamp(round_half_even(x / scale), qmin, qmax)   (bf16 x: x / scale rounded to bf16 first)
+ * Division, not multiplication by a reciprocal, so the codes equal torch's bit for bit. */
+
+typedef struct {
+    const void *x; int64_t ldx; int32_t bf16;
+    int64_t M, C, L, width;
+    float qmin, qmax;
+    int8_t *codes; float *scales;
+} Quant;
+
+static inline float bf16_round(float f) {  /* to the nearest bf16, ties to even (finite f), as torch */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline __m512 bf16_round_v(__m512 x) {
+    __m512i u = _mm512_castps_si512(x);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int32_t)0xFFFF0000u)));
+}
+
+static inline __m512 load_x(const Quant *q, int64_t m, int64_t k, __mmask16 mask) {
+    if (q->bf16) {
+        const uint16_t *row = (const uint16_t *)q->x + m * q->ldx;
+        __m256i h = _mm256_maskz_loadu_epi16(mask, row + k);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_maskz_loadu_ps(mask, (const float *)q->x + m * q->ldx + k);
+}
+
+static void quantize_group(const Quant *q, int64_t m, int64_t k0, int64_t k1, float *scale_out) {
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t k = k0; k < k1; k += 16)
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(load_x(q, m, k, tail(k1 - k))));
+    float scale = _mm512_reduce_max_ps(amax) / q->qmax;
+    if (q->bf16) scale = bf16_round(scale);
+    if (scale < 1.17549435e-38f) scale = 1.17549435e-38f;  /* clamp(min=finfo(float32).tiny) */
+    *scale_out = scale;
+    const __m512 s = _mm512_set1_ps(scale), lo = _mm512_set1_ps(q->qmin), hi = _mm512_set1_ps(q->qmax);
+    int8_t *out = q->codes + m * q->width;
+    for (int64_t k = k0; k < k1; k += 16) {
+        __m512 v = _mm512_div_ps(load_x(q, m, k, tail(k1 - k)), s);
+        if (q->bf16) v = bf16_round_v(v);
+        v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+        _mm_mask_storeu_epi8(out + k, tail(k1 - k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
+    }
+}
+
+static void quantize_rows(void *ctx, int tid, int threads) {
+    const Quant *q = ctx;
+    const int64_t G = (q->C + q->L - 1) / q->L, rows = (q->M + threads - 1) / threads;
+    const int64_t end = (tid + 1) * rows < q->M ? (tid + 1) * rows : q->M;
+    for (int64_t m = tid * rows; m < end; m++) {
+        for (int64_t gi = 0; gi < G; gi++) {
+            int64_t k1 = (gi + 1) * q->L < q->C ? (gi + 1) * q->L : q->C;
+            quantize_group(q, m, gi * q->L, k1, q->scales + m * G + gi);
+        }
+        if (q->width > q->C) memset(q->codes + m * q->width + q->C, 0, (size_t)(q->width - q->C));
+    }
+}
+
+int dq_quantize_symmetric(const void *x, int64_t ldx, int32_t bf16, int64_t M, int64_t C, int64_t L,
+                          int64_t width, float qmin, float qmax, int8_t *codes, float *scales, int32_t threads) {
+    if (M < 0 || C <= 0 || L <= 0 || width < C || ldx < C || qmax <= 0) return -1;
+    Quant q = {x, ldx, bf16, M, C, L, width, qmin, qmax, codes, scales};
+    parallel(quantize_rows, &q, M * C >= (1 << 16) ? clamp_threads(threads) : 1);
+    return 0;
+}

@@ -1,0 +1,313 @@
+"""SVDQuant: a function-preserving transform, better than RTN and SmoothQuant on outliers, refits that
+never hurt, one λ per shared input, and checkpoints / frozen models that keep the low-rank branch."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+import diffquant
+from diffquant.algorithms.svdquant import (
+    SplitSettings,
+    SVDQuant,
+    fit_low_rank,
+    layer_problem,
+    smoothing_grid,
+)
+from diffquant.api import CalibrationRequiredError, quantized_layers
+from diffquant.calib.stats import collect_activation_stats
+from diffquant.checkpoint import MANIFEST, TENSORS, load_quantized, save_quantized
+from diffquant.formats import QuantSpec
+from diffquant.formats.ops import sqnr_db
+from diffquant.freeze import freeze, packed_layers, save_frozen
+from diffquant.nn import QConv2d, QLinear
+from diffquant.recipes import Override, Recipe, RecipeError, get_preset
+from tests.tiny_models import TINY_MODELS
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+W4A4 = dict(weight=QuantSpec("int4", "group", 64, scale_dtype="float16"),
+            input=QuantSpec("int4", "group", 64, dynamic=True))
+INCLUDE_ALL = (Override("role:*", include=True),)  # the one-layer model's only layer is its "head"
+
+
+def one_layer_recipe(*stages, name: str = "test") -> Recipe:
+    return Recipe(name=name, stages=tuple(stages), overrides=INCLUDE_ALL, **W4A4)
+
+
+# -- a layer with outlier input channels -------------------------------------------------------------
+
+FEATURES, OUTLIERS = 256, (3, 50, 77, 130, 201)
+
+
+class OneLayer(nn.Module):
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.proj = nn.Linear(FEATURES, FEATURES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def outlier_inputs(rows: int, seed: int) -> torch.Tensor:
+    """Activations whose few outlier channels are 30x the rest (the case smoothing targets)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, FEATURES, generator=g)
+    x[:, list(OUTLIERS)] *= 30
+    return x
+
+
+def quantized_one_layer(recipe: Recipe, seed: int = 0) -> nn.Module:
+    x = outlier_inputs(512, seed=1)
+    return diffquant.quantize(OneLayer(seed), recipe, calibration=lambda m: m(x), progress=False)
+
+
+def held_out_sqnr(recipe: Recipe) -> float:
+    reference = OneLayer()
+    model = quantized_one_layer(recipe)
+    x = outlier_inputs(256, seed=2)  # not the calibration rows
+    with torch.no_grad():
+        return sqnr_db(reference(x), model(x))
+
+
+def test_grid_is_the_methods_39_candidates():
+    grid = smoothing_grid(0.05)
+    assert len(grid) == len(set(grid)) == 39
+    assert grid[0] == (0.0, 0.0)
+    assert {(0.5, 0.0), (0.5, 0.5), (0.05, 0.95), (0.95, 0.0)} <= set(grid)
+    assert all(beta in (0.0, round(1 - alpha, 10)) for alpha, beta in grid)
+    assert len(SVDQuant(smooth=False).grid) == 1
+
+
+def test_svdquant_beats_rtn_and_smoothquant_on_outlier_channels():
+    rtn = held_out_sqnr(one_layer_recipe())
+    smooth = held_out_sqnr(one_layer_recipe(get_preset("smoothquant-w4a4").stages[0]))
+    svd = held_out_sqnr(one_layer_recipe(SVDQuant(rank=32)))
+    assert svd >= rtn + 6.0, (rtn, smooth, svd)
+    assert svd >= smooth + 3.0, (rtn, smooth, svd)
+
+
+def test_transform_alone_leaves_the_full_precision_output_unchanged():
+    model = quantized_one_layer(one_layer_recipe(SVDQuant(rank=32)))
+    layer = model.proj
+    assert layer.smooth is not None and layer.low_rank_down.shape == (FEATURES, 32)
+    x = outlier_inputs(64, seed=3)
+    with torch.no_grad(), diffquant.quantizers_disabled(model):
+        torch.testing.assert_close(model(x), OneLayer()(x), rtol=1e-5, atol=1e-4)
+
+
+def test_branch_factors_are_16_bit_values():
+    layer = quantized_one_layer(one_layer_recipe(SVDQuant(rank=8))).proj
+    for factor in layer.low_rank:
+        assert factor.dtype == torch.float32
+        assert torch.equal(factor.half().float(), factor)
+
+
+def test_rank_zero_is_smoothing_only():
+    model = quantized_one_layer(one_layer_recipe(SVDQuant(rank=0)))
+    layer = model.proj
+    assert layer.low_rank is None and layer.smooth is not None
+    torch.testing.assert_close(layer.weight, OneLayer().proj.weight * layer.smooth, rtol=0, atol=0)
+
+
+def test_without_smoothing_only_the_branch_is_added():
+    layer = quantized_one_layer(one_layer_recipe(SVDQuant(rank=8, smooth=False))).proj
+    assert layer.smooth is None and layer.low_rank is not None
+
+
+def problem_and_factors():
+    model = OneLayer()
+    recipe = one_layer_recipe(SVDQuant())
+    x = outlier_inputs(512, seed=1)
+    stats = collect_activation_stats({"proj": model.proj}, lambda: model(x), sample_rows=256)
+    layer = diffquant.nn.wrap_layer(model.proj, recipe.weight, recipe.input)
+    factors = torch.ones(FEATURES)  # no smoothing: the branch has the most to do
+    return layer_problem("proj", layer, stats), factors
+
+
+def test_refit_keeps_the_best_iterate_and_stops_when_the_error_rises():
+    problem, factors = problem_and_factors()
+    settings = SplitSettings(rank=16, branch_dtype=torch.float16, randomized=False)
+    fit = fit_low_rank(problem, factors, settings, iterations=30)
+    assert fit.best.error == min(fit.errors) <= fit.errors[0]
+    assert fit.best.error < fit.errors[0]  # refitting helps on this layer
+    assert all(b < a for a, b in zip(fit.errors[:-2], fit.errors[1:-1], strict=True))  # decreasing until the stop
+    no_refit = fit_low_rank(problem, factors, settings, iterations=0)
+    assert no_refit.errors == fit.errors[:1]
+
+
+def test_randomized_svd_is_close_to_the_exact_one():
+    problem, factors = problem_and_factors()
+    exact = fit_low_rank(problem, factors, SplitSettings(16, torch.float32, randomized=False), 0)
+    randomized = fit_low_rank(problem, factors, SplitSettings(16, torch.float32, randomized=True), 0)
+    assert randomized.best.error == pytest.approx(exact.best.error, rel=0.02)
+
+
+# -- tiny diffusers models ---------------------------------------------------------------------------
+
+DIT = TINY_MODELS["dit"]
+
+
+def dit_calibration(model):
+    with diffquant.sampling_step(0):
+        DIT.run(model, DIT.inputs(2))
+
+
+def dit_output(model) -> torch.Tensor:
+    with torch.no_grad(), diffquant.sampling_step(0):
+        return DIT.run(model, DIT.inputs(2))
+
+
+@pytest.fixture(scope="module")
+def svdquant_dit():
+    return diffquant.quantize(DIT.build(), "svdquant-w4a4", calibration=dit_calibration, progress=False)
+
+
+def test_q_k_v_of_one_attention_share_their_smoothing(svdquant_dit):
+    layers = quantized_layers(svdquant_dit)
+    attentions = {n.rpartition(".")[0] for n in layers if n.endswith(".to_q")}
+    assert attentions
+    for attn in attentions:
+        q, k, v = (layers[f"{attn}.{p}"] for p in ("to_q", "to_k", "to_v"))
+        assert q.smooth is not None and torch.equal(q.smooth, k.smooth) and torch.equal(q.smooth, v.smooth)
+        assert not torch.equal(q.low_rank_down, k.low_rank_down)  # one branch per layer
+        out = layers[f"{attn}.to_out.0"]
+        assert out.smooth is None or out.smooth.shape != q.smooth.shape or not torch.equal(out.smooth, q.smooth)
+
+
+def test_svdquant_beats_rtn_on_a_tiny_dit(svdquant_dit):
+    reference = dit_output(DIT.build())
+    rtn = diffquant.quantize(DIT.build(), "w4a4", progress=False)
+    assert sqnr_db(reference, dit_output(svdquant_dit)) >= sqnr_db(reference, dit_output(rtn)) + 3.0
+
+
+def test_save_load_round_trip_is_bitwise(svdquant_dit, tmp_path):
+    expected = dit_output(svdquant_dit)
+    folder = save_quantized(svdquant_dit, tmp_path / "q")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    branches = {n: e["low_rank"] for n, e in manifest["layers"].items() if e["low_rank"] is not None}
+    assert branches and all(b == {"rank": 32, "dtype": "float16"} for b in branches.values())
+    with safe_open(folder / TENSORS, framework="pt") as f:
+        name = next(iter(branches))
+        assert f.get_tensor(f"{name}.low_rank_down").dtype == torch.float16
+        assert f.get_slice(f"{name}.low_rank_up").get_shape()[0] == 32
+    loaded = load_quantized(folder)
+    assert all(layer.weight is None for layer in quantized_layers(loaded).values())
+    assert torch.equal(dit_output(loaded), expected)
+    again = save_quantized(loaded, tmp_path / "again")
+    assert (again / TENSORS).read_bytes() == (folder / TENSORS).read_bytes()
+
+
+def cheap_svdquant() -> Recipe:
+    """svdquant-w4a4 with a short grid and few refits: the machinery on every family, quickly."""
+    preset = get_preset("svdquant-w4a4")
+    return dataclasses.replace(preset, stages=(SVDQuant(rank=8, grid_step=0.25, iterations=3, sample_rows=64),))
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3", "unet2d-condition", "wan"])
+def test_round_trip_and_freezing_on_other_families(family, tmp_path):
+    """Joint attention, single blocks (q/k/v and the MLP share one input), cross attention, video."""
+    tiny = TINY_MODELS[family]
+    inputs = tiny.inputs(2)
+
+    def calibrate(m):
+        with diffquant.sampling_step(0):
+            tiny.run(m, inputs)
+
+    def run(m):
+        with torch.no_grad(), diffquant.sampling_step(0):
+            return tiny.run(m, inputs)
+
+    model = diffquant.quantize(tiny.build(), cheap_svdquant(), calibration=calibrate, progress=False)
+    assert any(layer.low_rank is not None for layer in quantized_layers(model).values())
+    expected = run(model)
+    assert torch.equal(run(load_quantized(save_quantized(model, tmp_path / "q"))), expected)
+    assert cosine(run(freeze(model, float_dtype=torch.float32)), expected) >= 0.999
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.flatten().double(), b.flatten().double()
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def test_frozen_model_keeps_the_branch_and_matches_fake_quant(svdquant_dit, tmp_path):
+    expected = dit_output(svdquant_dit)
+    first = save_quantized(svdquant_dit, tmp_path / "q")
+    frozen = freeze(copy.deepcopy(svdquant_dit), float_dtype=torch.float32)
+    packed = packed_layers(frozen)
+    with_branch = [m for m in packed.values() if m.low_rank_down is not None]
+    assert with_branch and all(m.low_rank_down.dtype == torch.float16 for m in with_branch)  # 16-bit resident
+    got = dit_output(frozen)
+    assert cosine(got, expected) >= 0.9999
+    assert float((got - expected).abs().max() / expected.abs().max()) <= 1e-3
+    second = save_frozen(frozen, tmp_path / "frozen")
+    assert (second / TENSORS).read_bytes() == (first / TENSORS).read_bytes()
+
+
+def test_convolutions_have_no_low_rank_branch():
+    layer = QConv2d(nn.Conv2d(8, 8, 1), W4A4["weight"], None)
+    with pytest.raises(NotImplementedError, match="Linear layers only"):
+        layer.set_low_rank(torch.zeros(8, 2), torch.zeros(2, 8))
+
+
+def test_low_rank_layer_computes_the_method_s_expression():
+    torch.manual_seed(0)
+    layer = QLinear(nn.Linear(64, 32), W4A4["weight"], W4A4["input"])
+    layer.fold_input_scale(torch.rand(64) + 0.5)
+    down, up = torch.randn(64, 4), torch.randn(4, 32)
+    layer.split_low_rank(down, up)
+    layer.calibrate_weight()
+    x = torch.randn(5, 64)
+    xs = x / layer.smooth
+    expected = layer.input_quantizer(xs) @ layer.weight_quantizer(layer.weight).t() + layer.bias + xs @ down @ up
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="do not fit"):
+        layer.set_low_rank(down, up.t())
+    with pytest.raises(RuntimeError, match="before the weight is quantized"):
+        layer.split_low_rank(down, up)
+
+
+# -- configuration -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    pytest.param({"rank": -1}, r"rank must be an integer >= 0", id="negative-rank"),
+    pytest.param({"rank": 2.5}, r"rank must be an integer", id="fractional-rank"),
+    pytest.param({"iterations": -1}, r"iterations must be an integer >= 0", id="negative-iterations"),
+    pytest.param({"sample_rows": 0}, r"sample_rows must be an integer >= 1", id="no-rows"),
+    pytest.param({"grid_step": 0.3}, r"grid_step must lie in \(0, 0\.5\] and divide 1", id="step-not-dividing-1"),
+    pytest.param({"grid_step": 0.0}, r"grid_step", id="zero-step"),
+    pytest.param({"branch_dtype": "int8"}, r"branch_dtype must be one of", id="bad-branch-dtype"),
+    pytest.param({"randomized_svd_from": 0}, r"randomized_svd_from must be an integer >= 1", id="bad-randomized"),
+    pytest.param({"gptq": True}, r"gptq .* is not implemented yet", id="gptq"),
+    pytest.param({"alpha": 0.5}, r"unknown stage 'svdquant' keys \['alpha'\]", id="unknown-key"),
+])
+def test_bad_options_are_recipe_errors(options, message):
+    data = {"name": "bad", "weight": {"format": "int4", "granularity": "group", "group_size": 64},
+            "stages": [{"type": "svdquant", **options}]}
+    with pytest.raises(RecipeError, match=message):
+        Recipe.from_dict(data)
+
+
+def test_recipe_round_trips_and_asks_calibration_for_rows():
+    recipe = get_preset("svdquant-w4a4")
+    assert Recipe.from_dict(json.loads(recipe.to_json())) == recipe
+    assert recipe.needs_calibration and recipe.calibration_rows == 256
+    custom = dataclasses.replace(recipe, stages=(SVDQuant(rank=8, sample_rows=64),))
+    assert Recipe.from_dict(custom.to_dict()).stages[0] == SVDQuant(rank=8, sample_rows=64)
+    assert custom.calibration_rows == 64
+
+
+def test_statistics_without_sampled_rows_are_refused():
+    model = OneLayer()
+    x = outlier_inputs(64, seed=1)
+    stats = collect_activation_stats({"proj": model.proj}, lambda: model(x))  # ranges only
+    with pytest.raises(CalibrationRequiredError, match="sampled input rows"):
+        diffquant.quantize(model, one_layer_recipe(SVDQuant()), calibration=stats, progress=False)
