@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import diffquant.zoo as zoo
+from diffquant.zoo import training
 from diffquant.zoo.models import fmnist_dit as fd
 from diffquant.zoo.train_utils import step_generator
 
@@ -108,7 +109,7 @@ def test_every_block_sees_the_same_dropped_labels():
 def test_training_step_reduces_loss_on_fixed_batch():
     torch.manual_seed(0)
     cfg = fd.DiTTrainConfig(steps=20, batch_size=16, lr=2e-3, warmup=0, bf16=False)
-    state = fd.TrainState(fd.build_transformer(TINY))
+    state = training.TrainState(fd.build_transformer(TINY))
     optimizer = torch.optim.AdamW(state.model.parameters(), lr=cfg.lr)
     latents, labels = torch.randn(16, 4, 8, 8), torch.randint(0, 10, (16,))
     step = fd.make_train_step(state, optimizer, fd.train_scheduler(cfg), latents, labels, cfg)
@@ -133,5 +134,5 @@ def test_training_step_is_reproducible_from_step_seed():
 def test_frechet_distance_known_values():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(4000, 3))
-    assert fd.frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
-    assert fd.frechet_distance(a, a + np.array([3.0, 0, 4.0])) == pytest.approx(25, rel=1e-6)
+    assert training.frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
+    assert training.frechet_distance(a, a + np.array([3.0, 0, 4.0])) == pytest.approx(25, rel=1e-6)

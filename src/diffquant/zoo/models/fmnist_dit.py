@@ -14,25 +14,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 from diffusers.models.embeddings import LabelEmbedding
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from diffquant.eval import metrics
-from diffquant.zoo.classifier import accuracy, load_classifier
+from diffquant.zoo.classifier import load_classifier
 from diffquant.zoo.data import CLASS_NAMES, fashion_mnist_tensors
-from diffquant.zoo.model import ClassConditioning, LatentDiffusionModel, generate
+from diffquant.zoo.model import ClassConditioning, LatentDiffusionModel
 from diffquant.zoo.registry import WEIGHTS_ROOT, ZooEntry, register
 from diffquant.zoo.train_utils import (
     Checkpointer,
@@ -44,7 +39,21 @@ from diffquant.zoo.train_utils import (
     set_lr,
     step_generator,
 )
-from diffquant.zoo.vae import encode_latents, load_vae, reconstruct
+from diffquant.zoo.training import (
+    TrainState,
+    balanced_labels,
+    cached_latents,
+    classifier_features,
+    ema_decay_at,
+    ema_update,
+    fid_floors,
+    guidance_sweep,
+    latent_encode_seconds,
+    sample_grid,
+    sample_metrics,
+    vae_fingerprint,
+)
+from diffquant.zoo.vae import load_vae
 
 NAME = "fmnist-dit"
 WEIGHTS_DIR = WEIGHTS_ROOT / NAME
@@ -218,53 +227,6 @@ register(
 
 
 # ----------------------------------------------------------------------------------------------
-# Training data: VAE latents, encoded once and cached
-
-
-def _vae_fingerprint(vae_dir: Path) -> str:
-    h = hashlib.sha256()
-    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
-        h.update((vae_dir / name).read_bytes())
-    return h.hexdigest()[:16]
-
-
-@torch.no_grad()
-def encode_dataset(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """Posterior means x scaling_factor. No flip augmentation: Fashion-MNIST's shoes almost all face the
-    same way (sneakers 99.7%, ankle boots 100%), so flipped shoes would be out of distribution."""
-    return torch.cat(
-        [encode_latents(vae, images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
-    )
-
-
-def _latent_cache(vae_dir: Path, cache_dir: Path) -> Path:
-    # Keyed by the VAE's exact files: a retrained VAE gets fresh latents.
-    return Path(cache_dir) / f"latents-{_vae_fingerprint(vae_dir)}.safetensors"
-
-
-def cached_latents(vae_dir: Path, cache_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """(latents [60000, 4, 8, 8], labels) of the train split, encoded once per VAE so that a resumed
-    run does not redo it; the encoding time is kept in the file's metadata (`latent_encode_seconds`)."""
-    path = _latent_cache(vae_dir, cache_dir)
-    if not path.is_file():
-        t0 = time.perf_counter()
-        images, labels = fashion_mnist_tensors("train")
-        latents = encode_dataset(load_vae(weights_dir=vae_dir), images)
-        seconds = f"{time.perf_counter() - t0:.1f}"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"latents": latents.contiguous(), "labels": labels}, str(tmp), {"encode_s": seconds})
-        tmp.replace(path)  # atomic: an interrupted run never leaves a truncated cache
-    with safe_open(str(path), "pt") as f:
-        return f.get_tensor("latents"), f.get_tensor("labels")
-
-
-def latent_encode_seconds(vae_dir: Path, cache_dir: Path) -> float:
-    with safe_open(str(_latent_cache(vae_dir, cache_dir)), "pt") as f:
-        return float((f.metadata() or {}).get("encode_s", "nan"))
-
-
-# ----------------------------------------------------------------------------------------------
 # Training
 
 
@@ -290,25 +252,6 @@ def diffusion_loss(
     return F.mse_loss(eps[:, : noise.shape[1]].float(), noise)
 
 
-class TrainState(nn.Module):
-    """The trained model and its EMA in one module, so one Checkpointer state_dict resumes both."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self.ema = copy.deepcopy(model).requires_grad_(False).eval()
-
-
-def ema_decay_at(step: int, decay: float) -> float:
-    # Warm up the decay so the EMA is not dominated by the random init in short runs.
-    return min(decay, (1 + step) / (10 + step))
-
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
-
-
 def make_train_step(state: TrainState, optimizer, scheduler, latents, labels, cfg: DiTTrainConfig):
     def step_fn(step: int) -> dict[str, float]:
         gen = step_generator(cfg.seed, step)
@@ -326,93 +269,6 @@ def make_train_step(state: TrainState, optimizer, scheduler, latents, labels, cf
         return {"loss": loss.item()}
 
     return step_fn
-
-
-# ----------------------------------------------------------------------------------------------
-# Training-time evaluation (the full harness lives in diffquant.eval)
-
-
-@torch.no_grad()
-def classifier_features(classifier: nn.Module, images: torch.Tensor, batch_size: int = 500) -> np.ndarray:
-    classifier.eval()
-    feats = [classifier.features(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
-    return torch.cat(feats).double().numpy()
-
-
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets (FID's formula; eval.metrics' maths)."""
-    return metrics.frechet_distance(*metrics.feature_statistics(a), *metrics.feature_statistics(b))
-
-
-def balanced_labels(n: int) -> torch.Tensor:
-    return torch.arange(n) % NUM_CLASSES
-
-
-def sample_metrics(
-    model: LatentDiffusionModel,
-    classifier: nn.Module,
-    test_features: np.ndarray,
-    n: int = 1000,
-    seed: int = 0,
-    guidance_scale: float | None = None,
-) -> tuple[dict, torch.Tensor]:
-    """Class accuracy and FID (classifier features, vs the test set) of n balanced samples."""
-    labels = balanced_labels(n)
-    saved = model.guidance_scale
-    if guidance_scale is not None:
-        model.guidance_scale = guidance_scale
-    try:
-        t0 = time.perf_counter()
-        images = generate(model, labels, seed=seed, progress=False)
-        seconds = time.perf_counter() - t0
-    finally:
-        model.guidance_scale = saved
-    metrics = {
-        "class_accuracy": round(accuracy(classifier, images, labels), 4),
-        "fid": round(frechet_distance(classifier_features(classifier, images), test_features), 3),
-        "generate_s": round(seconds, 1),
-    }
-    return metrics, images
-
-
-def fid_floors(classifier: nn.Module, vae: AutoencoderKL, test_images: torch.Tensor, seed: int = 0) -> dict:
-    """What FID reaches without any generative error: real vs real, and VAE reconstructions."""
-    test_features = classifier_features(classifier, test_images)
-    train_images, _ = fashion_mnist_tensors("train")
-    subset = train_images[torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))]
-    recon = reconstruct(vae, test_images)
-    return {
-        "real_train_10k_vs_test": frechet_distance(
-            classifier_features(classifier, subset[:10_000]), test_features
-        ),
-        # Same sample count as the generated figure: FID is biased upwards at small n.
-        "real_train_1k_vs_test": frechet_distance(
-            classifier_features(classifier, subset[:1000]), test_features
-        ),
-        "vae_recon_test_vs_test": frechet_distance(classifier_features(classifier, recon), test_features),
-    }
-
-
-def sample_grid(images: torch.Tensor, labels: torch.Tensor, per_class: int = 8, zoom: int = 2):
-    """A (classes x per_class) grid of images in [-1, 1] as a grayscale PIL image."""
-    from PIL import Image
-
-    rows = [images[labels == c][:per_class] for c in range(NUM_CLASSES)]
-    grid = torch.cat([torch.cat(list(r[:, 0]), dim=1) for r in rows], dim=0)  # [10*32, 8*32]
-    pixels = ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-    img = Image.fromarray(pixels)  # 2-D uint8 -> grayscale ("L")
-    return img.resize((img.width * zoom, img.height * zoom), Image.NEAREST)
-
-
-GUIDANCE_SWEEP = (1.5, 2.0, 3.0, 4.0)
-
-
-def guidance_sweep(model, classifier, test_features, n: int = 500, seed: int = 1) -> list[dict]:
-    """Accuracy and FID per guidance scale on n samples (seed disjoint from the card's seed 0)."""
-    return [
-        {"guidance": g, **sample_metrics(model, classifier, test_features, n, seed, g)[0]}
-        for g in GUIDANCE_SWEEP
-    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -569,7 +425,7 @@ def train_dit(
     torch.manual_seed(seed)
     state = TrainState(build_transformer(config))
     optimizer = torch.optim.AdamW(state.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    meta = {"model": asdict(config), "train": asdict(cfg), "vae": _vae_fingerprint(VAE_DIR)}
+    meta = {"model": asdict(config), "train": asdict(cfg), "vae": vae_fingerprint(VAE_DIR)}
     ckpt = Checkpointer(ckpt_dir, meta=meta)
     step_fn = make_train_step(state, optimizer, train_scheduler(cfg), latents, labels, cfg)
     wall = ckpt.run(state, optimizer, step_fn, cfg.steps, resume, checkpoint_every, NAME)

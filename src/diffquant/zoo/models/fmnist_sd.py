@@ -57,20 +57,7 @@ from torch import nn
 from diffquant.zoo.classifier import load_classifier
 from diffquant.zoo.data import CLASS_NAMES, fashion_mnist_tensors
 from diffquant.zoo.model import LatentDiffusionModel
-from diffquant.zoo.models.fmnist_dit import (
-    TrainState,
-    _vae_fingerprint,
-    balanced_labels,
-    cached_latents,
-    classifier_features,
-    ema_decay_at,
-    ema_update,
-    fid_floors,
-    guidance_sweep,
-    sample_grid,
-    sample_metrics,
-    sampling_scheduler,
-)
+from diffquant.zoo.models.fmnist_dit import sampling_scheduler
 from diffquant.zoo.registry import WEIGHTS_ROOT, ZooEntry, register
 from diffquant.zoo.text_encoder import PromptSpec, TextConditioning
 from diffquant.zoo.train_utils import (
@@ -82,6 +69,19 @@ from diffquant.zoo.train_utils import (
     default_checkpoint_dir,
     set_lr,
     step_generator,
+)
+from diffquant.zoo.training import (
+    TrainState,
+    balanced_labels,
+    cached_latents,
+    classifier_features,
+    ema_decay_at,
+    ema_update,
+    fid_floors,
+    guidance_sweep,
+    sample_grid,
+    sample_metrics,
+    vae_fingerprint,
 )
 from diffquant.zoo.vae import load_vae
 
@@ -566,7 +566,7 @@ def train_sd(
     meta = {
         "model": asdict(config),
         "train": asdict(cfg),
-        "vae": _vae_fingerprint(VAE_DIR),
+        "vae": vae_fingerprint(VAE_DIR),
         "prompts": spec.to_dict(),
     }
     ckpt = Checkpointer(
