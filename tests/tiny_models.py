@@ -372,3 +372,12 @@ TINY_MODELS: dict[str, TinyModel] = {
         TinyModel("ltx-video", _builder("LTXVideoTransformer3DModel", LTX_VIDEO_CONFIG), _ltx_video_inputs),
     )
 }
+
+
+def run_dit_at_step0(model: nn.Module, batch: int = 2) -> torch.Tensor:
+    """One no-grad forward of the tiny DiT at sampling step 0: a calibration function, or the output
+    that tests compare (seeded inputs, so every call sees the same batch)."""
+    from diffquant.calib.steps import sampling_step
+
+    with torch.no_grad(), sampling_step(0):
+        return TINY_MODELS["dit"].run(model, TINY_MODELS["dit"].inputs(batch))

@@ -3,6 +3,7 @@
 The core imports neither diffusers nor transformers; integrations load them lazily.
 """
 
+from diffquant import lora
 from diffquant.api import CalibrationRequiredError, quantize, quantized_layers, quantizers_disabled
 from diffquant.calib.steps import current_step, sampling_step, track_pipeline_steps
 from diffquant.checkpoint import CheckpointError, load_quantized, save_quantized
@@ -22,6 +23,7 @@ __all__ = [
     "get_preset",
     "list_presets",
     "load_quantized",
+    "lora",
     "quantize",
     "quantized_layers",
     "quantizers_disabled",

@@ -122,6 +122,7 @@ def _selfcheck(args: argparse.Namespace) -> int:
 def _register_feature_commands() -> None:
     """Commands that live beside their features (imported here so they register)."""
     import diffquant.eval.cli_commands  # noqa: F401
+    import diffquant.export.cli_commands  # noqa: F401
     import diffquant.zoo.cli_commands  # noqa: F401
 
 

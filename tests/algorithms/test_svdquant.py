@@ -28,7 +28,7 @@ from diffquant.formats.ops import sqnr_db
 from diffquant.freeze import freeze, packed_layers, save_frozen
 from diffquant.nn import QConv2d, QLinear
 from diffquant.recipes import Override, Recipe, RecipeError, get_preset
-from tests.tiny_models import TINY_MODELS
+from tests.tiny_models import TINY_MODELS, run_dit_at_step0
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -155,14 +155,7 @@ def test_randomized_svd_is_close_to_the_exact_one():
 DIT = TINY_MODELS["dit"]
 
 
-def dit_calibration(model):
-    with diffquant.sampling_step(0):
-        DIT.run(model, DIT.inputs(2))
-
-
-def dit_output(model) -> torch.Tensor:
-    with torch.no_grad(), diffquant.sampling_step(0):
-        return DIT.run(model, DIT.inputs(2))
+dit_calibration = dit_output = run_dit_at_step0
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ FAMILIES = list(TINY_MODELS)
 MIN_SQNR_DB = {
     "w8a8": 25.0, "w8a8-static": 25.0, "smoothquant-w8a8": 25.0,
     "w4a8": 8.0, "w4a16": 8.0, "w4a4": 5.0, "smoothquant-w4a4": 5.0, "nvfp4-w4a4": 5.0,
-    "svdquant-w8a8": 25.0, "svdquant-w4a4": 5.0,
+    "svdquant-w8a8": 25.0, "svdquant-w4a4": 5.0, "svdquant-nvfp4": 5.0,
 }
 
 
