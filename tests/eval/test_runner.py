@@ -133,6 +133,8 @@ def test_frozen_evaluation_matches_fake_quant(w8a8_result, fp_model, judge, cach
     fake, _ = w8a8_result
     frozen = run(quantized_copy(fp_model, "w8a8"), fp_model, judge, cache_dir, frozen=True)
     assert frozen["frozen"] and frozen["kernel_backend"] and not fake["frozen"]
+    n_layers = len(diffquant.quantized_layers(quantized_copy(fp_model, "w8a8").denoiser))
+    assert frozen["kernel_paths"] == {"int": n_layers}  # every W8A8 layer on the integer kernels
     assert frozen["weight_bytes"] == fake["weight_bytes"]  # counted before the layers are repacked
     # Integer kernels and fake quantization agree up to float rounding: far above W8A8's own error.
     assert frozen["psnr_vs_fp"] == pytest.approx(fake["psnr_vs_fp"], abs=1.0)

@@ -26,6 +26,7 @@ import math
 import os
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -351,7 +352,7 @@ def run_evaluation(target: EvalTarget, settings: EvalSettings, judge: Judge) -> 
     labels = balanced_labels(settings.samples, ref.num_classes)
     recipe, bits = recipe_and_bits(target.model.denoiser)
     total_bytes, q_bytes = weight_bytes(target.model.denoiser, target.folder)  # before freezing repacks
-    backend = _freeze_if_asked(target, settings)
+    backend, paths = _freeze_if_asked(target, settings)
     fp, fp_wall = fp_images(ref, target.name, labels, settings, steps)
     q, q_wall = (fp, fp_wall) if target.is_reference else timed_generate(target.model, labels, settings, steps)
     fid, acc, q_feat = judge.quality(q, labels)
@@ -365,7 +366,7 @@ def run_evaluation(target: EvalTarget, settings: EvalSettings, judge: Judge) -> 
         "eps_sqnr_db": sum(per_step) / len(per_step), "eps_sqnr_db_per_step": per_step,
         "wall_time_s": q_wall, "fp_wall_time_s": fp_wall,
         "weight_bytes": total_bytes, "quantized_layer_bytes": q_bytes,
-        "frozen": settings.frozen, "kernel_backend": backend,
+        "frozen": settings.frozen, "kernel_backend": backend, "kernel_paths": paths,
         "samples": settings.samples, "steps": steps, "seed": settings.seed,
         "sqnr_samples": min(settings.sqnr_samples, settings.samples),
         "fid_method": FID_METHOD, "feature_distance_method": FEATURE_DISTANCE_METHOD,
@@ -374,18 +375,20 @@ def run_evaluation(target: EvalTarget, settings: EvalSettings, judge: Judge) -> 
     return Evaluation(result, target, labels, fp, q)
 
 
-def _freeze_if_asked(target: EvalTarget, settings: EvalSettings) -> str | None:
-    """Freeze the target's denoiser into packed modules when asked; the kernel backend's name."""
+def _freeze_if_asked(target: EvalTarget, settings: EvalSettings) -> tuple[str | None, dict[str, int] | None]:
+    """Freeze the target's denoiser into packed modules when asked: (the integer backend's name, how many
+    layers run each path -- "int" on that backend, "float" weight-only, "emulated" non-integer formats)."""
     if not settings.frozen:
-        return None
+        return None, None
     if target.is_reference:
         raise ValueError("frozen evaluation needs a quantized target, not the full-precision model")
-    from diffquant.freeze import freeze  # imports the kernel stack only when asked
+    from diffquant.freeze import freeze, packed_layers  # imports the kernel stack only when asked
     from diffquant.kernels import select_backend
 
     backend = select_backend()
     freeze(target.model.denoiser, backend=backend)
-    return backend.name
+    paths = Counter(layer.path for layer in packed_layers(target.model.denoiser).values())
+    return backend.name, dict(sorted(paths.items()))
 
 
 def _sqnr_per_step(target: EvalTarget, labels: torch.Tensor, settings: EvalSettings, steps: int) -> list[float]:
