@@ -23,6 +23,7 @@ from torch import nn
 
 from diffquant.api import quantized_layers
 from diffquant.kernels import IntGemmBackend, select_backend
+from diffquant.lora import require_detached
 from diffquant.nn.emulated import EMULATED, packed_type
 from diffquant.nn.layers import QuantizedLayer
 from diffquant.nn.packed import PackedLayer
@@ -36,6 +37,12 @@ def _set_child(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_path) if parent_path else model, attr, module)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's tensors live (the first parameter or buffer; CPU for an empty model)."""
+    tensors = (t for t in (*model.parameters(), *model.buffers()) if t.device.type != "meta")
+    return next((t.device for t in tensors), torch.device("cpu"))
+
+
 def packed_layers(model: nn.Module) -> dict[str, PackedLayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, PackedLayer)}
 
@@ -44,10 +51,12 @@ def freeze(model: nn.Module, backend: str | IntGemmBackend | None = None,
            float_dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every QuantizedLayer of `model` by its packed module, in place; returns `model`.
 
-    backend: kernel backend name or object (default: diffquant.kernels.select_backend()).
-    float_dtype: dtype of the float paths (weight-only layers; default: the machine's fastest).
+    backend: kernel backend name or object (default: the best for the device the model is on:
+             diffquant.kernels.select_backend(device=...); a model on a GPU gets "triton").
+    float_dtype: dtype of the float paths (weight-only layers; default: the device's fastest).
     """
-    backend = select_backend(backend)
+    require_detached(model, "freeze a model")
+    backend = select_backend(backend, device=model_device(model))
     names = [n for n, layer in quantized_layers(model).items() if layer.weight_quantizer is not None]
     for name in names:
         layer: QuantizedLayer = model.get_submodule(name)

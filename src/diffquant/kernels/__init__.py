@@ -9,12 +9,14 @@ Backends (registry `BACKENDS`, best first where usable):
     int_mm   torch._int_mm, int8 x int8 -> int32: CPUs with AVX-512 VNNI or AMX only.
     fbgemm   fbgemm u8 x s8 GEMM via torch's quantized ops: AVX2 CPUs (int16 saturation handled).
     float    codes as fp32 through the fp32 matmul: always correct.
+    triton   CUDA tensors (kernels/gpu_triton.py): int8 tensor-core GEMMs with the group-wise rescale fused,
+             where triton imports and a GPU is visible. Models frozen on a GPU pick it.
 Override with $DIFFQUANT_KERNEL_BACKEND or select_backend(name). Every backend's `reference` is the
 plain-torch oracle (kernels/reference.py); segmented.py adds group-wise scales on top of any backend;
 a backend's `fused` kernels (FusedKernels) do the same in one pass where it has them.
 """
 
-from diffquant.kernels import fbgemm, float_fallback, int_mm, vnni  # noqa: F401  (register the backends)
+from diffquant.kernels import fbgemm, float_fallback, gpu_triton, int_mm, vnni  # noqa: F401  (register the backends)
 from diffquant.kernels.backend import (
     BACKENDS,
     ENV_BACKEND,

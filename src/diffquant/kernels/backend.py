@@ -59,6 +59,7 @@ class IntGemmBackend(ABC):
     """One way of computing acc = a @ b on int8 codes. Subclasses register with @register_backend.
 
     priority:     higher wins when several run well on a CPU.
+    device_type:  the torch device type of the tensors it multiplies ("cpu", or "cuda" for triton).
     prepare_free: True when `prepare` only makes views (no copy, no repacking). Packed modules then
                   keep their own compact codes resident (int4 stays two per byte) and prepare per
                   call; otherwise they keep the prepared weight resident and drop their codes.
@@ -68,6 +69,7 @@ class IntGemmBackend(ABC):
     name: ClassVar[str]
     priority: ClassVar[int]
     prepare_free: ClassVar[bool]
+    device_type: ClassVar[str] = "cpu"
     fused: ClassVar[FusedKernels | None] = None
 
     def available(self, cpu: CpuFeatures) -> bool:
@@ -124,14 +126,20 @@ def get_backend(name: str) -> IntGemmBackend:
     return BACKENDS[name]
 
 
-def usable_backends(cpu: CpuFeatures | None = None) -> list[IntGemmBackend]:
-    """Backends that run well on the CPU, best first."""
+def usable_backends(cpu: CpuFeatures | None = None, device: str | torch.device = "cpu") -> list[IntGemmBackend]:
+    """Backends that run well on this machine for tensors on `device` (a type: "cpu", "cuda"), best first."""
     cpu = detect_cpu() if cpu is None else cpu
-    good = [b for b in BACKENDS.values() if b.available(cpu) and b.pathological(cpu) is None]
+    kind = torch.device(device).type
+    good = [b for b in BACKENDS.values()
+            if b.device_type == kind and b.available(cpu) and b.pathological(cpu) is None]
     return sorted(good, key=lambda b: -b.priority)
 
 
-def _checked(backend: IntGemmBackend, cpu: CpuFeatures) -> IntGemmBackend:
+def _checked(backend: IntGemmBackend, cpu: CpuFeatures, device: str | torch.device | None) -> IntGemmBackend:
+    if device is not None and torch.device(device).type != backend.device_type:
+        raise BackendUnavailableError(f"kernel backend {backend.name!r} multiplies {backend.device_type} tensors, "
+                                      f"not {torch.device(device).type} ones; freeze the model on the device it "
+                                      f"runs on, or name a {torch.device(device).type} backend")
     if not backend.available(cpu):
         why = backend.unavailable_reason(cpu)
         raise BackendUnavailableError(f"kernel backend {backend.name!r} is not available on this CPU "
@@ -143,18 +151,23 @@ def _checked(backend: IntGemmBackend, cpu: CpuFeatures) -> IntGemmBackend:
 
 
 def select_backend(
-    backend: str | IntGemmBackend | None = None, cpu: CpuFeatures | None = None
+    backend: str | IntGemmBackend | None = None, cpu: CpuFeatures | None = None,
+    device: str | torch.device | None = None,
 ) -> IntGemmBackend:
-    """The backend to use: `backend` if given, else $DIFFQUANT_KERNEL_BACKEND, else the best usable one."""
+    """The backend to use: `backend` if given, else $DIFFQUANT_KERNEL_BACKEND, else the best usable one for
+    tensors on `device` (default: the CPU). A named backend for another device type is refused."""
     cpu = detect_cpu() if cpu is None else cpu
     if isinstance(backend, IntGemmBackend):
-        return _checked(backend, cpu)
-    name = backend or os.environ.get(ENV_BACKEND) or None
-    if name is not None:
-        return _checked(get_backend(name), cpu)
-    usable = usable_backends(cpu)
+        return _checked(backend, cpu, device)
+    if backend:
+        return _checked(get_backend(backend), cpu, device)
+    from_env = os.environ.get(ENV_BACKEND)
+    if from_env and (device is None or get_backend(from_env).device_type == torch.device(device).type):
+        return _checked(get_backend(from_env), cpu, device)  # the override names a backend of one device type
+    usable = usable_backends(cpu, "cpu" if device is None else device)
     if not usable:
-        raise BackendUnavailableError(f"no kernel backend runs on this CPU ({cpu.instruction_set})")
+        raise BackendUnavailableError(f"no kernel backend runs on this machine for {device or 'cpu'} tensors "
+                                      f"({cpu.instruction_set})")
     return usable[0]
 
 

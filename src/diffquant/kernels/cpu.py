@@ -81,8 +81,11 @@ def detect_cpu() -> CpuFeatures:
     return CpuFeatures(torch.backends.cpu.get_cpu_capability(), flags, model, cores)
 
 
-def fastest_float_dtype(cpu: CpuFeatures | None = None) -> torch.dtype:
-    """bf16 where the CPU computes it natively, else fp32 (bf16 is 5-7x slower than fp32 on AVX2)."""
+def fastest_float_dtype(cpu: CpuFeatures | None = None, device: str | torch.device | None = None) -> torch.dtype:
+    """bf16 where the CPU computes it natively, else fp32 (bf16 is 5-7x slower than fp32 on AVX2); on a
+    CUDA device bf16, or fp16 where the GPU lacks bf16."""
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     cpu = detect_cpu() if cpu is None else cpu
     return torch.bfloat16 if cpu.native_bf16 else torch.float32
 

@@ -32,7 +32,7 @@ def pack_int4_halves(b: torch.Tensor) -> torch.Tensor:
 def unpack_int4_halves(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [K/2, N] -> int8 [K, N], contiguous."""
     half = packed.shape[0]
-    out = torch.empty(2 * half, packed.shape[1], dtype=torch.int8)
+    out = torch.empty(2 * half, packed.shape[1], dtype=torch.int8, device=packed.device)
     signed = packed.view(torch.int8)
     torch.bitwise_right_shift(torch.bitwise_left_shift(signed, 4), 4, out=out[:half])
     torch.bitwise_right_shift(signed, 4, out=out[half:])

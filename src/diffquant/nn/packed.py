@@ -125,6 +125,19 @@ class SegmentPlan:
     def k_pad(self) -> int:
         return self.length * self.count
 
+    def act_scales(self, per_block: torch.Tensor) -> torch.Tensor:
+        """Per-block activation values [R, B] -> per segment [R, S] (no gather, and no host-to-device copy
+        of the index on a GPU, where segments and blocks coincide)."""
+        return per_block if _is_identity(self.act_blocks, per_block.shape[1]) else per_block[:, self.act_blocks]
+
+    def weight_rows(self, per_group: torch.Tensor) -> torch.Tensor:
+        """Per-group weight values [G, N] -> per segment [S, N] (as act_scales)."""
+        return per_group if _is_identity(self.weight_groups, per_group.shape[0]) else per_group[self.weight_groups]
+
+
+def _is_identity(index: torch.Tensor, size: int) -> bool:
+    return len(index) == size and bool(torch.equal(index, torch.arange(size)))
+
 
 def plan_segments(k: int, weight_group: int | None, act_period: int | None, act_group: int | None) -> SegmentPlan:
     """Segments for a K axis where weight scales change every `weight_group` inputs and activation
@@ -256,7 +269,7 @@ class PackedWeight(nn.Module):
         self.spec, self.plan, self.backend, self.shape, self.dtype = spec, plan, backend, torch.Size(shape), dtype
         self.out_features = codes.shape[0]
         self.offset = code_offset(spec.qformat)
-        b = torch.zeros(plan.k_pad + plan.k_pad % 2, self.out_features, dtype=torch.int8)
+        b = torch.zeros(plan.k_pad + plan.k_pad % 2, self.out_features, dtype=torch.int8, device=codes.device)
         b[:plan.k] = (codes.t().to(torch.int16) - self.offset).to(torch.int8)
         self._store_qparams(quantizer)
         self.register_buffer("segment_sums", self._sums(b) if with_sums else None)
@@ -315,10 +328,10 @@ class PackedWeight(nn.Module):
 
     def segment_scales(self) -> torch.Tensor:
         """float32 [S, N] (or [S, 1] per tensor)."""
-        return self.scale.float()[self.plan.weight_groups]
+        return self.plan.weight_rows(self.scale.float())
 
     def segment_zero(self) -> torch.Tensor | None:
-        return None if self.zero_point is None else self.zero_point.float()[self.plan.weight_groups]
+        return None if self.zero_point is None else self.plan.weight_rows(self.zero_point.float())
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """(codes - zero) * scale as [K, N] in `dtype`: the fake-quant layer's weight, transposed."""
@@ -366,26 +379,33 @@ class PackedLayer(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.register_buffer("smooth", None if smooth is None else smooth.detach().clone())
         self.backend = backend
-        self.float_dtype = fastest_float_dtype() if float_dtype is None else float_dtype
+        self.float_dtype = fastest_float_dtype(device=weight.device) if float_dtype is None else float_dtype
 
     def smoothed(self, x: torch.Tensor) -> torch.Tensor:
         """x (feature axis last) divided by the smoothing vector, as QuantizedLayer.quantize_input."""
         return x if self.smooth is None else x / self.smooth.to(x.dtype)
 
+    def check_device(self, x: torch.Tensor) -> None:
+        """The integer path's kernels take tensors of one device type: say so instead of crashing in them."""
+        if x.device.type != self.backend.device_type:
+            raise RuntimeError(f"this layer was frozen for kernel backend {self.backend.name!r} "
+                               f"({self.backend.device_type} tensors) but got a {x.device.type} input: freeze the "
+                               f"model on the device it runs on (model.to(device) before diffquant.freeze)")
+
     def integer_product(self, act: ActivationCodes, a: torch.Tensor) -> torch.Tensor:
         """Rescaled segmented GEMM of codes a [M, K_pad] with the weight: float32 [M, N]."""
         plan = self.weight.plan
         if self.weight.fused is not None:  # symmetric on both sides: one pass, no per-segment float passes
-            return self.weight.fused_matmul(a, act.scale[:, plan.act_blocks])
+            return self.weight.fused_matmul(a, plan.act_scales(act.scale))
         zero_points = self._zero_points(act)
-        return segmented_matmul(self.backend, a.contiguous(), self.weight.segments(), act.scale[:, plan.act_blocks],
+        return segmented_matmul(self.backend, a.contiguous(), self.weight.segments(), plan.act_scales(act.scale),
                                 self.weight.segment_scales(), zero_points)
 
     def _zero_points(self, act: ActivationCodes) -> SegmentZeroPoints | None:
         weight = self.weight
         if act.zero is None and weight.zero_point is None:
             return None
-        a_zero = None if act.zero is None else act.zero[:, weight.plan.act_blocks]
+        a_zero = None if act.zero is None else weight.plan.act_scales(act.zero)
         sums = None if weight.segment_sums is None else weight.segment_sums.float()
         return SegmentZeroPoints(a_zero, weight.segment_zero(), sums)
 
@@ -423,7 +443,7 @@ class PackedLinear(PackedLayer):
                  smooth: torch.Tensor | None = None, low_rank: tuple[torch.Tensor, torch.Tensor] | None = None,
                  backend: str | IntGemmBackend | None = None, float_dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        backend = select_backend(backend)
+        backend = select_backend(backend, device=codes.device)
         self.out_features, self.in_features = codes.shape
         self.path = _choose_path(input_quantizer, integer_ok=True)
         in_spec = input_quantizer.spec if self.path == "int" else None
@@ -463,6 +483,7 @@ class PackedLinear(PackedLayer):
         return y
 
     def int_product(self, xs: torch.Tensor) -> torch.Tensor:
+        self.check_device(xs)
         x2d = xs.reshape(-1, self.in_features)
         act = quantize_activation(x2d, self.input_quantizer, self.backend)
         a = fit_codes(act.codes, self.weight.plan.k_pad, act.zero)
@@ -530,7 +551,7 @@ class PackedConv2d(PackedLayer):
                  smooth: torch.Tensor | None = None, backend: str | IntGemmBackend | None = None,
                  float_dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        backend = select_backend(backend)
+        backend = select_backend(backend, device=codes.device)
         self.geometry = geometry
         self.path = _choose_path(input_quantizer, integer_ok=geometry.im2col_ok)
         in_spec = input_quantizer.spec if self.path == "int" else None
@@ -555,6 +576,7 @@ class PackedConv2d(PackedLayer):
 
     def int_product(self, xs: torch.Tensor) -> torch.Tensor:
         """xs [B, H, W, C] -> [B, N, Ho, Wo] (channels-last strides)."""
+        self.check_device(xs)
         batch, height, width, channels = xs.shape
         act = quantize_activation(xs.reshape(-1, channels), self.input_quantizer, self.backend)
         per_tensor = act.scale.shape[0] == 1
