@@ -37,6 +37,7 @@ from torch import nn
 import diffquant
 from diffquant.api import STATE_ATTR, QuantizationState, quantized_layers
 from diffquant.formats.spec import QuantSpec
+from diffquant.lora import require_detached
 from diffquant.nn.layers import QuantizedLayer, wrap_layer
 from diffquant.plan import LayerPlan
 from diffquant.recipes.config import Recipe
@@ -161,6 +162,7 @@ def _state_of(model: nn.Module) -> QuantizationState:
 def _save_model_files(model: nn.Module, folder: Path) -> None:
     from diffquant.freeze import thawed  # a frozen model is saved as the codes it was frozen from
 
+    require_detached(model, "save a quantized model")
     state = _state_of(model)
     if not hasattr(model, "save_config"):
         raise TypeError(f"{type(model).__name__} is not a diffusers model (no save_config)")

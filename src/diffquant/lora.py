@@ -26,13 +26,19 @@ Two ways a LoRA joins a layer:
   side branch on the layer's input as the model gives it (before smoothing and quantization), through
   a forward hook: y + s · (x·Aᵀ)·Bᵀ. Removing the hook restores the layer exactly.
 
+* **Convolutions** (nn.Conv2d, QConv2d, PackedConv2d; e.g. SD-1.5's 1x1 `proj_in` / `proj_out` and the
+  resnet convs of LoCon-style LoRAs) — a side branch of two convolutions, as diffusers runs them:
+  A [r, in, kh, kw] with the layer's stride / padding / dilation, then B [out, r, 1, 1]. Grouped
+  convolutions raise NotImplementedError.
+
 Changing the strength rebuilds the concatenation (SVDQuant layers) or just changes the number the hook
 reads; adapters with strength 0 are left out of the concatenation, so strength 0 is bitwise the base.
-Convolutions (LoRA on Conv2d) raise NotImplementedError.
 
-What a LoRA leaves out: it is not part of the quantized checkpoint (save with the LoRA detached, or the
-concatenated factors of SVDQuant layers would be saved as the model's own branch), and freezing a
-model with a LoRA attached bakes the concatenated branch into the packed layers; attach after freezing.
+What a LoRA leaves out: it is not part of the quantized checkpoint, and it does not survive freezing.
+`save_quantized` and `freeze` refuse a model with a LoRA attached (LoraAttachedError): saving would
+store the concatenated factors as the model's own branch, and freezing would bake them into the packed
+layers where detach can no longer reach them. Detach, save or freeze, then attach again (attaching to a
+frozen model works the same way).
 """
 
 from __future__ import annotations
@@ -42,9 +48,14 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LoraError", "LoraHandle", "attach", "attached", "detach", "parse_lora", "set_scale"]
+from diffquant.nn.layers import QConv2d
+from diffquant.nn.packed import ConvGeometry
+
+__all__ = ["LoraAttachedError", "LoraError", "LoraHandle", "attach", "attached", "detach", "parse_lora",
+           "require_detached", "set_scale"]
 
 KNOWN_PREFIXES = ("base_model.model.", "transformer.", "unet.", "model.", "diffusion_model.", "text_encoder.")
 _FACTOR = re.compile(r"^(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_down|lora_up)(?:\.[^.]+)?\.weight$")
@@ -56,9 +67,14 @@ class LoraError(ValueError):
     """A LoRA state dict that does not fit the model."""
 
 
+class LoraAttachedError(RuntimeError):
+    """An operation that would bake an attached LoRA into the model (saving, freezing)."""
+
+
 @dataclass
 class LoraFactors:
-    """One adapted layer's LoRA: A [r, in], B [out, r], alpha (None: alpha = r)."""
+    """One adapted layer's LoRA: A [r, in], B [out, r] (a convolution's: A [r, in, kh, kw], B [out, r, 1, 1]),
+    alpha (None: alpha = r)."""
 
     down: torch.Tensor | None = None
     up: torch.Tensor | None = None
@@ -94,9 +110,9 @@ def parse_lora(state_dict: dict[str, torch.Tensor]) -> dict[str, LoraFactors]:
     for path, entry in groups.items():
         if entry.down is None or entry.up is None:
             raise LoraError(f"{path}: needs both a down (lora_A) and an up (lora_B) factor")
-        if entry.down.dim() != 2 or entry.up.dim() != 2:
-            raise NotImplementedError(f"{path}: LoRA on convolutions (factors {tuple(entry.down.shape)}, "
-                                      f"{tuple(entry.up.shape)}) is not supported; Linear layers only")
+        if (entry.down.dim(), entry.up.dim()) not in ((2, 2), (4, 4)):
+            raise LoraError(f"{path}: factors {tuple(entry.down.shape)}, {tuple(entry.up.shape)} are neither a "
+                            f"Linear LoRA (2-D) nor a convolution LoRA (4-D)")
         if entry.up.shape[1] != entry.down.shape[0]:
             raise LoraError(f"{path}: lora_B {tuple(entry.up.shape)} does not fit lora_A {tuple(entry.down.shape)}")
     return groups
@@ -118,10 +134,11 @@ def _match(path: str, modules: dict[str, nn.Module]) -> str | None:
 
 @dataclass
 class _Entry:
-    down: torch.Tensor  # [in, r]: Aᵀ, times λ on a branch layer
-    up: torch.Tensor  # [r, out]: Bᵀ, times alpha/r
+    down: torch.Tensor  # [in, r]: Aᵀ, times λ on a branch layer; a convolution's A [r, in, kh, kw]
+    up: torch.Tensor  # [r, out]: Bᵀ, times alpha/r; a convolution's B [out, r, 1, 1] times alpha/r
     scale: float
     hook: torch.utils.hooks.RemovableHandle | None = None
+    conv: ConvGeometry | None = None  # set for a convolution's side branch
 
 
 @dataclass
@@ -134,16 +151,31 @@ def _has_branch(module: nn.Module) -> bool:
     return getattr(module, "low_rank_down", None) is not None
 
 
-def _check_linear(name: str, module: nn.Module, factors: LoraFactors) -> tuple[int, int]:
-    if isinstance(module, nn.Conv2d) or hasattr(module, "in_channels") or hasattr(module, "geometry"):
-        raise NotImplementedError(f"{name}: LoRA on convolutions is not supported yet; Linear layers only")
+def _conv_geometry(module: nn.Module) -> ConvGeometry | None:
+    """The convolution a float, quantized or packed Conv2d computes, or None for other layers."""
+    if hasattr(module, "geometry"):
+        return module.geometry
+    return ConvGeometry.of(module) if isinstance(module, (nn.Conv2d, QConv2d)) else None
+
+
+def _check_layer(name: str, module: nn.Module, factors: LoraFactors) -> None:
+    """The factors fit the layer: a Linear-like layer (2-D factors) or an ungrouped convolution (4-D)."""
+    conv = _conv_geometry(module)
+    if conv is not None:
+        if conv.groups != 1:
+            raise NotImplementedError(f"{name}: LoRA on grouped convolutions is not supported")
+        expected = ((factors.rank, conv.in_channels, *conv.kernel_size), (conv.out_channels, factors.rank, 1, 1))
+        if (tuple(factors.down.shape), tuple(factors.up.shape)) != expected:
+            raise LoraError(f"{name}: LoRA factors A {tuple(factors.down.shape)}, B {tuple(factors.up.shape)} do not "
+                            f"fit a convolution {conv.in_channels} -> {conv.out_channels}, kernel {conv.kernel_size} "
+                            f"(expected {expected[0]}, {expected[1]})")
+        return
     inputs, outputs = getattr(module, "in_features", None), getattr(module, "out_features", None)
     if inputs is None or outputs is None:
-        raise NotImplementedError(f"{name}: a {type(module).__name__} is not a Linear layer LoRA can adapt")
-    if factors.down.shape[1] != inputs or factors.up.shape[0] != outputs:
+        raise NotImplementedError(f"{name}: a {type(module).__name__} is not a layer LoRA can adapt")
+    if factors.down.dim() != 2 or factors.down.shape[1] != inputs or factors.up.shape[0] != outputs:
         raise LoraError(f"{name}: LoRA factors A {tuple(factors.down.shape)}, B {tuple(factors.up.shape)} do not "
                         f"fit a {inputs} -> {outputs} layer")
-    return inputs, outputs
 
 
 def _set_factor(module: nn.Module, attr: str, value: torch.Tensor) -> None:
@@ -171,8 +203,21 @@ def _side_hook(entry: _Entry):
         if entry.scale == 0.0:
             return output
         x = args[0]
-        return output + ((x @ entry.down.to(x.dtype)) @ entry.up.to(x.dtype)) * entry.scale
+        down, up = entry.down.to(x.dtype), entry.up.to(x.dtype)
+        if entry.conv is not None:
+            g = entry.conv
+            return output + F.conv2d(F.conv2d(x, down, None, g.stride, g.padding, g.dilation), up) * entry.scale
+        return output + ((x @ down) @ up) * entry.scale
     return hook
+
+
+def _side_entry(module: nn.Module, factors: LoraFactors, scale: float) -> _Entry:
+    """A side branch's factors: Aᵀ, Bᵀ·alpha/r for a Linear layer; A, B·alpha/r for a convolution."""
+    conv = _conv_geometry(module)
+    down, up = factors.down.detach().to(torch.float32), factors.up.detach().to(torch.float32) * factors.factor
+    if conv is None:
+        down, up = down.t(), up.t()
+    return _Entry(down.contiguous(), up.contiguous(), float(scale), conv=conv)
 
 
 # -- handles -----------------------------------------------------------------------------------------------
@@ -217,6 +262,14 @@ def attached(model: nn.Module) -> dict[str, LoraHandle]:
     return model.__dict__.setdefault("_diffquant_loras", {})
 
 
+def require_detached(model: nn.Module, action: str) -> None:
+    """Raise LoraAttachedError if a LoRA is attached to `model` (module docstring: why)."""
+    names = sorted(attached(model))
+    if names:
+        raise LoraAttachedError(f"cannot {action} while LoRA {', '.join(map(repr, names))} is attached: detach it "
+                                f"first (diffquant.lora.detach(model, name)) and attach it again afterwards")
+
+
 @torch.no_grad()
 def attach(model: nn.Module, lora: dict[str, torch.Tensor], scale: float = 1.0, name: str = "default") -> LoraHandle:
     """Attach a diffusers/PEFT LoRA state dict to `model` (quantized, frozen or float) at strength `scale`."""
@@ -236,7 +289,7 @@ def attach(model: nn.Module, lora: dict[str, torch.Tensor], scale: float = 1.0, 
         raise LoraError(f"{len(unmatched)} LoRA module path(s) match no module of the model (after stripping "
                         f"prefixes {', '.join(KNOWN_PREFIXES)}): {sorted(unmatched)}")
     for target, factors in matched.items():
-        _check_linear(target, modules[target], factors)
+        _check_layer(target, modules[target], factors)
 
     layers = {}
     for target, factors in matched.items():
@@ -246,9 +299,9 @@ def attach(model: nn.Module, lora: dict[str, torch.Tensor], scale: float = 1.0, 
             branch = (module.low_rank_down, module.low_rank_up) if _has_branch(module) else None
             state = _LayerState(branch)
             module.__dict__[_STATE] = state
-        down = factors.down.detach().to(torch.float32).t()
-        up = factors.up.detach().to(torch.float32).t() * factors.factor
         if state.branch is not None:
+            down = factors.down.detach().to(torch.float32).t()
+            up = factors.up.detach().to(torch.float32).t() * factors.factor
             smooth = getattr(module, "smooth", None)
             if smooth is not None:
                 down = down * smooth.detach().to(torch.float32)[:, None]
@@ -257,7 +310,7 @@ def attach(model: nn.Module, lora: dict[str, torch.Tensor], scale: float = 1.0, 
             _rebuild_branch(module, state)
             layers[target] = "branch"
         else:
-            entry = _Entry(down.contiguous(), up.contiguous(), float(scale))
+            entry = _side_entry(module, factors, scale)
             entry.hook = module.register_forward_hook(_side_hook(entry))
             state.entries[name] = entry
             layers[target] = "side"

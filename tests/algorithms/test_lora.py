@@ -171,9 +171,11 @@ def test_unmatched_keys_and_bad_state_dicts_are_clear_errors(svd_dit):
     bad = {f"{TARGETS[0]}.lora_A.weight": torch.zeros(RANK, 3), f"{TARGETS[0]}.lora_B.weight": torch.zeros(64, RANK)}
     with pytest.raises(lora.LoraError, match="do not fit"):
         lora.attach(svd_dit, bad)
-    conv = {"c.lora_A.weight": torch.zeros(2, 4, 1, 1), "c.lora_B.weight": torch.zeros(4, 2, 1, 1)}
-    with pytest.raises(NotImplementedError, match="Linear layers only"):
+    conv = {f"{TARGETS[0]}.lora_A.weight": torch.zeros(2, 64, 1, 1), f"{TARGETS[0]}.lora_B.weight": torch.zeros(64, 2, 1, 1)}
+    with pytest.raises(lora.LoraError, match="do not fit"):  # a convolution's factors on a Linear layer
         lora.attach(svd_dit, conv)
+    with pytest.raises(lora.LoraError, match="neither"):
+        lora.attach(svd_dit, {"x.lora_A.weight": torch.zeros(2, 4, 1), "x.lora_B.weight": torch.zeros(4, 2, 1)})
     handle = lora.attach(svd_dit, make_lora(svd_dit), name="twice")
     try:
         with pytest.raises(ValueError, match="already attached"):
@@ -234,3 +236,92 @@ def test_frozen_packed_layers_take_a_lora(svd_dit, w8a8_dit, recipe):
         lora.detach(fake, "fake")
     handle.detach()
     assert torch.equal(dit_output(model), base)
+
+
+def test_saving_or_freezing_with_a_lora_attached_is_refused_and_leaves_nothing(w8a8_dit, tmp_path):
+    model = copy.deepcopy(w8a8_dit)
+    base = dit_output(model)
+    lora.attach(model, make_lora(model), name="style")
+    target = tmp_path / "saved"
+    with pytest.raises(lora.LoraAttachedError, match="'style' is attached"):
+        diffquant.save_quantized(model, target)
+    assert not target.exists() and not any(tmp_path.iterdir())
+    with pytest.raises(lora.LoraAttachedError, match="freeze"):
+        freeze(model)
+    assert not packed_layers(model)  # nothing was converted before the refusal
+    lora.detach(model, "style")
+    assert torch.equal(dit_output(model), base)
+    diffquant.save_quantized(model, target)
+    assert (target / "diffquant_config.json").is_file()
+    assert packed_layers(freeze(model))
+
+
+UNET = TINY_MODELS["unet2d"]
+
+
+def conv_lora(model: nn.Module, seed: int = 0, strength: float = 0.3) -> dict[str, torch.Tensor]:
+    """A LoRA on two 3x3 convolutions and one 1x1 of the tiny UNet: A [r, in, kh, kw], B [out, r, 1, 1]."""
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1}
+    wide = [n for n, m in convs.items() if m.kernel_size == (3, 3) and m.in_channels == 64][:2]
+    point = [n for n, m in convs.items() if m.kernel_size == (1, 1)][:1]
+    assert len(wide) == 2 and len(point) == 1
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for path in wide + point:
+        conv = convs[path]
+        a = torch.randn(RANK, conv.in_channels, *conv.kernel_size, generator=g)
+        b = torch.randn(conv.out_channels, RANK, 1, 1, generator=g)
+        delta = (b.flatten(1) @ a.flatten(1)).norm()
+        state[f"unet.{path}.lora_down.weight"] = a
+        state[f"unet.{path}.lora_up.weight"] = b * strength * conv.weight.norm() / delta
+        state[f"unet.{path}.alpha"] = torch.tensor(RANK / 2)
+    return state
+
+
+def merged_conv(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """The float model with each conv LoRA merged: dW[o, i] = alpha/r * sum_r B[o, r] A[r, i] (B is 1x1)."""
+    model = copy.deepcopy(model)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for path, f in lora.parse_lora(state).items():
+            conv = modules[path.removeprefix("unet.")]
+            conv.weight += f.factor * torch.einsum("or,rikl->oikl", f.up.flatten(1), f.down)
+    return model
+
+
+def unet_output(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return UNET.run(model, UNET.inputs(2))
+
+
+def test_a_convolution_lora_runs_as_a_side_branch_exactly(tmp_path):
+    fp = UNET.build()
+    state = conv_lora(fp)
+    expected = unet_output(merged_conv(fp, state))
+    model = copy.deepcopy(fp)
+    base = unet_output(model)
+    handle = lora.attach(model, state)
+    assert set(handle.layers.values()) == {"side"} and len(handle.layers) == 3
+    got = unet_output(model)
+    assert float((got - base).abs().max()) > 1e-2  # the LoRA changes the output
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    handle.detach()
+    assert torch.equal(unet_output(model), base)
+
+
+def test_quantized_and_frozen_convolutions_take_a_lora():
+    """Quantized + LoRA tracks FP + LoRA within the base's quantization error, and a LoRA that was not
+    applied could not pass: it moves the output far more than quantization does."""
+    fp = UNET.build()
+    state = conv_lora(fp)
+    fp_out, fp_lora_out = unet_output(fp), unet_output(merged_conv(fp, state))
+    quantized = diffquant.quantize(copy.deepcopy(fp), "w8a8", progress=False)
+    frozen = freeze(copy.deepcopy(quantized), float_dtype=torch.float32)
+    for model in (quantized, frozen):
+        base = unet_output(model)
+        base_error_db = sqnr_db(fp_out, base)
+        assert sqnr_db(fp_lora_out, fp_out) < base_error_db - 10
+        lora.attach(model, state, name="conv")
+        assert sqnr_db(fp_lora_out, unet_output(model)) > base_error_db - 3
+        lora.detach(model, "conv")
+        assert torch.equal(unet_output(model), base)
