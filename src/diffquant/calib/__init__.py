@@ -1,17 +1,38 @@
-"""Calibration: the sampling-step context, streamed activation statistics, pipeline runners."""
+"""Calibration: the sampling-step context, streamed activation statistics, pipeline runners, and
+calibration sets (captured denoiser inputs, TDAC / uniform selection, replay)."""
 
 from diffquant.calib.pipeline import pipeline_calibration, register_condition_builder
+from diffquant.calib.sets import (
+    CalibrationSet,
+    StepFeatures,
+    capture,
+    counts_from_weights,
+    replay,
+    select,
+    tdac_scores,
+    tdac_weights,
+    uniform_counts,
+)
 from diffquant.calib.stats import ActivationStats, ChannelRange, LayerStats, collect_activation_stats
 from diffquant.calib.steps import current_step, sampling_step, track_pipeline_steps
 
 __all__ = [
     "ActivationStats",
+    "CalibrationSet",
     "ChannelRange",
     "LayerStats",
+    "StepFeatures",
+    "capture",
     "collect_activation_stats",
+    "counts_from_weights",
     "current_step",
     "pipeline_calibration",
     "register_condition_builder",
+    "replay",
     "sampling_step",
+    "select",
+    "tdac_scores",
+    "tdac_weights",
     "track_pipeline_steps",
+    "uniform_counts",
 ]
