@@ -45,6 +45,7 @@ class QuantizationJob:
     stats: ActivationStats | None = None
     layers: dict[str, QuantizedLayer] = field(default_factory=dict)
     progress: bool = True
+    calibration: Calibration | None = None  # what quantize() was given, for stages that replay it
 
     def require_stats(self) -> ActivationStats:
         if self.stats is None:
@@ -117,7 +118,7 @@ def quantize(
             f"recipe {recipe.name!r} needs calibration (static input ranges or a data-driven stage): pass "
             "calibration=diffquant.calib.pipeline_calibration(pipe, ...) or your own sampling function"
         )
-    job = QuantizationJob(model, recipe, plan, progress=progress)
+    job = QuantizationJob(model, recipe, plan, progress=progress, calibration=calibration)
     if calibration is not None and recipe.needs_calibration:
         job.stats = gather_stats(model, plan, calibration, recipe.calibration_rows)
     job.wrap()

@@ -1,3 +1,3 @@
 """One module per quantization method; each registers its recipe stages on import."""
 
-from diffquant.algorithms import smoothquant, svdquant  # noqa: F401
+from diffquant.algorithms import reconstruction, smoothquant, svdquant  # noqa: F401

@@ -1,0 +1,218 @@
+"""Learnable quantizers for reconstruction (BRECQ / Q-Diffusion / EDA-DM, METHODS.md §4, §12).
+
+Each is a drop-in for a QuantizedLayer's quantizer, installed only while a block is reconstructed;
+afterwards the layer holds ordinary round-to-nearest-format state again, so saving, freezing and
+packing need to know nothing about how it was made.
+
+AdaRound (weights), over the quantizer's block view [blocks, len] with its scale s and zero point z:
+
+    W_soft = s · (clamp(floor(W/s) + h(V) + z, qmin, qmax) − z),
+    h(V)   = clamp(sigmoid(V)·(ζ − γ) + γ, 0, 1),   ζ = 1.1, γ = −0.1  (rectified sigmoid)
+
+V starts where h(V) = W/s − floor(W/s), so W_soft = W inside the grid's range. The rounding
+regulariser Σ 1 − |2h − 1|^β pushes every h to 0 or 1; hardening rounds up where V ≥ 0 (h ≥ ½).
+Scales are never changed: the hardened codes lie in {floor, ceil}(W/s), clamped to the format.
+
+LSQ (static input step sizes): the calibrated scale becomes a parameter; rounding is straight-through
+and the step size's gradient is scaled by 1/√(N·Q_P) (N inputs per step size, Q_P = qmax), as in LSQ.
+`write_back` rounds it to the spec's scale format and copies it into the quantizer's buffer (the
+current sampling step's row of per-step scales is the one a batch trains).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from diffquant.calib.steps import require_step
+from diffquant.formats.base import IntFormat
+from diffquant.formats.ops import block_view, dequantize, fake_quantize, unblock_view
+from diffquant.formats.spec import QuantSpec
+from diffquant.nn.layers import QuantizedLayer
+from diffquant.nn.quantizers import ActivationQuantizer, WeightQuantizer
+
+ZETA, GAMMA = 1.1, -0.1
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    """AdaRound's h(V) = clamp(sigmoid(V)·(ζ − γ) + γ, 0, 1): reaches exactly 0 and 1."""
+    return (torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+
+def inverse_rectified_sigmoid(h: torch.Tensor) -> torch.Tensor:
+    """V with h(V) = h, for h in [0, 1]."""
+    return torch.log((h - GAMMA) / (ZETA - h))
+
+
+def rounding_regularizer(h: torch.Tensor, beta: float) -> torch.Tensor:
+    """Σ 1 − |2h − 1|^β: zero only when every h is 0 or 1; large β leaves the middle flat."""
+    return (1 - (2 * h - 1).abs().pow(beta)).sum()
+
+
+def grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """x in the forward pass, its gradient multiplied by `factor` (LSQ's step-size gradient scale)."""
+    scaled = x * factor
+    return (x - scaled).detach() + scaled
+
+
+class AdaRoundWeight(nn.Module):
+    """Learned up/down rounding of one weight matrix [out, K] on its WeightQuantizer's fixed grid.
+
+    Installed as the layer's weight_quantizer; forward ignores the weight it is given (the rounding
+    was fixed from it at construction) except for its dtype and shape.
+    """
+
+    def __init__(self, base: WeightQuantizer, weight2d: torch.Tensor) -> None:
+        super().__init__()
+        if base.scale is None:
+            raise RuntimeError("AdaRound needs a calibrated weight quantizer (round-to-nearest scales first)")
+        if not adaround_supports(base.spec):
+            raise NotImplementedError(f"AdaRound needs an integer grid, got format {base.spec.format!r}")
+        self.base = base
+        self.shape = torch.Size(weight2d.shape)
+        blocks = block_view(weight2d.detach().float(), base.spec.granularity, base.spec.group_size)
+        scaled = blocks / base.scale
+        self.register_buffer("floor", torch.floor(scaled))
+        self.v = nn.Parameter(inverse_rectified_sigmoid((scaled - self.floor).clamp(0.0, 1.0)))
+
+    @property
+    def spec(self) -> QuantSpec:
+        return self.base.spec
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.base.scale
+
+    def soft_rounding(self) -> torch.Tensor:
+        return rectified_sigmoid(self.v)
+
+    def hard_rounding(self) -> torch.Tensor:
+        return (self.v >= 0).to(self.floor.dtype)
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        return rounding_regularizer(self.soft_rounding(), beta)
+
+    def _dequantized(self, rounding: torch.Tensor) -> torch.Tensor:
+        fmt, zero_point = self.spec.qformat, self.base.zero_point
+        codes = self.floor + rounding
+        if zero_point is not None:
+            codes = codes + zero_point
+        weight = dequantize(codes.clamp(fmt.qmin, fmt.qmax), self.base.scale, zero_point)
+        return unblock_view(weight, self.shape, self.spec.granularity)
+
+    def forward(self, weight2d: torch.Tensor) -> torch.Tensor:
+        return self._dequantized(self.soft_rounding()).to(weight2d.dtype)
+
+    @torch.no_grad()
+    def hard_codes(self) -> torch.Tensor:
+        """Hardened codes [out, K] in the format's storage dtype (what WeightQuantizer.codes stores)."""
+        fmt, zero_point = self.spec.qformat, self.base.zero_point
+        codes = self.floor + self.hard_rounding()
+        if zero_point is not None:
+            codes = codes + zero_point
+        return fmt.encode(unblock_view(codes.clamp(fmt.qmin, fmt.qmax), self.shape, self.spec.granularity))
+
+
+class HardenedWeight(nn.Module):
+    """Fixed codes [out, K] on the base quantizer's grid, decoded exactly as a checkpoint decodes them.
+
+    Holds a finished layer's AdaRound result (1 byte per weight) while later blocks are reconstructed,
+    leaving the float weight untouched for the full-precision passes.
+    """
+
+    def __init__(self, base: WeightQuantizer, codes: torch.Tensor) -> None:
+        super().__init__()
+        self.base = base
+        self.register_buffer("codes", codes)
+
+    @property
+    def spec(self) -> QuantSpec:
+        return self.base.spec
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.base.scale
+
+    def forward(self, weight2d: torch.Tensor) -> torch.Tensor:
+        return self.base.decode(self.codes).to(weight2d.dtype)
+
+
+class LSQActivation(nn.Module):
+    """A static ActivationQuantizer with a learnable step size (LSQ); the zero point stays fixed."""
+
+    def __init__(self, base: ActivationQuantizer) -> None:
+        super().__init__()
+        if not lsq_supports(base):
+            raise ValueError("LSQ learns calibrated static step sizes with a one-level scale format")
+        self.base = base
+        self.scale = nn.Parameter(base.scale.detach().clone())
+
+    @property
+    def spec(self) -> QuantSpec:
+        return self.base.spec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale, zero_point = self.scale, self.base.zero_point
+        if self.spec.per_step:
+            step = require_step()
+            scale, zero_point = scale[step], None if zero_point is None else zero_point[step]
+        per_scale = max(x.numel() // scale.numel(), 1)
+        scale = grad_scale(scale.clamp_min(_TINY), 1.0 / math.sqrt(per_scale * self.spec.qformat.qmax))
+        return fake_quantize(x, scale.to(x.dtype), None if zero_point is None else zero_point.to(x.dtype),
+                             self.spec.qformat)
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        """The learned step sizes, rounded to the spec's scale format, into the base quantizer."""
+        self.base.scale.copy_(self.spec.scale_format.round(self.scale.detach().float()))
+
+
+def adaround_supports(spec: QuantSpec) -> bool:
+    return isinstance(spec.qformat, IntFormat)  # float grids (fp4, ...) have no floor / ceil pair
+
+
+def lsq_supports(quantizer: nn.Module | None) -> bool:
+    return (type(quantizer) is ActivationQuantizer and not quantizer.spec.dynamic
+            and quantizer.scale is not None and not quantizer.spec.scale_format.two_level)
+
+
+# -- installing on a layer ------------------------------------------------------------------------
+
+
+def install_adaround(layer: QuantizedLayer) -> AdaRoundWeight:
+    ada = AdaRoundWeight(layer.weight_quantizer, layer.weight_matrix(layer.weight.detach()))
+    layer.weight_quantizer = ada
+    return ada
+
+
+def install_lsq(layer: QuantizedLayer) -> LSQActivation:
+    lsq = LSQActivation(layer.input_quantizer)
+    layer.input_quantizer = lsq
+    return lsq
+
+
+def harden(layer: QuantizedLayer) -> None:
+    """AdaRoundWeight -> HardenedWeight (codes fixed, float weight kept for full-precision passes)."""
+    ada = layer.weight_quantizer
+    layer.weight_quantizer = HardenedWeight(ada.base, ada.hard_codes())
+
+
+@torch.no_grad()
+def commit_weight(layer: QuantizedLayer) -> None:
+    """HardenedWeight -> the base quantizer, with the float weight replaced by the decoded codes, so
+    that round-to-nearest of the new weight gives back exactly these codes (an ordinary RTN layer)."""
+    hardened = layer.weight_quantizer
+    weight = layer.weight_from_matrix(hardened.base.decode(hardened.codes))
+    layer.weight.copy_(weight.to(layer.weight.dtype))
+    layer.weight_quantizer = hardened.base
+
+
+def restore(layer: QuantizedLayer) -> None:
+    """Put the base quantizers back without keeping anything learned (after a failure)."""
+    for attr in ("weight_quantizer", "input_quantizer"):
+        quantizer = getattr(layer, attr)
+        if isinstance(quantizer, AdaRoundWeight | HardenedWeight | LSQActivation):
+            setattr(layer, attr, quantizer.base)
