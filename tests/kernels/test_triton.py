@@ -5,8 +5,8 @@ of backend by device.
 
 Where to run: on a CUDA GPU the kernels run compiled. Without one, where triton is installed
 (`pip install -e ".[gpu]"`), the same tests run through triton's interpreter on CPU tensors
-(TRITON_INTERPRET=1, set here before the kernels are first built; the backend is then pointed at CPU
-tensors for the test's layers). Without triton only the layout and selection tests run.
+(TRITON_INTERPRET=1, which tests/conftest.py sets before anything imports triton; the backend is then
+pointed at CPU tensors for the test's layers). Without triton only the layout and selection tests run.
 """
 
 from __future__ import annotations
@@ -31,11 +31,10 @@ from diffquant.kernels.gpu_triton import TritonKernels, pack_weight, unpack_weig
 CUDA = torch.cuda.is_available()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 os.environ.setdefault("DIFFQUANT_TRITON_TUNE", "0")  # one tile config: correctness, with few compiles
-if HAS_TRITON and not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
-    gpu_triton.triton_reason.cache_clear()
+RUNNABLE = HAS_TRITON and (CUDA or gpu_triton.interpreting())  # tests/conftest.py switches the interpreter on
 DEVICE = "cuda" if CUDA else "cpu"
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install -e '.[gpu]')")
+needs_triton = pytest.mark.skipif(not RUNNABLE, reason="triton is not installed (pip install -e '.[gpu]'), or it "
+                                                       "was imported before TRITON_INTERPRET=1 could be set")
 
 # (M, K, N, bits, L): row / column tails of the tiles, one and many segments, fold depths 32 / 64 / 128,
 # a one-segment K that is no multiple of the tile depth (masked).
