@@ -95,12 +95,16 @@ class AdaRoundWeight(nn.Module):
     def regularizer(self, beta: float) -> torch.Tensor:
         return rounding_regularizer(self.soft_rounding(), beta)
 
-    def _dequantized(self, rounding: torch.Tensor) -> torch.Tensor:
+    def _grid_codes(self, rounding: torch.Tensor) -> torch.Tensor:
+        """floor(W/s) + rounding (+ zero point), clamped to the format: codes in block_view layout."""
         fmt, zero_point = self.spec.qformat, self.base.zero_point
         codes = self.floor + rounding
         if zero_point is not None:
             codes = codes + zero_point
-        weight = dequantize(codes.clamp(fmt.qmin, fmt.qmax), self.base.scale, zero_point)
+        return codes.clamp(fmt.qmin, fmt.qmax)
+
+    def _dequantized(self, rounding: torch.Tensor) -> torch.Tensor:
+        weight = dequantize(self._grid_codes(rounding), self.base.scale, self.base.zero_point)
         return unblock_view(weight, self.shape, self.spec.granularity)
 
     def forward(self, weight2d: torch.Tensor) -> torch.Tensor:
@@ -109,11 +113,8 @@ class AdaRoundWeight(nn.Module):
     @torch.no_grad()
     def hard_codes(self) -> torch.Tensor:
         """Hardened codes [out, K] in the format's storage dtype (what WeightQuantizer.codes stores)."""
-        fmt, zero_point = self.spec.qformat, self.base.zero_point
-        codes = self.floor + self.hard_rounding()
-        if zero_point is not None:
-            codes = codes + zero_point
-        return fmt.encode(unblock_view(codes.clamp(fmt.qmin, fmt.qmax), self.shape, self.spec.granularity))
+        codes = self._grid_codes(self.hard_rounding())
+        return self.spec.qformat.encode(unblock_view(codes, self.shape, self.spec.granularity))
 
 
 class HardenedWeight(nn.Module):

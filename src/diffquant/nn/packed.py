@@ -62,6 +62,7 @@ Grouped / depthwise convolutions, "same"/"valid" string padding and per-channel 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -125,18 +126,28 @@ class SegmentPlan:
     def k_pad(self) -> int:
         return self.length * self.count
 
+    @functools.cached_property
+    def _act_blocks_in_order(self) -> bool:  # computed once per plan, not per layer call
+        return _is_arange(self.act_blocks)
+
+    @functools.cached_property
+    def _weight_groups_in_order(self) -> bool:
+        return _is_arange(self.weight_groups)
+
     def act_scales(self, per_block: torch.Tensor) -> torch.Tensor:
         """Per-block activation values [R, B] -> per segment [R, S] (no gather, and no host-to-device copy
         of the index on a GPU, where segments and blocks coincide)."""
-        return per_block if _is_identity(self.act_blocks, per_block.shape[1]) else per_block[:, self.act_blocks]
+        same = self._act_blocks_in_order and len(self.act_blocks) == per_block.shape[1]
+        return per_block if same else per_block[:, self.act_blocks]
 
     def weight_rows(self, per_group: torch.Tensor) -> torch.Tensor:
         """Per-group weight values [G, N] -> per segment [S, N] (as act_scales)."""
-        return per_group if _is_identity(self.weight_groups, per_group.shape[0]) else per_group[self.weight_groups]
+        same = self._weight_groups_in_order and len(self.weight_groups) == per_group.shape[0]
+        return per_group if same else per_group[self.weight_groups]
 
 
-def _is_identity(index: torch.Tensor, size: int) -> bool:
-    return len(index) == size and bool(torch.equal(index, torch.arange(size)))
+def _is_arange(index: torch.Tensor) -> bool:
+    return bool(torch.equal(index, torch.arange(len(index))))
 
 
 def plan_segments(k: int, weight_group: int | None, act_period: int | None, act_group: int | None) -> SegmentPlan:
