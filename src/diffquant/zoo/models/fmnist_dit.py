@@ -83,7 +83,7 @@ class DiTConfig:
 
 @dataclass
 class DiTTrainConfig:
-    steps: int = 2600
+    steps: int = 10000
     batch_size: int = 128
     lr: float = 6e-4
     warmup: int = 150
@@ -405,7 +405,7 @@ images = zoo.generate(model, labels=torch.arange(10))  # [-1, 1], 1x32x32
 
 def train_dit(
     out_dir: str | Path = WEIGHTS_DIR,
-    steps: int = 2600,
+    steps: int = 10000,
     batch_size: int = 128,
     seed: int = 0,
     resume: bool = True,
@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         description="Train the Fashion-MNIST latent DiT and ship its pipeline folder."
     )
-    p.add_argument("--steps", type=int, default=2600)
+    p.add_argument("--steps", type=int, default=10000)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="output pipeline folder")
