@@ -11,7 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffquant.calib.stats import ActivationStats, collect_activation_stats, modules_by_name
-from diffquant.nn.layers import QuantizedLayer, wrap_layer
+from diffquant.nn.layers import QuantizedLayer, quantization_enabled, wrap_layer
 from diffquant.plan import LayerPlan, plan_layers
 from diffquant.recipes.config import Recipe
 from diffquant.recipes.presets import resolve_recipe
@@ -19,12 +19,19 @@ from diffquant.recipes.presets import resolve_recipe
 # What `calibration` may be: statistics already collected on this model, or a function that runs
 # the full-precision sampler on the model it is given (e.g. from diffquant.calib.pipeline_calibration).
 Calibration = ActivationStats | Callable[[nn.Module], object]
+# Training data for stages that train on it: objective(model, i) is the loss of batch i (e.g. a zoo
+# model's diffquant.zoo.training.diffusion_objective).
+TrainingObjective = Callable[[nn.Module, int], object]
 
 STATE_ATTR = "_diffquant_state"
 
 
 class CalibrationRequiredError(ValueError):
     """A recipe with static ranges or data-driven stages was given no calibration."""
+
+
+class TrainingDataRequiredError(ValueError):
+    """A recipe with a stage that trains on data was given no training objective."""
 
 
 @dataclass
@@ -46,6 +53,12 @@ class QuantizationJob:
     layers: dict[str, QuantizedLayer] = field(default_factory=dict)
     progress: bool = True
     calibration: Calibration | None = None  # what quantize() was given, for stages that replay it
+    training: TrainingObjective | None = None  # for stages that train on data
+
+    def require_training(self) -> TrainingObjective:
+        if self.training is None:
+            raise TrainingDataRequiredError(f"recipe {self.recipe.name!r} trains on data: pass training=...")
+        return self.training
 
     def require_stats(self) -> ActivationStats:
         if self.stats is None:
@@ -103,11 +116,14 @@ def quantize(
     recipe: str | Path | Recipe,
     calibration: Calibration | None = None,
     progress: bool = True,
+    training: TrainingObjective | None = None,
 ) -> nn.Module:
     """Quantize `model` in place with `recipe` (preset name, Recipe, or recipe file) and return it.
 
     calibration: needed by recipes with static input ranges or data-driven stages (SmoothQuant):
     ActivationStats collected on this model, or a function running the FP sampler on the model.
+    training: needed by recipes whose stages train on data (QAT): objective(model, i) -> loss of batch
+    i, e.g. diffquant.zoo.training.diffusion_objective(zoo_model).
     """
     recipe = resolve_recipe(recipe)
     if getattr(model, STATE_ATTR, None) is not None:
@@ -118,9 +134,16 @@ def quantize(
             f"recipe {recipe.name!r} needs calibration (static input ranges or a data-driven stage): pass "
             "calibration=diffquant.calib.pipeline_calibration(pipe, ...) or your own sampling function"
         )
-    job = QuantizationJob(model, recipe, plan, progress=progress, calibration=calibration)
-    if calibration is not None and recipe.needs_calibration:
-        job.stats = gather_stats(model, plan, calibration, recipe.calibration_rows)
+    if recipe.needs_training_data and training is None:
+        raise TrainingDataRequiredError(
+            f"recipe {recipe.name!r} trains on data: pass training=objective, a function (model, i) -> loss of "
+            "batch i (for zoo models diffquant.zoo.training.diffusion_objective(model))"
+        )
+    job = QuantizationJob(model, recipe, plan, progress=progress, calibration=calibration, training=training)
+    for stage in recipe.stages:
+        stage.prepare(job)
+    if job.calibration is not None and recipe.needs_calibration:
+        job.stats = gather_stats(model, plan, job.calibration, recipe.calibration_rows)
     job.wrap()
     for stage in recipe.stages:
         stage.apply(job)
@@ -139,11 +162,5 @@ def quantizers_disabled(model: nn.Module) -> Iterator[nn.Module]:
     layers = list(quantized_layers(model).values())
     if any(layer.weight_codes is not None for layer in layers):
         raise RuntimeError("a model loaded from stored codes has no full-precision weights to disable to")
-    previous = [layer.quant_enabled for layer in layers]
-    for layer in layers:
-        layer.quant_enabled = False
-    try:
+    with quantization_enabled(layers, False):
         yield model
-    finally:
-        for layer, flag in zip(layers, previous, strict=True):
-            layer.quant_enabled = flag

@@ -57,7 +57,7 @@ def run_trajectory(model: torch.nn.Module) -> torch.Tensor:
     outputs = []
     with torch.no_grad():
         for step in range(CHECK_STEPS):
-            with sampling_step(step):
+            with sampling_step(step, CHECK_STEPS):
                 outputs.append(model(**check_inputs(step), return_dict=False)[0])
     return torch.cat(outputs)
 

@@ -74,7 +74,12 @@ def quantize_zoo_model(
     calibration = None
     if recipe.needs_calibration:
         calibration = model.calibration(calib_samples, calib_steps, seed=seed)
-    quantize(model.denoiser, recipe, calibration=calibration)
+    training = None
+    if recipe.needs_training_data:
+        from diffquant.zoo.training import diffusion_objective
+
+        training = diffusion_objective(model)
+    quantize(model.denoiser, recipe, calibration=calibration, training=training)
     return save_quantized(model.pipe, out, overwrite=overwrite, extra_json={ZOO_MARKER: {"zoo": name}},
                           source=zoo.get(name).folder)
 

@@ -406,11 +406,11 @@ def test_invalid_stage_configs_are_rejected(bad):
 ])
 def test_presets(name, bits, eta, qdrop_p, selection):
     preset = get_preset(name)
-    (stage,) = preset.stages
+    chooser, stage = preset.stages
+    assert chooser.type == "calibration_selection" and chooser.method == selection.lower()
     assert preset.label == f"W{bits}A8" and not preset.input.dynamic and preset.needs_calibration
     assert isinstance(stage, BlockReconstruction) and (stage.eta, stage.qdrop_p) == (eta, qdrop_p)
     assert stage.iterations == 1000 and stage.batch_size == 32
-    assert selection in preset.description
 
 
 def test_rectified_sigmoid_reaches_both_ends():

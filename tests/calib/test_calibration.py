@@ -11,7 +11,13 @@ from torch import nn
 import diffquant
 from diffquant.api import CalibrationRequiredError
 from diffquant.calib.stats import ActivationStats, collect_activation_stats
-from diffquant.calib.steps import StepContextError, current_step, sampling_step, track_pipeline_steps
+from diffquant.calib.steps import (
+    StepContextError,
+    current_step,
+    current_total_steps,
+    sampling_step,
+    track_pipeline_steps,
+)
 from diffquant.formats import QuantSpec
 from diffquant.recipes import Recipe
 
@@ -89,9 +95,11 @@ class Recorder(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.seen: list[int | None] = []
+        self.totals: list[int | None] = []
 
     def forward(self, x, timestep=None):
         self.seen.append(current_step())
+        self.totals.append(current_total_steps())
         return x
 
 
@@ -100,8 +108,9 @@ def test_track_pipeline_steps_maps_timesteps_to_indices():
     with track_pipeline_steps(pipe):
         pipe()
     assert pipe.transformer.seen == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert pipe.transformer.totals == [4] * 8  # the run's length: the schedule's
     pipe.transformer(torch.zeros(1), 600)
-    assert pipe.transformer.seen[-1] is None  # hooks removed
+    assert pipe.transformer.seen[-1] is None and pipe.transformer.totals[-1] is None  # hooks removed
 
 
 PER_STEP = Recipe(

@@ -390,3 +390,191 @@ def test_failed_save_leaves_no_partial_file(dit_run, tmp_path, monkeypatch):
         dit_run.cal.save(target)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp file, old set intact
     assert_same_set(CalibrationSet.load(target), good)
+
+
+# -- capture from any calibration function ---------------------------------------------------------
+
+
+def assert_same_capture(a: CalibrationSet, fa: StepFeatures, b: CalibrationSet, fb: StepFeatures) -> None:
+    ta, tb = a._row_tensors(), b._row_tensors()
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
+    assert a.static == b.static and a.shared == b.shared == {} and a.meta["steps"] == b.meta["steps"]
+    assert fa.module == fb.module and fa.steps == fb.steps
+    assert all(torch.equal(x, y) for x, y in zip(fa.features, fb.features, strict=True))
+
+
+@pytest.mark.parametrize("guidance", [3.0, 1.0])
+def test_capture_calls_from_a_zoo_calibration_function_equals_capture(guidance):
+    model = tiny_dit(guidance)
+    cal, feats = capture(model, SAMPLES, batch_size=BATCH, progress=False)
+    generic, generic_feats = sets.capture_calls(model.calibration(SAMPLES, batch_size=BATCH, progress=False),
+                                                model.denoiser)
+    assert_same_capture(cal, feats, generic, generic_feats)
+    assert generic.meta["num_samples"] == SAMPLES and generic.meta["guided_calls"] == (STEPS * 2 if guidance > 1 else 0)
+
+
+def test_capture_calls_from_the_unet_equals_capture():
+    model = tiny_unet()
+    cal, feats = capture(model, 2, batch_size=2, progress=False)
+    generic, generic_feats = sets.capture_calls(model.calibration(2, batch_size=2, progress=False), model.denoiser)
+    assert_same_capture(cal, feats, generic, generic_feats)
+
+
+class Echo(torch.nn.Module):
+    """A denoiser stand-in: forward(hidden_states, timestep, extra=None) -> hidden_states * 2."""
+
+    def __init__(self):
+        super().__init__()
+        self.mid_block = torch.nn.Identity()
+
+    def forward(self, hidden_states, timestep, extra=None):
+        return self.mid_block(hidden_states * 2)
+
+
+def test_capture_calls_infers_batches_sample_ids_and_guidance():
+    x = torch.arange(12.0).reshape(6, 2)
+
+    def calibration(den):
+        for steps, rows in (((0, 1, 2), x[:2]), ((0, 1, 2), x[2:5]), ((0,), x[5:])):
+            for s in steps:
+                with diffquant.sampling_step(s, 3):
+                    den(torch.cat([rows, rows]), torch.tensor(float(s)))  # guided: both halves equal
+        with diffquant.sampling_step(1, 3):
+            den(x[:4], torch.tensor(1.0))  # unguided 4 rows (halves differ): a new batch
+        with diffquant.sampling_step(2, 3):
+            den(x[:3], torch.tensor(2.0))  # 3 samples after 4: a new batch again
+
+    cal, feats = sets.capture_calls(calibration, Echo())
+    ids = lambda s: cal.sample_id[cal.step == s].tolist()  # noqa: E731
+    assert ids(0) == [0, 1, 0, 1, 2, 3, 4, 2, 3, 4, 5, 5]
+    assert ids(1) == [0, 1, 0, 1, 2, 3, 4, 2, 3, 4, 6, 7, 8, 9]
+    assert ids(2) == [0, 1, 0, 1, 2, 3, 4, 2, 3, 4, 10, 11, 12]
+    assert cal.conditional[cal.step == 1].tolist() == [True] * 2 + [False] * 2 + [True] * 3 + [False] * 3 + [True] * 4
+    assert cal.inputs["timestep"].shape == (len(cal),)  # 0-d timesteps broadcast to the rows
+    assert cal.meta["num_samples"] == 13 and cal.meta["steps"] == 3 and cal.meta["guided_calls"] == 7
+    # features: the conditional half of guided calls, every row otherwise, per step in call order
+    assert [f.shape[0] for f in feats.features] == [6, 9, 8]
+    torch.testing.assert_close(feats.features[0], torch.cat([x[:2], x[2:5], x[5:]]) * 2)
+
+
+def _one_step_call(m):
+    with diffquant.sampling_step(0):
+        m(torch.ones(3, 2))
+
+
+def test_capture_calls_needs_steps_and_calls_and_can_skip_features():
+    den = torch.nn.Linear(2, 2)  # no feature module: fine without features
+    cal, feats = sets.capture_calls(_one_step_call, den, features=False)
+    assert feats is None and len(cal) == 3 and cal.meta["feature_module"] is None and cal.meta["steps"] is None
+    with pytest.raises(ValueError, match="feature_module"):
+        sets.capture_calls(_one_step_call, den)
+    with pytest.raises(diffquant.calib.steps.StepContextError, match="sampling step"):
+        sets.capture_calls(lambda m: m(torch.ones(3, 2)), den, features=False)
+    with pytest.raises(ValueError, match="never called"):
+        sets.capture_calls(lambda m: None, den, features=False)
+
+
+@pytest.mark.parametrize("family", ["flux", "unet2d-condition", "ltx-video"])
+def test_capture_calls_keeps_shared_nested_and_static_inputs(family, tmp_path):
+    """FLUX's img_ids / txt_ids have no batch axis (shared), SDXL's added_cond_kwargs is a dict
+    (dotted names), LTX passes ints (static): replay and save / load keep the calls exact."""
+    from tests.tiny_models import TINY_MODELS
+
+    tiny = TINY_MODELS[family]
+    model, inputs = tiny.build(), tiny.inputs(2)
+    outputs: list = []
+    handle = record_outputs(model, outputs)
+
+    def calibration(m):
+        for s in range(2):
+            with torch.no_grad(), diffquant.sampling_step(s):
+                tiny.run(m, inputs)
+
+    try:
+        cal, _ = sets.capture_calls(calibration, model, features=False)
+        expected = {"flux": {"img_ids", "txt_ids"}}.get(family, set())
+        assert set(cal.shared) == expected
+        if family == "unet2d-condition":
+            assert {"added_cond_kwargs.text_embeds", "added_cond_kwargs.time_ids"} <= set(cal.inputs)
+        if family == "ltx-video":
+            assert cal.static == {"num_frames": 2, "height": 4, "width": 4}
+        loaded = CalibrationSet.load(cal.save(tmp_path / "cal.safetensors"))
+        assert loaded.shared.keys() == cal.shared.keys()
+        assert all(torch.equal(loaded.shared[k], v) for k, v in cal.shared.items())
+        replay(loaded, batch_size=2)(model)
+    finally:
+        handle.remove()
+    assert len(outputs) == 4 and torch.equal(outputs[0][1], outputs[2][1]) and torch.equal(outputs[1][1], outputs[3][1])
+
+
+def test_capture_calls_refuses_a_shared_input_that_changes():
+    def calibration(m):
+        for s in range(2):
+            with diffquant.sampling_step(s):
+                m(torch.ones(3, 2), torch.zeros(3), extra=torch.full((5,), float(s)))
+
+    with pytest.raises(ValueError, match="'extra' has no batch axis"):
+        sets.capture_calls(calibration, Echo(), features=False)
+
+
+# -- capped counts ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("weights", "n", "available", "expected"),
+    [
+        pytest.param([1, 1, 1], 6, [9, 9, 9], [2, 2, 2], id="no-cap"),
+        pytest.param([8, 1, 1], 10, [4, 9, 9], [4, 3, 3], id="excess-shared"),
+        pytest.param([8, 2, 1], 11, [4, 9, 9], [4, 5, 2], id="excess-by-weight"),  # 7 left: 4.67, 2.33
+        pytest.param([8, 1, 1], 10, [4, 9, 1], [4, 5, 1], id="two-caps"),
+        pytest.param([6, 3, 1], 10, [3, 4, 9], [3, 4, 3], id="cascade"),  # step 1 reaches its cap after step 0's
+        pytest.param([1, 0, 0], 5, [2, 9, 9], [2, 2, 1], id="zero-weights-equally"),
+        pytest.param([1, 1], 4, [2, 2], [2, 2], id="everything"),
+        pytest.param([1, 1, 1], 2, [0, 5, 5], [0, 1, 1], id="empty-step"),
+    ],
+)
+def test_capped_counts_known(weights, n, available, expected):
+    assert sets.capped_counts(weights, n, available) == expected
+
+
+def test_capped_counts_minimum():
+    assert sets.capped_counts([0, 0, 5, 1], 8, [9, 9, 9, 9]) == counts_from_weights([0, 0, 5, 1], 8)
+    counts = sets.capped_counts([0, 0, 5, 1], 8, [9, 9, 9, 9], minimum=1)
+    assert counts == [1, 1, 4, 2] and sum(counts) == 8  # one each, the other 4 by weight: 3.33, 0.67
+    assert sets.capped_counts([1, 1], 3, [0, 5], minimum=1) == [0, 3]  # a step with nothing keeps nothing
+    with pytest.raises(ValueError, match="minimum"):
+        sets.capped_counts([1, 1, 1], 2, [5, 5, 5], minimum=1)
+
+
+def test_capped_counts_rejects_impossible_requests():
+    with pytest.raises(ValueError, match="only 6"):
+        sets.capped_counts([1, 1], 7, [3, 3])
+    with pytest.raises(ValueError, match="one available count"):
+        sets.capped_counts([1, 1], 2, [3])
+    with pytest.raises(ValueError):
+        sets.capped_counts([1, -1], 2, [3, 3])
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 7, 25])
+def test_capped_counts_properties(num_steps):
+    gen = torch.Generator().manual_seed(num_steps)
+    for trial in range(40):
+        w = torch.rand(num_steps, generator=gen, dtype=torch.float64) ** 3  # uneven: caps bind
+        if trial % 4 == 0:
+            w[torch.rand(num_steps, generator=gen) < 0.5] = 0
+        available = torch.randint(0, 12, (num_steps,), generator=gen).tolist()
+        for n in sorted({0, min(1, sum(available)), sum(available) // 3, sum(available) // 2, sum(available)}):
+            counts = sets.capped_counts(w, n, available)
+            assert sum(counts) == n and all(0 <= c <= a for c, a in zip(counts, available, strict=True))
+            assert sets.capped_counts(w.clone(), n, list(available)) == counts  # deterministic
+            free = [t for t in range(num_steps) if counts[t] < available[t]]
+            if w.sum() > 0:
+                # a step below its cap never gets less than its share of n (the capped steps' excess
+                # only adds to it), and a heavier one never gets fewer than a lighter one, up to rounding
+                assert all(counts[t] > float(w[t] * n / w.sum()) - 1 for t in free)
+                assert all(counts[i] >= counts[j] - 1 for i in free for j in free if w[i] >= w[j])
+            if all(q < a for q, a in zip((w * n / w.sum()).tolist() if w.sum() > 0 else [n / num_steps] * num_steps,
+                                         available, strict=True)):
+                assert counts == counts_from_weights(w, n)  # no cap reached: plain proportional counts

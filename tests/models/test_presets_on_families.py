@@ -30,15 +30,18 @@ MIN_SQNR_DB = {
     "svdquant-w8a8": 25.0, "svdquant-w4a4": 5.0, "svdquant-nvfp4": 5.0,
     "qdiffusion-w8a8": 25.0, "qdiffusion-w4a8": 8.0, "edadm-w8a8": 25.0, "edadm-w4a8": 8.0,
     "w4a8-static": 8.0, "w4a4-static": 3.0,
+    "efficientdm-w8a8": 25.0, "efficientdm-w4a8": 8.0, "efficientdm-w4a4": 3.0,
 }
-RECONSTRUCTION_ITERATIONS = 20  # block reconstruction at its default 1000 iterations is for real models
+# Training stages at their defaults are for real models (their effect is tested in tests/algorithms):
+# here a few iterations / rounds, and no checkpoints written.
+AFFORDABLE = {"block_reconstruction": dict(iterations=20, batch_size=2),
+              "efficientdm": dict(rounds=2, checkpoint_dir="")}
 
 
 def affordable(preset: str):
-    """The preset, with block reconstruction cut to a few iterations (its effect is tested elsewhere)."""
+    """The preset, with its training stages cut short."""
     recipe = get_preset(preset)
-    stages = tuple(dataclasses.replace(s, iterations=RECONSTRUCTION_ITERATIONS, batch_size=2)
-                   if s.type == "block_reconstruction" else s for s in recipe.stages)
+    stages = tuple(dataclasses.replace(s, **AFFORDABLE.get(s.type, {})) for s in recipe.stages)
     return dataclasses.replace(recipe, stages=stages)
 
 

@@ -1,3 +1,11 @@
 """One module per quantization method; each registers its recipe stages on import."""
 
-from diffquant.algorithms import reconstruction, smoothquant, svdquant  # noqa: F401
+from diffquant.algorithms import (  # noqa: F401
+    calibration_selection,
+    efficientdm,
+    qat,
+    range_search,
+    reconstruction,
+    smoothquant,
+    svdquant,
+)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from diffquant.calib.steps import current_step, sampling_step
-from diffquant.nn.layers import QuantizedLayer
+from diffquant.nn.layers import QuantizedLayer, quantization_enabled
 
 # Module paths (full match) that form one block. The outermost match wins, so a UNet's
 # Transformer2DModel (`attentions.N`) is one block together with its inner transformer_blocks.
@@ -127,16 +127,8 @@ class _Stop(Exception):
     """Raised by a hook once a block's data is taken: the rest of the forward is not needed."""
 
 
-@contextlib.contextmanager
-def full_precision(layers: list[QuantizedLayer]) -> Iterator[None]:
-    previous = [layer.quant_enabled for layer in layers]
-    for layer in layers:
-        layer.quant_enabled = False
-    try:
-        yield
-    finally:
-        for layer, flag in zip(layers, previous, strict=True):
-            layer.quant_enabled = flag
+def full_precision(layers: list[QuantizedLayer]) -> contextlib.AbstractContextManager[None]:
+    return quantization_enabled(layers, False)
 
 
 def record_calls(model: nn.Module, calibration: Callable[[nn.Module], object],

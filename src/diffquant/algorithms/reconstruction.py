@@ -271,7 +271,7 @@ class Reconstructor:
         inner = _LayerOutputs(layers) if cfg.eta > 0 else None
         errors: list[float] = []  # the block error at the first and the last iteration
         learned = [a.v for a in adas] + [q.scale for q in lsqs]
-        with _only_learning(block, learned), contextlib.ExitStack() as stack:
+        with only_learning(block, learned), contextlib.ExitStack() as stack:
             if inner is not None:
                 stack.enter_context(inner)
             for i in tqdm(range(cfg.iterations), desc=name, disable=not self.progress, leave=False):
@@ -331,7 +331,7 @@ class _LayerOutputs:
 
 
 @contextlib.contextmanager
-def _only_learning(block: nn.Module, learned: list[torch.Tensor]) -> Iterator[None]:
+def only_learning(block: nn.Module, learned: list[torch.Tensor]) -> Iterator[None]:
     """No gradients for the block's own parameters while its quantizers are learned."""
     ids = {id(p) for p in learned}
     frozen = [p for p in block.parameters() if p.requires_grad and id(p) not in ids]

@@ -65,7 +65,8 @@ def pipeline_calibration(
 ) -> Callable[[torch.nn.Module], None]:
     """A calibration function running `pipe` over `num_samples` conditions at every sampling step.
 
-    Steps are tracked from the timestep the pipeline gives its denoiser (per-step statistics).
+    Steps are tracked from the timestep the pipeline gives its denoiser (per-step statistics). The
+    function's `reseeded(seed)` runs the same conditions from other noise (for training stages).
     """
     inputs = inputs if inputs is not None else conditions_for(pipe, num_samples, seed)
     if not inputs:
@@ -86,4 +87,6 @@ def pipeline_calibration(
         finally:
             pipe._progress_bar_config = previous_bar
 
+    run.reseeded = lambda new_seed: pipeline_calibration(pipe, num_samples, num_inference_steps, new_seed, inputs,
+                                                         False, **call_kwargs)
     return run

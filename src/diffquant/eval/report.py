@@ -114,12 +114,14 @@ def run_report(config: ReportConfig) -> list[dict[str, Any]]:
         raise ValueError("no zoo model has shipped weights yet: nothing to report (see `diffquant zoo list`)")
     recipes = recipe_names(config)
     judge = Judge()
-    rows = load_rows(config.out / RESULTS)
+    rows = load_rows(config.out / RESULTS)  # what the README shows if nothing is evaluated
     for model in models:
         fingerprint = model_fingerprint(zoo.load(model))
         for recipe in recipes:
             print(f"[report] {model} x {recipe}", file=sys.stderr)
-            rows = merge_rows(rows, [evaluate_row(model, recipe, fingerprint, config, judge)])
+            row = evaluate_row(model, recipe, fingerprint, config, judge)
+            # re-read: another report process may have added rows meanwhile
+            rows = merge_rows(load_rows(config.out / RESULTS), [row])
             write_json_atomic(config.out / RESULTS, rows)
     write_readme(config.out, rows, config)
     plot_quality(config.out / PLOT, rows)

@@ -278,7 +278,7 @@ def eps_sqnr_per_step(model: LatentDiffusionModel, reference: LatentDiffusionMod
 
         def hook(step: int, t: torch.Tensor, x_in: torch.Tensor, eps: torch.Tensor,
                  batch_labels: torch.Tensor = batch_labels) -> None:
-            with sampling_step(step):
+            with sampling_step(step, len(reference.scheduler.timesteps)):
                 q_eps.setdefault(step, []).append(model.predict_noise(x_in, t, batch_labels))
             fp_eps.setdefault(step, []).append(eps)
             return None  # keep FP's eps: the trajectory stays FP's

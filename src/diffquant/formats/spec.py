@@ -16,6 +16,8 @@ from diffquant.formats.scales import ScaleFormat, get_scale_format
 # only), "token" one range per token. "group" splits the input/feature axis into blocks of group_size.
 WEIGHT_GRANULARITIES = ("tensor", "channel", "group")
 ACTIVATION_GRANULARITIES = ("tensor", "channel", "token", "group")
+# How per-step state trained for S steps serves a run of another length (calib/steps.py: step_rows).
+STEP_INTERPOLATIONS = ("linear", "nearest")
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,10 @@ class QuantSpec:
     per_step:    static activations only — one calibrated range per sampling step.
     scale_dtype: scale format the scales are rounded to and stored in: "float32", "float16",
                  "bfloat16", or "e4m3" (two-level, with a float32 global scale; formats/scales.py).
+    step_interpolation: with per_step, a run with another number of steps than calibrated reads its
+                 ranges "linear"ly interpolated between the two nearest calibrated steps, or from the
+                 "nearest" one (calib/steps.py: step_rows); no effect without per_step. Left out of
+                 to_dict while "linear", so specs that predate it serialise (and hash) as before.
     """
 
     format: str = "int8"
@@ -42,6 +48,7 @@ class QuantSpec:
     dynamic: bool = False
     per_step: bool = False
     scale_dtype: str = "float32"
+    step_interpolation: str = "linear"
 
     def __post_init__(self) -> None:
         fmt = get_format(self.format)  # raises for unknown formats / bit widths
@@ -56,6 +63,9 @@ class QuantSpec:
         if self.dynamic and self.per_step:
             raise SpecError("per_step applies to static (calibrated) ranges; a dynamic range has no steps")
         get_scale_format(self.scale_dtype)  # raises for unknown scale formats
+        if self.step_interpolation not in STEP_INTERPOLATIONS:
+            raise SpecError(f"unknown step_interpolation {self.step_interpolation!r}; "
+                            f"choose one of {STEP_INTERPOLATIONS}")
         self._check_format_fields(fmt)
 
     def _check_format_fields(self, fmt: QFormat) -> None:
@@ -100,7 +110,10 @@ class QuantSpec:
             raise SpecError("per-group activation ranges are computed at run time: set dynamic=true")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if self.step_interpolation == "linear":
+            del data["step_interpolation"]  # the default, and the behaviour of specs from before it
+        return data
 
     def with_changes(self, **changes: Any) -> QuantSpec:
         """dataclasses.replace that follows the format: a new format brings the fields it fixes and

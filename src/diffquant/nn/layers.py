@@ -22,6 +22,9 @@ evaluate the same expression, so outputs are bitwise identical.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -239,6 +242,21 @@ class QConv2d(QuantizedLayer):
     def matmul(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+@contextlib.contextmanager
+def quantization_enabled(layers: Iterable[QuantizedLayer], enabled: bool) -> Iterator[None]:
+    """The layers' quantizers on or off inside (off: full precision, transforms such as smoothing and
+    low-rank splits kept); the previous switches are restored on exit."""
+    layers = list(layers)
+    previous = [layer.quant_enabled for layer in layers]
+    for layer in layers:
+        layer.quant_enabled = enabled
+    try:
+        yield
+    finally:
+        for layer, flag in zip(layers, previous, strict=True):
+            layer.quant_enabled = flag
 
 
 QUANTIZED_LAYER_TYPES: dict[type[nn.Module], type[QuantizedLayer]] = {nn.Linear: QLinear, nn.Conv2d: QConv2d}

@@ -16,7 +16,9 @@ Scales are never changed: the hardened codes lie in {floor, ceil}(W/s), clamped 
 LSQ (static input step sizes): the calibrated scale becomes a parameter; rounding is straight-through
 and the step size's gradient is scaled by 1/√(N·Q_P) (N inputs per step size, Q_P = qmax), as in LSQ.
 `write_back` rounds it to the spec's scale format and copies it into the quantizer's buffer (the
-current sampling step's row of per-step scales is the one a batch trains).
+current sampling step's row of per-step scales is the one a batch trains). With `learn_zero_point`
+(EfficientDM's temporal LSQ) the zero point is a float parameter too, rounded straight-through in the
+forward pass and rounded onto the format's range on write-back.
 """
 
 from __future__ import annotations
@@ -26,12 +28,11 @@ import math
 import torch
 from torch import nn
 
-from diffquant.calib.steps import require_step
 from diffquant.formats.base import IntFormat
 from diffquant.formats.ops import block_view, dequantize, fake_quantize, unblock_view
 from diffquant.formats.spec import QuantSpec
 from diffquant.nn.layers import QuantizedLayer
-from diffquant.nn.quantizers import ActivationQuantizer, WeightQuantizer
+from diffquant.nn.quantizers import ActivationQuantizer, WeightQuantizer, step_qparams
 
 ZETA, GAMMA = 1.1, -0.1
 _TINY = torch.finfo(torch.float32).tiny
@@ -58,7 +59,26 @@ def grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
     return (x - scaled).detach() + scaled
 
 
-class AdaRoundWeight(nn.Module):
+class OverQuantizer(nn.Module):
+    """Base of the modules installed over a layer's quantizer while something is learned: `base` is
+    that quantizer, whose spec they follow."""
+
+    base: nn.Module
+
+    @property
+    def spec(self) -> QuantSpec:
+        return self.base.spec
+
+
+class OnFixedGrid(OverQuantizer):
+    """An OverQuantizer that keeps the base quantizer's grid (its scales) fixed."""
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.base.scale
+
+
+class AdaRoundWeight(OnFixedGrid):
     """Learned up/down rounding of one weight matrix [out, K] on its WeightQuantizer's fixed grid.
 
     Installed as the layer's weight_quantizer; forward ignores the weight it is given (the rounding
@@ -77,14 +97,6 @@ class AdaRoundWeight(nn.Module):
         scaled = blocks / base.scale
         self.register_buffer("floor", torch.floor(scaled))
         self.v = nn.Parameter(inverse_rectified_sigmoid((scaled - self.floor).clamp(0.0, 1.0)))
-
-    @property
-    def spec(self) -> QuantSpec:
-        return self.base.spec
-
-    @property
-    def scale(self) -> torch.Tensor:
-        return self.base.scale
 
     def soft_rounding(self) -> torch.Tensor:
         return rectified_sigmoid(self.v)
@@ -117,7 +129,7 @@ class AdaRoundWeight(nn.Module):
         return self.spec.qformat.encode(unblock_view(codes, self.shape, self.spec.granularity))
 
 
-class HardenedWeight(nn.Module):
+class HardenedWeight(OnFixedGrid):
     """Fixed codes [out, K] on the base quantizer's grid, decoded exactly as a checkpoint decodes them.
 
     Holds a finished layer's AdaRound result (1 byte per weight) while later blocks are reconstructed,
@@ -129,37 +141,28 @@ class HardenedWeight(nn.Module):
         self.base = base
         self.register_buffer("codes", codes)
 
-    @property
-    def spec(self) -> QuantSpec:
-        return self.base.spec
-
-    @property
-    def scale(self) -> torch.Tensor:
-        return self.base.scale
-
     def forward(self, weight2d: torch.Tensor) -> torch.Tensor:
         return self.base.decode(self.codes).to(weight2d.dtype)
 
 
-class LSQActivation(nn.Module):
+class LSQActivation(OverQuantizer):
     """A static ActivationQuantizer with a learnable step size (LSQ); the zero point stays fixed."""
 
-    def __init__(self, base: ActivationQuantizer) -> None:
+    def __init__(self, base: ActivationQuantizer, learn_zero_point: bool = False) -> None:
         super().__init__()
         if not lsq_supports(base):
             raise ValueError("LSQ learns calibrated static step sizes with a one-level scale format")
         self.base = base
         self.scale = nn.Parameter(base.scale.detach().clone())
-
-    @property
-    def spec(self) -> QuantSpec:
-        return self.base.spec
+        learn_zero_point = learn_zero_point and base.zero_point is not None
+        # a learned zero point is a float; fake_quantize rounds it straight-through
+        self.zero_point = nn.Parameter(base.zero_point.detach().float().clone()) if learn_zero_point else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale, zero_point = self.scale, self.base.zero_point
+        scale = self.scale
+        zero_point = self.base.zero_point if self.zero_point is None else self.zero_point
         if self.spec.per_step:
-            step = require_step()
-            scale, zero_point = scale[step], None if zero_point is None else zero_point[step]
+            scale, zero_point = step_qparams(scale, zero_point, self.spec.step_interpolation)
         per_scale = max(x.numel() // scale.numel(), 1)
         scale = grad_scale(scale.clamp_min(_TINY), 1.0 / math.sqrt(per_scale * self.spec.qformat.qmax))
         return fake_quantize(x, scale.to(x.dtype), None if zero_point is None else zero_point.to(x.dtype),
@@ -167,7 +170,40 @@ class LSQActivation(nn.Module):
 
     @torch.no_grad()
     def write_back(self) -> None:
-        """The learned step sizes, rounded to the spec's scale format, into the base quantizer."""
+        """The learned step sizes, rounded to the spec's scale format (and learned zero points, rounded
+        onto the format's range), into the base quantizer."""
+        self.base.scale.copy_(self.spec.scale_format.round(self.scale.detach().float()))
+        if self.zero_point is not None:
+            fmt = self.spec.qformat
+            zero = self.zero_point.detach().round().clamp(fmt.qmin, fmt.qmax)
+            self.base.zero_point.copy_(zero.to(self.base.zero_point.dtype))
+
+
+class LSQWeight(OverQuantizer):
+    """A weight quantizer whose calibrated step sizes are learnable (LSQ, for QAT); zero points fixed.
+
+    Installed as the layer's weight_quantizer while the float weight itself trains; `write_back`
+    rounds the learned scales to the spec's scale format into the base quantizer.
+    """
+
+    def __init__(self, base: WeightQuantizer) -> None:
+        super().__init__()
+        if base.scale is None or base.spec.scale_format.two_level:
+            raise ValueError("LSQ learns calibrated weight step sizes with a one-level scale format")
+        self.base = base
+        self.scale = nn.Parameter(base.scale.detach().clone())
+
+    def forward(self, weight2d: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        blocks = block_view(weight2d, spec.granularity, spec.group_size)
+        scale = grad_scale(self.scale.clamp_min(_TINY), 1.0 / math.sqrt(blocks.shape[-1] * spec.qformat.qmax))
+        zero_point = self.base.zero_point
+        fq = fake_quantize(blocks, scale.to(blocks.dtype), None if zero_point is None else zero_point.to(blocks.dtype),
+                           spec.qformat)
+        return unblock_view(fq, weight2d.shape, spec.granularity)
+
+    @torch.no_grad()
+    def write_back(self) -> None:
         self.base.scale.copy_(self.spec.scale_format.round(self.scale.detach().float()))
 
 
@@ -189,8 +225,14 @@ def install_adaround(layer: QuantizedLayer) -> AdaRoundWeight:
     return ada
 
 
-def install_lsq(layer: QuantizedLayer) -> LSQActivation:
-    lsq = LSQActivation(layer.input_quantizer)
+def install_lsq_weight(layer: QuantizedLayer) -> LSQWeight:
+    lsq = LSQWeight(layer.weight_quantizer)
+    layer.weight_quantizer = lsq
+    return lsq
+
+
+def install_lsq(layer: QuantizedLayer, learn_zero_point: bool = False) -> LSQActivation:
+    lsq = LSQActivation(layer.input_quantizer, learn_zero_point)
     layer.input_quantizer = lsq
     return lsq
 
@@ -215,5 +257,5 @@ def restore(layer: QuantizedLayer) -> None:
     """Put the base quantizers back without keeping anything learned (after a failure)."""
     for attr in ("weight_quantizer", "input_quantizer"):
         quantizer = getattr(layer, attr)
-        if isinstance(quantizer, AdaRoundWeight | HardenedWeight | LSQActivation):
+        if isinstance(quantizer, AdaRoundWeight | HardenedWeight | LSQActivation | LSQWeight):
             setattr(layer, attr, quantizer.base)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from diffquant.calib.stats import ChannelRange, LayerStats
-from diffquant.calib.steps import require_step
+from diffquant.calib.steps import step_rows
 from diffquant.formats.ops import (
     block_range,
     block_view,
@@ -81,7 +81,8 @@ class ActivationQuantizer(nn.Module):
 
     Dynamic specs compute the range from each input. Static specs hold calibrated buffers:
     scale/zero_point of shape [C] (per input channel) or [1] (per tensor), with a leading step axis
-    [S, ...] when per_step, indexed by the sampling step of the current context.
+    [S, ...] when per_step, read at the sampling step of the current context (calib.steps.step_rows:
+    interpolated per spec.step_interpolation when the run has another number of steps).
     """
 
     def __init__(self, spec: QuantSpec) -> None:
@@ -133,17 +134,26 @@ class ActivationQuantizer(nn.Module):
                              self.spec.qformat)
 
     def static_qparams(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The calibrated scale / zero point in force: the current sampling step's when per-step."""
+        """The calibrated scale / zero point in force: the current sampling step's when per-step (an
+        interpolated scale is used as computed, in float32, not rounded again to scale_dtype)."""
         if self.scale is None:
             raise RuntimeError("static activation quantizer used before calibration")
         scale, zero_point = self.scale, self.zero_point
         if self.spec.per_step:
-            step = require_step()
-            if step >= scale.shape[0]:
-                raise IndexError(f"sampling step {step} but ranges were calibrated for {scale.shape[0]} steps")
-            scale, zero_point = scale[step], None if zero_point is None else zero_point[step]
+            scale, zero_point = step_qparams(scale, zero_point, self.spec.step_interpolation)
         return scale, zero_point
 
     def extra_repr(self) -> str:
         kind = "dynamic" if self.spec.dynamic else ("static/step" if self.spec.per_step else "static")
         return f"{self.spec.format}, {self.spec.granularity}, {kind}"
+
+
+def step_qparams(scale: torch.Tensor, zero_point: torch.Tensor | None,
+                 mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The current sampling step's rows of per-step scale / zero point [S, ...] (calib.steps.step_rows);
+    an interpolated zero point is rounded back onto the integer grid (half to even), straight-through
+    so that a learned zero point keeps its gradient."""
+    if zero_point is None:
+        return step_rows(scale, mode), None
+    zero = step_rows(zero_point, mode)
+    return step_rows(scale, mode), zero + (torch.round(zero) - zero).detach()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -44,6 +45,11 @@ class StageConfig:
 
     type: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
+    needs_training_data: ClassVar[bool] = False  # reads job.training (e.g. QAT on the diffusion loss)
+
+    def prepare(self, job) -> None:
+        """Runs on the full-precision model before calibration statistics are gathered and the layers
+        wrapped; a stage that chooses the calibration data replaces job.calibration here."""
 
     def apply(self, job) -> None:  # job: diffquant.api.QuantizationJob
         raise NotImplementedError
@@ -54,6 +60,22 @@ class StageConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.type, **dataclasses.asdict(self)}
+
+
+def check_int(stage: StageConfig, name: str, minimum: int = 1) -> None:
+    """A stage field that must be an integer >= minimum (bools refused), else RecipeError."""
+    value = getattr(stage, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise RecipeError(f"{stage.type} {name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_number(stage: StageConfig, name: str, minimum: float = 0.0, strict: bool = True) -> None:
+    """A stage field that must be a finite number > minimum (>= when not strict), else RecipeError."""
+    value = getattr(stage, name)
+    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value) and (
+        value > minimum if strict else value >= minimum)
+    if not ok:
+        raise RecipeError(f"{stage.type} {name} must be {'>' if strict else '>='} {minimum:g}, got {value!r}")
 
 
 def register_stage(cls: type[StageConfig]) -> type[StageConfig]:
@@ -168,6 +190,10 @@ class Recipe:
         return static_input or any(s.needs_calibration for s in self.stages) or any(
             isinstance(o.input, dict) and not o.input.get("dynamic", True) for o in self.overrides
         )
+
+    @property
+    def needs_training_data(self) -> bool:
+        return any(s.needs_training_data for s in self.stages)
 
     @property
     def calibration_rows(self) -> int:

@@ -99,7 +99,8 @@ class LatentDiffusionModel:
     def calibration(self, num_samples: int = 64, steps: int | None = None, seed: int = 1234,
                     batch_size: int = 64, progress: bool = True) -> Callable[[torch.nn.Module], None]:
         """A `calibration=` function for diffquant.quantize: sample `num_samples` balanced labels
-        through every sampling step (seeds disjoint from evaluation's by default)."""
+        through every sampling step (seeds disjoint from evaluation's by default). Its `reseeded(seed)`
+        gives the same sampler from other noise (training stages draw fresh trajectories with it)."""
         labels = torch.arange(num_samples) % self.num_classes
         noise = self.initial_noise(num_samples, seed)
 
@@ -110,6 +111,7 @@ class LatentDiffusionModel:
                 sl = slice(start, start + batch_size)
                 sample_latents(self, labels[sl], noise[sl], steps)
 
+        run.reseeded = lambda new_seed: self.calibration(num_samples, steps, new_seed, batch_size, progress=False)
         return run
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -134,14 +136,15 @@ def sample_latents(
     """Run the model's scheduler from `noise` to clean latents for `labels`.
 
     step_hook(step, t, x_t, eps) may return a replacement eps (e.g. the teacher's, to follow the
-    full-precision trajectory); every denoiser call runs inside `sampling_step(step)`.
+    full-precision trajectory); every denoiser call runs inside `sampling_step(step, total)`, total
+    the number of scheduler timesteps.
     """
     scheduler = model.scheduler
     scheduler.set_timesteps(steps or model.default_steps)
     x = noise * scheduler.init_noise_sigma
     for i, t in enumerate(tqdm(scheduler.timesteps, desc="sample", disable=not progress, leave=False)):
         model_input = scheduler.scale_model_input(x, t)
-        with sampling_step(i):
+        with sampling_step(i, len(scheduler.timesteps)):
             eps = model.predict_noise(model_input, t, labels, guidance_scale)
         if step_hook is not None:
             replaced = step_hook(i, t, model_input, eps)

@@ -8,19 +8,23 @@ from __future__ import annotations
 import copy
 import hashlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from diffquant.calib.steps import sampling_step
 from diffquant.eval import metrics
 from diffquant.zoo.classifier import accuracy
 from diffquant.zoo.data import CLASS_NAMES, fashion_mnist_tensors
 from diffquant.zoo.model import LatentDiffusionModel, generate
+from diffquant.zoo.train_utils import default_checkpoint_dir, step_seed
 from diffquant.zoo.vae import encode_latents, load_vae, reconstruct
 
 # ----------------------------------------------------------------------------------------------
@@ -68,6 +72,57 @@ def cached_latents(vae_dir: Path, cache_dir: Path) -> tuple[torch.Tensor, torch.
 def latent_encode_seconds(vae_dir: Path, cache_dir: Path) -> float:
     with safe_open(str(_latent_cache(vae_dir, cache_dir)), "pt") as f:
         return float((f.metadata() or {}).get("encode_s", "nan"))
+
+
+TrainingObjective = Callable[[nn.Module, int], torch.Tensor]
+
+
+def diffusion_objective(
+    model: LatentDiffusionModel,
+    batch_size: int = 64,
+    seed: int = 0,
+    label_dropout: float = 0.1,
+    data: tuple[torch.Tensor, torch.Tensor] | None = None,
+    sampler_steps: int | None = None,
+) -> TrainingObjective:
+    """Training data for training-based quantization stages (`diffquant.quantize(..., training=...)`):
+    `objective(denoiser, i)` is the epsilon-prediction MSE of batch i of the model's training latents,
+    the condition replaced by the null condition with p = label_dropout once per sample (as the zoo
+    models were trained). Batch i is drawn from (seed, i) alone, so a resumed run sees the same batches.
+
+    Timesteps are those the quantized model will meet: batch i takes one step of the model's sampler
+    (`sampler_steps`, default the model's own step count) and runs inside `sampling_step(step, total)`,
+    so per-step quantizer state (temporal LSQ, per-step ranges) trains on its own step.
+    data: (latents, labels) to use instead of the cached Fashion-MNIST latents (those are encoded with
+    the model's VAE on first use, which needs the dataset)."""
+    if data is None:
+        from diffquant.zoo.registry import get
+
+        data = cached_latents(get(model.name).folder / "vae", default_checkpoint_dir(model.name))
+    latents, labels = data
+    noising = DDPMScheduler.from_config(model.scheduler.config)  # the training betas of the sampler
+    sampler = type(model.scheduler).from_config(model.scheduler.config)
+    sampler.set_timesteps(sampler_steps or model.default_steps)
+    timesteps = sampler.timesteps.clone()
+
+    def objective(denoiser: nn.Module, i: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(step_seed(seed, i))
+        idx = torch.randint(0, len(latents), (batch_size,), generator=gen)
+        step = int(torch.randint(0, len(timesteps), (1,), generator=gen))
+        x0, t = latents[idx], timesteps[step].expand(batch_size)
+        noise = torch.randn(x0.shape, generator=gen)
+        drop = torch.rand(batch_size, generator=gen) < label_dropout
+        cond = model.conditioning.denoiser_kwargs(labels[idx])
+        null = model.conditioning.null_kwargs(batch_size)
+        kwargs = {k: torch.where(drop.reshape(-1, *[1] * (v.dim() - 1)), null[k], v) for k, v in cond.items()}
+        device = next(denoiser.parameters()).device
+        x_t = noising.add_noise(x0, noise, t).to(device)
+        kwargs = {k: v.to(device) for k, v in kwargs.items()}
+        with sampling_step(step, len(timesteps)):
+            eps = denoiser(x_t, timestep=t.to(device), **kwargs, return_dict=False)[0][:, : x0.shape[1]]
+        return F.mse_loss(eps.float(), noise.to(device))
+
+    return objective
 
 
 # ----------------------------------------------------------------------------------------------
