@@ -75,7 +75,7 @@ from diffquant.nn.learnable import (
     lsq_supports,
     restore,
 )
-from diffquant.recipes.config import RecipeError, StageConfig, register_stage
+from diffquant.recipes.config import RecipeError, StageConfig, check_int, register_stage
 
 log = logging.getLogger("diffquant.reconstruction")
 
@@ -132,10 +132,7 @@ class BlockReconstruction(StageConfig):
 
     def __post_init__(self) -> None:
         for name in ("iterations", "batch_size", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (name != "seed"):
-                raise RecipeError(f"block_reconstruction {name} must be an integer >= {int(name != 'seed')}, "
-                                  f"got {value!r}")
+            check_int(self, name, int(name != "seed"))
         checks = {"eta": self.eta >= 0, "qdrop_p": 0 <= self.qdrop_p <= 1,
                   "lambda_round": self.lambda_round >= 0,
                   "warmup": 0 <= self.warmup < 1, "lr_weight": self.lr_weight > 0, "lr_act": self.lr_act > 0,

@@ -39,7 +39,7 @@ from diffquant.calib.stats import ActivationStats
 from diffquant.kernels.cpu import torch_threads
 from diffquant.nn.layers import QLinear, QuantizedLayer, low_rank_product
 from diffquant.nn.quantizers import ActivationQuantizer, WeightQuantizer
-from diffquant.recipes.config import RecipeError, StageConfig, register_stage
+from diffquant.recipes.config import RecipeError, StageConfig, check_int, register_stage
 
 log = logging.getLogger("diffquant.svdquant")
 
@@ -229,11 +229,11 @@ class SVDQuant(StageConfig):
     gptq: bool = False
 
     def __post_init__(self) -> None:
-        _check_int("rank", self.rank, 0)
-        _check_int("iterations", self.iterations, 0)
-        _check_int("sample_rows", self.sample_rows, 1)
+        check_int(self, "rank", 0)
+        check_int(self, "iterations", 0)
+        check_int(self, "sample_rows", 1)
         if self.randomized_svd_from is not None:
-            _check_int("randomized_svd_from", self.randomized_svd_from, 1)
+            check_int(self, "randomized_svd_from", 1)
         step = self.grid_step
         if isinstance(step, bool) or not isinstance(step, int | float) or not 0 < step <= 0.5 \
                 or abs(1 / step - round(1 / step)) > 1e-6:
@@ -299,9 +299,6 @@ class SVDQuant(StageConfig):
         return best
 
 
-def _check_int(name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise RecipeError(f"svdquant {name} must be an integer >= {low}, got {value!r}")
 
 
 def _in_scope(layer: QuantizedLayer) -> bool:
