@@ -25,6 +25,7 @@ from diffquant.calib import (
     capped_counts,
     capture,
     counts_from_weights,
+    median_step_distance,
     replay,
     select,
     tdac_weights,
@@ -107,6 +108,18 @@ def test_tdac_counts_are_capped_at_what_each_step_holds(direct):
     selection = chosen.meta["selection"]
     assert selection["method"] == "tdac" and selection["feature_module"] == "transformer_blocks.1"
     assert selection["weights"] == pytest.approx(weights.tolist(), abs=1e-6)
+
+
+def test_median_radius_scales_r_by_the_features_median_step_distance(direct):
+    _, feats = direct
+    median = median_step_distance(feats)
+    assert median > 0
+    job = job_after(CalibrationSelection(method="tdac", samples=9, r=0.5, radius="median"))
+    selection = job.calibration.calibration_set.meta["selection"]
+    assert selection["radius"] == "median" and selection["absolute_r"] == pytest.approx(0.5 * median)
+    expected = tdac_weights(feats, r=0.5 * median)
+    assert selection["weights"] == pytest.approx(expected.tolist(), abs=1e-6)
+    assert per_step_counts(job.calibration.calibration_set) == capped_counts(expected, 9, [SAMPLES] * STEPS)
 
 
 def test_stats_are_those_of_the_replayed_selection():
@@ -214,6 +227,7 @@ def test_needs_a_calibration_function():
         ({"batch_size": 0}, "batch_size"),
         ({"seed": -1}, "seed"),
         ({"r": -1.0}, "r must"),
+        ({"radius": "relative"}, "radius"),
         ({"lam": "high"}, "lam must"),
         ({"lam": float("nan")}, "lam must"),
         ({"feature_module": ""}, "feature_module"),
@@ -229,13 +243,14 @@ def test_bad_fields_are_recipe_errors(fields, match):
 def test_presets_and_ablations_select_first():
     from pathlib import Path
 
-    for name, method in (("qdiffusion-w8a8", "uniform"), ("qdiffusion-w4a8", "uniform"),
-                         ("edadm-w8a8", "tdac"), ("edadm-w4a8", "tdac")):
-        first = get_preset(name).stages[0]
-        assert first == CalibrationSelection(method=method, samples=256), name
+    uniform = CalibrationSelection(method="uniform", samples=256)
+    tdac = CalibrationSelection(method="tdac", samples=256, r=0.5, radius="median")
+    for name, first in (("qdiffusion-w8a8", uniform), ("qdiffusion-w4a8", uniform),
+                        ("edadm-w8a8", tdac), ("edadm-w4a8", tdac)):
+        assert get_preset(name).stages[0] == first, name
     folder = Path(__file__).parents[2] / "benchmarks" / "reconstruction" / "recipes"
-    for ablation, preset, method in (("edadm-w4a8-uniform", "edadm-w4a8", "uniform"),
-                                     ("qdiffusion-w4a8-tdac", "qdiffusion-w4a8", "tdac")):
+    for ablation, preset, first in (("edadm-w4a8-uniform", "edadm-w4a8", uniform),
+                                    ("qdiffusion-w4a8-tdac", "qdiffusion-w4a8", tdac)):
         r, base = Recipe.from_file(folder / f"{ablation}.yaml"), get_preset(preset)
-        assert r.name == ablation and r.stages[0] == CalibrationSelection(method=method, samples=256)
+        assert r.name == ablation and r.stages[0] == first
         assert r.stages[1:] == base.stages[1:] and (r.weight, r.input) == (base.weight, base.input)

@@ -21,6 +21,7 @@ from diffquant.calib.sets import (
     StepFeatures,
     capture,
     counts_from_weights,
+    median_step_distance,
     replay,
     select,
     tdac_scores,
@@ -140,6 +141,17 @@ def test_tdac_constant_scores_normalise_to_zero_and_counts_fall_back_to_uniform(
     w = tdac_weights(same)
     assert w.tolist() == [0, 0, 0, 0]
     assert counts_from_weights(w, 10) == uniform_counts(4, 10) == [3, 3, 2, 2]
+
+
+def test_median_step_distance_hand_computed_and_scale_free():
+    # pair distances (test_tdac_scores_hand_computed): six pairs at 0 (ordered), eight at 0.5, six at 1
+    assert median_step_distance(five_step_features()) == 0.5
+    assert median_step_distance([torch.ones(2, 3)]) == 0.0
+    # a radius relative to it gives the same weights whatever the features' scale
+    scaled = [10 * f for f in five_step_features()]
+    assert median_step_distance(scaled) == pytest.approx(50.0)
+    torch.testing.assert_close(tdac_weights(scaled, r=0.6 * median_step_distance(scaled)),
+                               tdac_weights(five_step_features(), r=0.6 * 0.5), rtol=0, atol=1e-12)
 
 
 def test_tdac_rejects_mismatched_features_and_bad_parameters():

@@ -13,6 +13,7 @@ from diffquant.calib.sets import (
     select,
     tdac_scores,
     tdac_weights,
+    median_step_distance,
     uniform_counts,
 )
 from diffquant.calib.stats import ActivationStats, ChannelRange, LayerStats, collect_activation_stats
@@ -37,6 +38,7 @@ __all__ = [
     "select",
     "tdac_scores",
     "tdac_weights",
+    "median_step_distance",
     "track_pipeline_steps",
     "uniform_counts",
 ]

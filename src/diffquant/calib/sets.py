@@ -537,6 +537,12 @@ def _feature_matrix(features: StepFeatures | Sequence[torch.Tensor]) -> torch.Te
     return torch.stack([f.reshape(-1).double() for f in per_step])
 
 
+def _pairwise_mse(F: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """[T, T] mean((F_t - F_t')^2) from the Gram matrix of the rows of F."""
+    sq = gram.diagonal()
+    return (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0) / F.shape[1]
+
+
 def tdac_scores(features: StepFeatures | Sequence[torch.Tensor], r: float = TDAC_RADIUS
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """EDA-DM's raw per-step scores (float64, [T] each), from each step's flattened features F_t.
@@ -547,7 +553,7 @@ def tdac_scores(features: StepFeatures | Sequence[torch.Tensor], r: float = TDAC
     F = _feature_matrix(features)
     gram = F @ F.T
     sq = gram.diagonal()
-    mse = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0) / F.shape[1]
+    mse = _pairwise_mse(F, gram)
     norms = sq.sqrt().clamp_min(1e-12)
     cos = gram / (norms[:, None] * norms[None, :])
     others = ~torch.eye(F.shape[0], dtype=torch.bool)
@@ -574,6 +580,17 @@ def tdac_weights(features: StepFeatures | Sequence[torch.Tensor], r: float = TDA
         raise ValueError(f"need r >= 0 and lam >= 0, got r={r}, lam={lam}")
     density, diversity = tdac_scores(features, r)
     return _min_max(density) + lam * _min_max(diversity)
+
+
+def median_step_distance(features: StepFeatures | Sequence[torch.Tensor]) -> float:
+    """The median over step pairs t != t' of mean((F_t - F_t')^2): the scale of TDAC's radius on these
+    features (0.0 for a single step). A radius r * median_step_distance counts, for r = 1, roughly
+    half of the other steps as neighbours of a typical step, on any model and feature module."""
+    F = _feature_matrix(features)
+    if F.shape[0] < 2:
+        return 0.0
+    mse = _pairwise_mse(F, F @ F.T)
+    return float(mse[~torch.eye(F.shape[0], dtype=torch.bool)].median())
 
 
 def counts_from_weights(weights: Sequence[float] | torch.Tensor, n: int) -> list[int]:
