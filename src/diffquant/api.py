@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import logging
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
 from tqdm.auto import tqdm
 
+from diffquant.arch.skips import observe_skip_concats, up_blocks
 from diffquant.calib.stats import ActivationStats, collect_activation_stats, modules_by_name
+from diffquant.nn.attention import (
+    attention_quantizers,
+    calibrate_attention_quantizers,
+    install_attention_quantizers,
+    observe_attention_operands,
+    operand_key,
+    planned_attention,
+)
 from diffquant.nn.layers import QuantizedLayer, quantization_enabled, wrap_layer
 from diffquant.plan import LayerPlan, plan_layers
 from diffquant.recipes.config import Recipe
@@ -24,6 +34,7 @@ Calibration = ActivationStats | Callable[[nn.Module], object]
 TrainingObjective = Callable[[nn.Module, int], object]
 
 STATE_ATTR = "_diffquant_state"
+log = logging.getLogger("diffquant.quantize")
 
 
 class CalibrationRequiredError(ValueError):
@@ -54,6 +65,7 @@ class QuantizationJob:
     progress: bool = True
     calibration: Calibration | None = None  # what quantize() was given, for stages that replay it
     training: TrainingObjective | None = None  # for stages that train on data
+    attention: tuple[str, ...] = ()  # attention modules that get the recipe's operand quantizers
 
     def require_training(self) -> TrainingObjective:
         if self.training is None:
@@ -72,6 +84,34 @@ class QuantizationJob:
             layer = wrap_layer(getattr(parent, attr), plan.weight, plan.input)
             setattr(parent, attr, layer)
             self.layers[name] = layer
+        self.split_inputs()
+        self.wrap_attention()
+
+    def split_inputs(self) -> None:
+        """Input quantizers with split_shortcut get the split of the skip concatenation that the
+        calibration run saw their layer read (arch/skips.py); other layers keep one range."""
+        if not wants_splits(self.plan):
+            return
+        splits = {} if self.stats is None else self.stats.channel_splits or {}
+        split = []
+        for name, layer in self.layers.items():
+            quantizer = layer.input_quantizer
+            if name in splits and quantizer is not None and quantizer.splits_input:
+                quantizer.set_split(splits[name])
+                split.append(name)
+        log.info("shortcut splitting: %d layers read a skip concatenation and get two input ranges", len(split))
+
+    def wrap_attention(self) -> None:
+        """Give the job's attention modules the recipe's operand quantizers (nn.attention). Their static
+        ranges are calibrated at once: they come from full-precision q, k, v and softmax statistics,
+        which the (function-preserving) transform stages do not change."""
+        config = self.recipe.attention
+        if config is None or not self.attention:
+            return
+        selected = set(self.attention)
+        install_attention_quantizers(self.model, config, select=lambda name, _module: name in selected)
+        if config.calibrated_operands():
+            calibrate_attention_quantizers(self.model, self.require_stats())
 
     def calibrate(self) -> None:
         """Weight qparams by round-to-nearest; static input ranges from the (smoothed) statistics."""
@@ -86,28 +126,55 @@ class QuantizationJob:
                 quantizer.calibrate(stats)
 
 
+def wants_splits(plan: dict[str, LayerPlan]) -> bool:
+    """Whether some planned input spec asks for shortcut splitting (QuantSpec.split_shortcut)."""
+    return any(p.input is not None and p.input.split_shortcut for p in plan.values())
+
+
 def _parent_of(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     parent_path, _, attr = path.rpartition(".")
     return (model.get_submodule(parent_path) if parent_path else model), attr
 
 
 def gather_stats(model: nn.Module, plan: dict[str, LayerPlan], calibration: Calibration,
-                 sample_rows: int = 0) -> ActivationStats:
-    """Statistics of the planned layers' inputs; sample_rows: input rows per layer to keep a sample of."""
+                 sample_rows: int = 0, attention: Collection[str] = (),
+                 operands: Collection[str] = ()) -> ActivationStats:
+    """Statistics of the planned layers' inputs; sample_rows: input rows per layer to keep a sample of.
+    attention / operands: attention modules whose `operands` (nn.attention.OPERANDS) are recorded in
+    the same run, under "<attention path>.<operand>" (nn.attention.operand_key)."""
+    operand_keys = [operand_key(a, op) for a in attention for op in operands]
     if isinstance(calibration, ActivationStats):
-        missing = [n for n in plan if n not in calibration]
+        missing = [n for n in [*plan, *operand_keys] if n not in calibration]
         if missing:
-            raise ValueError(f"calibration statistics lack {len(missing)} planned layers, e.g. {missing[:3]}")
+            raise ValueError(f"calibration statistics lack {len(missing)} planned layers or attention operands, "
+                             f"e.g. {missing[:3]}")
+        if wants_splits(plan) and calibration.channel_splits is None and up_blocks(model):
+            raise ValueError(
+                "the recipe splits skip concatenations (split_shortcut) but the statistics do not say which layers "
+                "read one: pass a calibration function, or set stats.channel_splits = "
+                "diffquant.arch.skip_concat_splits(model, run) for the run that collected them")
         return calibration
     if not callable(calibration):
         raise TypeError(
             "calibration must be ActivationStats or a function that runs the sampler on the model, "
             f"got {type(calibration).__name__}"
         )
-    stats = collect_activation_stats(modules_by_name(model, plan), lambda: calibration(model), sample_rows=sample_rows)
-    missing = [n for n in plan if n not in stats]
+    stats = ActivationStats()
+    selected = set(attention)
+
+    def run() -> None:
+        with (observe_attention_operands(model, stats, select=lambda name, _module: name in selected, operands=operands)
+              if operand_keys else contextlib.nullcontext()):
+            calibration(model)
+
+    with observe_skip_concats(model) if wants_splits(plan) else contextlib.nullcontext() as splits:
+        stats = collect_activation_stats(modules_by_name(model, plan), run, stats, sample_rows=sample_rows)
+    if splits is not None:
+        stats.channel_splits = dict(splits)
+    missing = [n for n in [*plan, *operand_keys] if n not in stats]
     if missing:
-        raise ValueError(f"{len(missing)} planned layers never ran during calibration, e.g. {missing[:3]}")
+        raise ValueError(f"{len(missing)} planned layers or attention operands never ran during calibration, "
+                         f"e.g. {missing[:3]}")
     return stats
 
 
@@ -124,6 +191,9 @@ def quantize(
     ActivationStats collected on this model, or a function running the FP sampler on the model.
     training: needed by recipes whose stages train on data (QAT): objective(model, i) -> loss of batch
     i, e.g. diffquant.zoo.training.diffusion_objective(zoo_model).
+    A recipe's `attention` instruments the supported attention modules whose q/k/v projections are
+    planned (nn.attention.planned_attention: unsupported ones stay in full precision with a warning,
+    not an error); their operand statistics come from the same calibration run as the layers'.
     """
     recipe = resolve_recipe(recipe)
     if getattr(model, STATE_ATTR, None) is not None:
@@ -139,11 +209,14 @@ def quantize(
             f"recipe {recipe.name!r} trains on data: pass training=objective, a function (model, i) -> loss of "
             "batch i (for zoo models diffquant.zoo.training.diffusion_objective(model))"
         )
-    job = QuantizationJob(model, recipe, plan, progress=progress, calibration=calibration, training=training)
+    attention = tuple(planned_attention(model, plan)) if recipe.attention is not None else ()
+    job = QuantizationJob(model, recipe, plan, progress=progress, calibration=calibration, training=training,
+                          attention=attention)
     for stage in recipe.stages:
         stage.prepare(job)
     if job.calibration is not None and recipe.needs_calibration:
-        job.stats = gather_stats(model, plan, job.calibration, recipe.calibration_rows)
+        operands = recipe.attention.calibrated_operands() if recipe.attention is not None else ()
+        job.stats = gather_stats(model, plan, job.calibration, recipe.calibration_rows, attention, operands)
     job.wrap()
     for stage in recipe.stages:
         stage.apply(job)
@@ -158,9 +231,10 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
 
 @contextlib.contextmanager
 def quantizers_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Run a quantized model in full precision (transforms such as smoothing stay applied)."""
+    """Run a quantized model in full precision (transforms such as smoothing stay applied; attention
+    operands pass unquantized)."""
     layers = list(quantized_layers(model).values())
     if any(layer.weight_codes is not None for layer in layers):
         raise RuntimeError("a model loaded from stored codes has no full-precision weights to disable to")
-    with quantization_enabled(layers, False):
+    with quantization_enabled([*layers, *attention_quantizers(model).values()], False):
         yield model

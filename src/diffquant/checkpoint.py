@@ -10,7 +10,12 @@ A quantized model folder holds
                                   qparams; low-rank branches (SVDQuant) as "<layer>.low_rank_down"
                                   [in, r] and "<layer>.low_rank_up" [r, out] in the narrowest float
                                   dtype that holds them exactly (the manifest's per-layer
-                                  "low_rank": {"rank", "dtype"}); everything else as it was
+                                  "low_rank": {"rank", "dtype"}); attention-matmul operand
+                                  quantizers (nn.attention) as "<attention>.matmul_quantizers.
+                                  <operand>.scale" / ".zero_point" (float32, as calibrated or
+                                  learned), their configs in the manifest's "attention" (path ->
+                                  AttentionQuantConfig dict; the key only when there are any);
+                                  everything else as it was
 
 A pipeline folder keeps diffusers' layout (model_index.json + one folder per component) with the
 denoiser's folder in the layout above.
@@ -38,6 +43,7 @@ import diffquant
 from diffquant.api import STATE_ATTR, QuantizationState, quantized_layers
 from diffquant.formats.spec import QuantSpec
 from diffquant.lora import require_detached
+from diffquant.nn.attention import AttentionQuantConfig, attention_quantizers, install_attention_quantizers
 from diffquant.nn.layers import QuantizedLayer, wrap_layer
 from diffquant.plan import LayerPlan
 from diffquant.recipes.config import Recipe
@@ -152,6 +158,13 @@ def _model_tensors(model: nn.Module, state: QuantizationState) -> tuple[dict[str
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, entries
 
 
+def _attention_entries(model: nn.Module) -> dict[str, Any]:
+    """{"attention": {path: config dict}} for the model's attention operand quantizers; {} without any
+    (manifests of models without them stay as they were)."""
+    installed = attention_quantizers(model)
+    return {"attention": {path: q.config.to_dict() for path, q in installed.items()}} if installed else {}
+
+
 def _state_of(model: nn.Module) -> QuantizationState:
     state = getattr(model, STATE_ATTR, None)
     if state is None:
@@ -178,6 +191,7 @@ def _save_model_files(model: nn.Module, folder: Path) -> None:
         "model_module": type(model).__module__.split(".")[0],
         "recipe": state.recipe.to_dict(),
         "layers": entries,
+        **_attention_entries(model),
         "sha256": {TENSORS: sha256_of(folder / TENSORS), MODEL_CONFIG: sha256_of(folder / MODEL_CONFIG)},
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -311,6 +325,20 @@ def _prepare_layers(model: nn.Module, layers: dict[str, Any], tensors: dict[str,
     return plan
 
 
+def _prepare_attention(model: nn.Module, entries: dict[str, Any]) -> None:
+    """Install the recorded attention operand quantizers (their buffers are filled by load_state_dict)."""
+    modules = dict(model.named_modules())
+    for path, data in entries.items():
+        if path not in modules:
+            raise CheckpointError(f"checkpoint attention module {path!r} does not exist in the model built from "
+                                  "config.json")
+        try:
+            config = AttentionQuantConfig.from_dict(data)
+            install_attention_quantizers(model, config, select=lambda name, _module, path=path: name == path)
+        except (ValueError, NotImplementedError) as exc:
+            raise CheckpointError(f"attention module {path!r}: {exc}") from exc
+
+
 def _decode_weight_scale(name: str, spec: QuantSpec, tensors: dict[str, torch.Tensor]) -> None:
     """Stored weight scales -> the float32 scales the maths uses (spec.scale_format.decode)."""
     key, global_key = f"{name}.weight_quantizer.scale", f"{name}.weight_quantizer.global_scale"
@@ -369,6 +397,7 @@ def _load_model(folder: Path, verify: bool) -> nn.Module:
         raise CheckpointError(f"{folder / TENSORS} cannot be read: {exc}") from exc
     model = _build_empty_model(folder, manifest)
     plan = _prepare_layers(model, manifest["layers"], tensors)
+    _prepare_attention(model, manifest.get("attention", {}))
     _add_buffer_placeholders(model, tensors)
     try:
         model.load_state_dict(tensors, strict=True, assign=True)

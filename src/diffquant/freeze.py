@@ -8,6 +8,11 @@
 freeze() works on a fake-quant model too: each layer first trades its float weight for codes
 (QuantizedLayer.store_codes), so no full-precision copy outlives its own layer's conversion.
 Layers without a weight quantizer (activation-only) have no integer weight and stay as they are.
+
+Attention-matmul quantization (a recipe's `attention`, nn.attention) is left as it is: the operand
+quantizers stay submodules of their attention modules and keep fake-quantizing q, k, v and the
+softmax output in float, and the two matmuls (q·kᵀ, probs·v) then run in float on those values —
+there is no integer attention kernel. The projections around them are packed like any layer.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from torch import nn
 from diffquant.api import quantized_layers
 from diffquant.kernels import IntGemmBackend, select_backend
 from diffquant.lora import require_detached
+from diffquant.nn.attention import attention_quantizers, attention_summary
 from diffquant.nn.emulated import EMULATED, packed_type
 from diffquant.nn.layers import QuantizedLayer
 from diffquant.nn.packed import PackedLayer
@@ -66,6 +72,10 @@ def freeze(model: nn.Module, backend: str | IntGemmBackend | None = None,
     emulated = sum(model.get_submodule(n).path == EMULATED for n in names)  # fp formats: nn/emulated.py
     log.info("froze %d layers with kernel backend %r, %d of them emulated (decoded to float per call)",
              len(names), backend.name, emulated)
+    attention = attention_quantizers(model)
+    if attention:
+        log.info("attention operands (%s) of %d attention modules stay fake-quantized, matmuls in float",
+                 attention_summary(model), len(attention))
     return model
 
 

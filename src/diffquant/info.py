@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 from diffquant.checkpoint import MANIFEST, PIPELINE_INDEX, TENSORS, CheckpointError, _read_manifest
 from diffquant.formats import get_format
+from diffquant.nn.attention import AttentionQuantConfig
 
 
 def _numel(shape: list[int]) -> int:
@@ -58,10 +59,13 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
     for row in roles.values():
         row["weight_bits"] = sorted(row["weight_bits"])
         row["input_bits"] = sorted(row["input_bits"])
+    attention = manifest.get("attention", {})
     return {
         "path": str(path),
         "model_class": manifest["model_class"],
         "recipe": manifest["recipe"]["name"],
+        "attention_modules": len(attention),
+        "attention_quantized": _attention_label(attention),
         "roles": roles,
         "quantized_layers": len(manifest["layers"]),
         "quantized_params": quant_params,
@@ -71,6 +75,12 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
         "file_bytes": (folder / TENSORS).stat().st_size,
         "file_bytes_16bit": 2 * total_params,
     }
+
+
+def _attention_label(attention: dict[str, Any]) -> str | None:
+    """The quantized attention operands over the checkpoint's attention modules (None: none)."""
+    labels = dict.fromkeys(AttentionQuantConfig.from_dict(config).label for config in attention.values())
+    return " | ".join(labels) if labels else None
 
 
 def _bits(spec: dict[str, Any] | None) -> int:
@@ -94,6 +104,9 @@ def format_info(info: dict[str, Any]) -> str:
     q, q16 = info["quantized_bytes"], info["quantized_bytes_16bit"]
     lines.append(f"quantized layers: {info['quantized_layers']}, {info['quantized_params']:,} params, "
                  f"{q:,} bytes vs {q16:,} at 16 bits ({q / max(q16, 1):.3f}x)")
+    if info["attention_quantized"]:
+        lines.append(f"attention matmuls: operands {info['attention_quantized']} in {info['attention_modules']} "
+                     "attention modules (the matmuls run in float on the fake-quantized operands)")
     f, f16 = info["file_bytes"], info["file_bytes_16bit"]
     lines.append(f"whole model: {info['total_params']:,} params, {f:,} bytes on disk vs {f16:,} at 16 bits "
                  f"({f / max(f16, 1):.3f}x)")

@@ -7,6 +7,7 @@ saves, reloads bitwise and freezes; a tiny UNet runs through the stage block by 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -24,6 +25,7 @@ from diffquant.formats import QuantSpec
 from diffquant.formats.ops import block_view, sqnr_db, unblock_view
 from diffquant.freeze import freeze
 from diffquant.nn import ActivationQuantizer, QLinear, WeightQuantizer
+from diffquant.nn.attention import AttentionQuantConfig, attention_quantizers
 from diffquant.nn.learnable import (
     AdaRoundWeight,
     LSQActivation,
@@ -352,6 +354,88 @@ def test_stage_needs_a_calibration_function_to_replay():
     stats = gather_stats(model, plan_layers(model, recipe()), replay(CALIBRATION, 32))
     with pytest.raises(CalibrationRequiredError, match="replays the calibration data"):
         diffquant.quantize(model, recipe(BlockReconstruction(**FAST)), calibration=stats, progress=False)
+
+
+# -- attention operands (EDA-DM learns the Q/K/V and softmax step sizes too) ----------------------
+
+OPERAND4 = QuantSpec("int4", "tensor", symmetric=False)
+ATTENTION4 = AttentionQuantConfig(query=OPERAND4, key=OPERAND4, value=OPERAND4, probs=QuantSpec("uint4", "tensor"))
+# Weights RTN (adaround off) and no input quantizers: the operand step sizes are all that is learned.
+OPERANDS_ONLY = dict(iterations=30, batch_size=32, adaround=False, lr_act=1e-2)
+
+
+def attention_dit(*stages: BlockReconstruction, attention: AttentionQuantConfig = ATTENTION4) -> nn.Module:
+    r = Recipe(name="attention", weight=QuantSpec("int8", "channel", scale_dtype="float16"), attention=attention,
+               stages=stages)
+    return diffquant.quantize(DIT.build(), r, calibration=replay(CALIBRATION, 32), progress=False)
+
+
+def operand_scales(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{name}.{op}": q.scale for name, quantizers in attention_quantizers(model).items()
+            for op, q in quantizers.quantizers().items()}
+
+
+@pytest.fixture(scope="module")
+def rtn_attention_dit():
+    return attention_dit()
+
+
+@pytest.fixture(scope="module")
+def reconstructed_attention_dit():
+    return attention_dit(BlockReconstruction(**OPERANDS_ONLY))
+
+
+def test_attention_operand_step_sizes_are_learned_and_lower_the_block_error(
+        fp_dit, rtn_attention_dit, reconstructed_attention_dit):
+    rtn, learned = operand_scales(rtn_attention_dit), operand_scales(reconstructed_attention_dit)
+    assert len(learned) == 8  # q, k, v, probs of both blocks' attention
+    for key, scale in learned.items():
+        assert scale.shape == rtn[key].shape == (1,) and not torch.equal(scale, rtn[key]), key
+    assert all(type(q) is ActivationQuantizer for quantizers in attention_quantizers(reconstructed_attention_dit).values()
+               for q in quantizers.quantizers().values())  # written back, LSQ removed
+    before, after = errors(fp_dit, rtn_attention_dit, BLOCKS), errors(fp_dit, reconstructed_attention_dit, BLOCKS)
+    for name in (*BLOCKS, "out"):  # held-out data
+        assert after[name] < 0.8 * before[name], (name, before[name], after[name])
+
+
+def test_reconstructed_attention_saves_and_reloads_bitwise(reconstructed_attention_dit, tmp_path):
+    expected = outputs(reconstructed_attention_dit)["out"]
+    loaded = load_quantized(save_quantized(reconstructed_attention_dit, tmp_path / "q"))
+    assert all(torch.equal(a, b) for a, b in zip(operand_scales(loaded).values(),
+                                                 operand_scales(reconstructed_attention_dit).values(), strict=True))
+    assert torch.equal(outputs(loaded)["out"], expected)
+
+
+def test_per_step_operands_learn_each_steps_step_size(rtn_attention_dit):
+    per_step = AttentionQuantConfig(**{op: dataclasses.replace(spec, per_step=True)
+                                       for op, spec in ATTENTION4.specs().items()})
+    rtn = attention_dit(attention=per_step)
+    learned = attention_dit(BlockReconstruction(**{**OPERANDS_ONLY, "lr_act": 1e-3}), attention=per_step)
+    for key, scale in operand_scales(learned).items():
+        assert scale.shape == (2, 1)  # batches stay within a step: each step's row is trained
+        assert (scale != operand_scales(rtn)[key]).all(), key
+
+
+def test_failure_restores_the_attention_operands(monkeypatch, rtn_attention_dit):
+    real_train, calls = Reconstructor.train, []
+
+    def train_then_fail(self, name, *args):
+        calls.append(name)
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+        return real_train(self, name, *args)
+
+    monkeypatch.setattr(Reconstructor, "train", train_then_fail)
+    model = DIT.build()
+    r = Recipe(name="attention", weight=QuantSpec("int8", "channel", scale_dtype="float16"), attention=ATTENTION4,
+               stages=(BlockReconstruction(**OPERANDS_ONLY),))
+    with pytest.raises(RuntimeError, match="interrupted"):
+        diffquant.quantize(model, r, calibration=replay(CALIBRATION, 32), progress=False)
+    rtn = operand_scales(rtn_attention_dit)
+    for name, quantizers in attention_quantizers(model).items():
+        for op, quantizer in quantizers.quantizers().items():
+            assert type(quantizer) is ActivationQuantizer
+            assert torch.equal(quantizer.scale, rtn[f"{name}.{op}"])
 
 
 # -- the tiny UNet ---------------------------------------------------------------------------------

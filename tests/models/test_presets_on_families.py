@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 
 import pytest
@@ -14,6 +15,7 @@ import diffquant
 from diffquant.checkpoint import load_quantized, save_quantized
 from diffquant.formats.ops import sqnr_db
 from diffquant.info import checkpoint_info
+from diffquant.nn.attention import attention_quantizers
 from diffquant.recipes import get_preset, list_presets
 from tests.tiny_models import TINY_MODELS
 
@@ -28,7 +30,7 @@ MIN_SQNR_DB = {
     "w8a8": 25.0, "w8a8-static": 25.0, "smoothquant-w8a8": 25.0,
     "w4a8": 8.0, "w4a16": 8.0, "w4a4": 5.0, "smoothquant-w4a4": 5.0, "nvfp4-w4a4": 5.0,
     "svdquant-w8a8": 25.0, "svdquant-w4a4": 5.0, "svdquant-nvfp4": 5.0,
-    "qdiffusion-w8a8": 25.0, "qdiffusion-w4a8": 8.0, "edadm-w8a8": 25.0, "edadm-w4a8": 8.0,
+    "qdiffusion-w8a8": 25.0, "qdiffusion-w4a8": 8.0, "edadm-w8a8": 25.0, "edadm-w4a8": 8.0, "edadm-w4a4": 3.0,
     "w4a8-static": 8.0, "w4a4-static": 3.0,
     "efficientdm-w8a8": 25.0, "efficientdm-w4a8": 8.0, "efficientdm-w4a4": 3.0,
 }
@@ -139,3 +141,28 @@ def test_4bit_checkpoint_is_about_a_quarter_of_16bit(family, references, tmp_pat
     assert stored / full == pytest.approx(4.25 / 16)
     info = checkpoint_info(folder)
     assert info["quantized_bytes"] < 0.4 * info["quantized_bytes_16bit"]  # biases and short rows included
+
+
+# Families whose attention modules run the classic diffusers Attention with AttnProcessor2_0: the only
+# ones attention-matmul quantization instruments (the others' own processors raise NotImplementedError).
+ATTENTION_SUPPORTED = {"unet2d": 4, "unet2d-condition": 8, "dit": 2, "pixart": 4}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_presets_quantize_supported_attention_and_skip_the_rest_with_a_warning(family, references, caplog):
+    """edadm-w4a4 quantizes the attention matmuls where it can; elsewhere it warns and leaves them in FP
+    rather than failing (test_preset_output_close_to_full_precision covers the accuracy)."""
+    preset = dataclasses.replace(get_preset("edadm-w4a4"), stages=())  # what is instrumented, not the training
+    model, inputs, _ = references(family)
+    tiny = TINY_MODELS[family]
+
+    def calibrate(m):
+        with diffquant.sampling_step(0):
+            tiny.run(m, inputs)
+
+    with caplog.at_level(logging.WARNING, logger="diffquant.attention"):
+        q = diffquant.quantize(copy.deepcopy(model), preset, calibration=calibrate, progress=False)
+    installed = attention_quantizers(q)
+    assert len(installed) == ATTENTION_SUPPORTED.get(family, 0)
+    assert all(quantizers.calibrated for quantizers in installed.values())
+    assert ("stay in full precision" in caplog.text) == (family not in ATTENTION_SUPPORTED)

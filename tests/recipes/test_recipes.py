@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 
 import pytest
@@ -91,6 +92,44 @@ def test_labels_and_calibration_needs():
     assert PRESETS["w8a8-static"].needs_calibration  # static inputs
     assert PRESETS["smoothquant-w8a8"].needs_calibration  # data-driven stage
     assert recipe(overrides=[{"match": "x", "input": {"granularity": "tensor", "dynamic": False}}]).needs_calibration
+
+
+# sha256 of to_json() of presets that do not split shortcuts, as serialised before QuantSpec had
+# split_shortcut: a spec leaves the switch out while it is off, so these recipes (and the cached results
+# keyed by their hash) are unchanged. A deliberate change to one of these presets updates its hash here.
+UNCHANGED_TO_JSON_SHA256 = {
+    "w8a8": "38222fa57288754816224f32de5bdea55f82c76fb83354a6176e2af2a40a78ab",
+    "w8a8-static": "83cc3b2ac79a3c9e5d2ae4df8d5561939db6148a767b6af2ed446cf3372ed3e4",
+    "w4a8-static": "13fa3d38ab88c7aa54d307b1d54d2110d0cabbc07f57fb4a30ddad51c0c8646c",
+    "w4a4-static": "81c6cc2fbdb1d52aaf992c372ceb22ce30acc3257d9d51a2273c95274ce4a8eb",
+    # the preset with the switch turned off again
+    "qdiffusion-w4a8": "8e660daa3d85fc793333bf8b8eeb0c29cfa56fefe1acb60183985f0bd6259774",
+}
+SPLIT_PRESETS = ("qdiffusion-w8a8", "qdiffusion-w4a8", "edadm-w8a8", "edadm-w4a8", "edadm-w4a4")
+
+
+@pytest.mark.parametrize("name", list(UNCHANGED_TO_JSON_SHA256))
+def test_recipes_without_shortcut_splitting_serialise_as_before(name):
+    preset = PRESETS[name]
+    if preset.input.split_shortcut:
+        preset = dataclasses.replace(preset, input=preset.input.with_changes(split_shortcut=False))
+    assert hashlib.sha256(preset.to_json().encode()).hexdigest() == UNCHANGED_TO_JSON_SHA256[name]
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_only_the_qdiffusion_and_edadm_presets_split_shortcuts(name):
+    preset = PRESETS[name]
+    on = name in SPLIT_PRESETS
+    assert (preset.input is not None and preset.input.split_shortcut) == on
+    assert ("split_shortcut" in preset.to_json()) == on
+    assert all("split_shortcut" not in json.dumps(o.input) for o in preset.overrides if isinstance(o.input, dict))
+
+
+def test_split_shortcut_round_trips_and_can_be_switched_off_by_an_override():
+    r = recipe(input={"format": "int8", "granularity": "tensor", "split_shortcut": True},
+               overrides=[{"match": "role:ffn.*", "input": {"split_shortcut": False}}])
+    assert r.input.split_shortcut and Recipe.from_dict(yaml.safe_load(r.to_yaml())) == r
+    assert not r.input.with_changes(split_shortcut=False).to_dict().get("split_shortcut", False)
 
 
 # -- errors -----------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from diffquant.calib.steps import current_step, sampling_step
-from diffquant.nn.layers import QuantizedLayer, quantization_enabled
+from diffquant.nn.layers import quantization_enabled
 
 # Module paths (full match) that form one block. The outermost match wins, so a UNet's
 # Transformer2DModel (`attentions.N`) is one block together with its inner transformer_blocks.
@@ -127,13 +127,16 @@ class _Stop(Exception):
     """Raised by a hook once a block's data is taken: the rest of the forward is not needed."""
 
 
-def full_precision(layers: list[QuantizedLayer]) -> contextlib.AbstractContextManager[None]:
-    return quantization_enabled(layers, False)
+def full_precision(switches: list[nn.Module]) -> contextlib.AbstractContextManager[None]:
+    """Quantization off inside for `switches`: QuantizedLayers and attention operand quantizers
+    (nn.attention.AttentionQuantizers), anything with a `quant_enabled` flag."""
+    return quantization_enabled(switches, False)
 
 
 def record_calls(model: nn.Module, calibration: Callable[[nn.Module], object],
-                 layers: list[QuantizedLayer]) -> list[DenoiserCall]:
-    """Run the calibration function in full precision and keep every denoiser call's inputs."""
+                 layers: list[nn.Module]) -> list[DenoiserCall]:
+    """Run the calibration function in full precision (`layers`: the quantized layers and attention
+    operand quantizers to switch off) and keep every denoiser call's inputs."""
     calls: list[DenoiserCall] = []
 
     def pre(_module, args, kwargs):

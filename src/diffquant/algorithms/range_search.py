@@ -6,6 +6,8 @@ then replays the calibration function once in full precision; for every static i
 every sampling step (or once, without per-step ranges) it scores the candidate ranges [α·lo, α·hi],
 α = 1, 1 − step, …, on a random subset of each call's input rows by Σ |x − Q(x)|^p, and keeps the
 candidate with the lowest total. Dynamic quantizers are left alone; so are steps the replay never runs.
+A split input quantizer (shortcut splitting, QuantSpec.split_shortcut) picks the factor of each of its
+two ranges by the error on that range's own channels.
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ class RangeScorer:
             ranges = layer_stats.per_step if layer.input_quantizer.spec.per_step else {None: layer_stats.overall}
             for step, rng in ranges.items():
                 self.candidates[name, step] = self._candidate_qparams(layer, rng)
-        self.errors = {key: torch.zeros(config.candidates, dtype=torch.float64) for key in self.candidates}
+        self.errors = {key: torch.zeros(config.candidates, _ranges(layers[key[0]]), dtype=torch.float64)
+                       for key in self.candidates}
 
     def _candidate_qparams(self, layer: QuantizedLayer, rng: ChannelRange) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Scales [A, 1, n] and zero points (or None) of the shrunk ranges, n = 1 or channels."""
@@ -96,10 +99,15 @@ class RangeScorer:
             if layer.smooth is not None:
                 x = x / layer.smooth.float()
             x = x[torch.randperm(x.shape[0], generator=self.generator)[: self.config.rows].to(x.device)]
+            quantizer, channels = layer.input_quantizer, x.shape[-1]
             scales, zeros = self.candidates[key]
-            q = fake_quantize(x[None], scales.to(x.device), None if zeros is None else zeros.to(x.device),
-                              layer.input_quantizer.spec.qformat)
-            self.errors[key] += (q - x[None]).abs().pow(self.config.p).sum(dim=(1, 2)).double().cpu()
+            scales = quantizer.per_channel(scales.to(x.device), channels)
+            zeros = None if zeros is None else quantizer.per_channel(zeros.to(x.device), channels)
+            q = fake_quantize(x[None], scales, zeros, quantizer.spec.qformat)
+            error, split = (q - x[None]).abs().pow(self.config.p), quantizer.split_at
+            per_range = (error.sum(dim=(1, 2))[:, None] if split is None else
+                         torch.stack([error[..., :split].sum(dim=(1, 2)), error[..., split:].sum(dim=(1, 2))], dim=1))
+            self.errors[key] += per_range.double().cpu()  # [A, ranges]
 
         return score
 
@@ -120,10 +128,22 @@ class RangeScorer:
         for (name, step), errors in self.errors.items():
             if not errors.any():
                 continue  # never ran in the replay
-            best = int(errors.argmin())
+            best = errors.argmin(dim=0)  # per independent range: [1], or [2] for a split quantizer
             scales, zeros = self.candidates[name, step]
             quantizer = self.layers[name].input_quantizer
             row = (slice(None),) if step is None else (step,)
-            quantizer.scale[row] = scales[best].reshape(quantizer.scale[row].shape)
+            quantizer.scale[row] = _chosen(scales, best).reshape(quantizer.scale[row].shape)
             if zeros is not None:
-                quantizer.zero_point[row] = zeros[best].reshape(quantizer.zero_point[row].shape)
+                quantizer.zero_point[row] = _chosen(zeros, best).reshape(quantizer.zero_point[row].shape)
+
+
+def _ranges(layer: QuantizedLayer) -> int:
+    """Ranges whose factor is chosen independently: 2 for a split input quantizer, else 1."""
+    return 1 if layer.input_quantizer.split_at is None else 2
+
+
+def _chosen(candidates: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+    """Candidates [A, 1, n] at the best factor: [1, n] (one choice), or each range's own [n] (n = 2)."""
+    if best.numel() == 1:
+        return candidates[int(best)]
+    return candidates[best, 0, torch.arange(best.numel())]

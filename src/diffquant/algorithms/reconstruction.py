@@ -33,8 +33,15 @@ the original ones.
 Blocks (BLOCK_PATTERNS, outermost match): each `transformer_blocks.N` of a DiT; each resnet and each
 attention (plain Attention or Transformer2DModel) in a UNet's down / mid / up blocks. A quantized
 layer in no block (a UNet's down/upsampler convs; head or embedding layers a recipe includes) is
-reconstructed alone as a one-layer block. Attention Q/K/V/softmax quantizers (nn.attention) are not
-learned, and a UNet's skip concatenations are not split (no shortcut-splitting).
+reconstructed alone as a one-layer block. Split input quantizers (shortcut splitting of a UNet's
+skip concatenations, QuantSpec.split_shortcut) learn both halves' step sizes.
+
+Attention-matmul operand quantizers (nn.attention: q, k, v and the softmax output, installed by a
+recipe's `attention`) inside a block are learned with the block's input quantizers, as EDA-DM learns
+"activation step sizes incl. attention Q/K/V and softmax quantizers": every static one gets an LSQ
+step size (same learning rate and schedule), the block's batches are per step when any of them is
+per-step, and the learned sizes are written back at the end of the block. Full-precision passes
+(recording, the FP block inputs / outputs and targets) switch them off with the layers.
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ from diffquant.algorithms.block_data import (
     record_calls,
 )
 from diffquant.calib.steps import sampling_step
+from diffquant.nn.attention import AttentionQuantizers, attention_quantizers
 from diffquant.nn.layers import QuantizedLayer
 from diffquant.nn.learnable import (
     AdaRoundWeight,
@@ -72,6 +80,7 @@ from diffquant.nn.learnable import (
     harden,
     install_adaround,
     install_lsq,
+    install_lsq_on,
     lsq_supports,
     restore,
 )
@@ -80,9 +89,18 @@ from diffquant.recipes.config import RecipeError, StageConfig, check_int, regist
 log = logging.getLogger("diffquant.reconstruction")
 
 
-def _per_step(layer: QuantizedLayer) -> bool:
-    q = layer.input_quantizer
-    return q is not None and not q.spec.dynamic and q.spec.per_step
+def _per_step(quantizer: nn.Module | None) -> bool:
+    return quantizer is not None and not quantizer.spec.dynamic and quantizer.spec.per_step
+
+
+# An attention operand quantizer: (its AttentionQuantizers, the operand name).
+Operand = tuple[AttentionQuantizers, str]
+
+
+def _operands(module: nn.Module) -> dict[str, Operand]:
+    """The attention operand quantizers under `module` by "<attention path>.<operand>"."""
+    return {f"{path}.{op}" if path else op: (quantizers, op)
+            for path, quantizers in attention_quantizers(module).items() for op in quantizers.quantizers()}
 
 
 def reconstruction_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -176,8 +194,16 @@ class Reconstructor:
         self.mask_gen = torch.Generator(device=self.device).manual_seed(config.seed)
         self.errors: dict[str, tuple[float, float]] = {}  # block -> block error (first, last iteration)
 
+    def switches(self, module: nn.Module | None = None) -> list[nn.Module]:
+        """What `full_precision` turns off for a pass of the whole model (or of one block): the quantized
+        layers and the attention operand quantizers."""
+        if module is None:
+            return [*self.layers.values(), *attention_quantizers(self.model).values()]
+        inside = {id(m) for m in module.modules()}
+        return [m for m in self.switches() if id(m) in inside]
+
     def run(self, calibration: Callable[[nn.Module], object]) -> None:
-        calls = record_calls(self.model, calibration, list(self.layers.values()))
+        calls = record_calls(self.model, calibration, self.switches())
         blocks = find_blocks(list(self.layers))
         order = execution_order(self.model, list(blocks), calls[0], self.device)
         skipped = set(blocks) - set(order)
@@ -186,22 +212,31 @@ class Reconstructor:
                         len(skipped), sorted(skipped)[:3])
         original = {name: layer.input_quantizer.scale.clone() for name, layer in self.layers.items()
                     if lsq_supports(layer.input_quantizer)}
+        original_operands = {key: getattr(q, op).scale.clone() for key, (q, op) in _operands(self.model).items()
+                             if lsq_supports(getattr(q, op))}
         try:
             for name in tqdm(order, desc="reconstruct blocks", disable=not self.progress):
                 self.reconstruct_block(name, {n: self.layers[n] for n in blocks[name]}, calls)
         except BaseException:
-            self._undo(original)
+            self._undo(original, original_operands)
             raise
         for layer in self.layers.values():
             if isinstance(layer.weight_quantizer, HardenedWeight):
                 commit_weight(layer)
 
-    def _undo(self, original: dict[str, torch.Tensor]) -> None:
+    def _undo(self, original: dict[str, torch.Tensor], original_operands: dict[str, torch.Tensor]) -> None:
         """Back to round-to-nearest: base quantizers, calibrated step sizes."""
         for name, layer in self.layers.items():
             restore(layer)
             if name in original:
                 layer.input_quantizer.scale.copy_(original[name])
+        for key, (quantizers, op) in _operands(self.model).items():
+            quantizer = getattr(quantizers, op)
+            if isinstance(quantizer, LSQActivation):
+                quantizer = quantizer.base
+                setattr(quantizers, op, quantizer)
+            if key in original_operands:
+                quantizer.scale.copy_(original_operands[key])
 
     def learnable(self, layers: dict[str, QuantizedLayer]) -> tuple[dict[str, QuantizedLayer], ...]:
         """(layers whose rounding is learned, layers whose input step sizes are learned)."""
@@ -212,26 +247,40 @@ class Reconstructor:
                   if self.config.lsq and lsq_supports(layer.input_quantizer)}
         return weights, inputs
 
+    def learnable_operands(self, block: nn.Module) -> dict[str, Operand]:
+        """The block's attention operand quantizers whose step sizes are learned (static, one-level scales)."""
+        return {key: (q, op) for key, (q, op) in _operands(block).items()
+                if self.config.lsq and lsq_supports(getattr(q, op))}
+
     def reconstruct_block(self, name: str, layers: dict[str, QuantizedLayer],
                           calls: list[DenoiserCall]) -> None:
         weights, inputs = self.learnable(layers)
-        if not (weights or inputs):
-            return
         block = self.model.get_submodule(name)
-        with full_precision(list(self.layers.values())):
+        operands = self.learnable_operands(block)
+        if not (weights or inputs or operands):
+            return
+        with full_precision(self.switches()):
             fp = block_io(self.model, block, calls, self.device, outputs=True)
         quantized = block_io(self.model, block, calls, self.device, outputs=False)
-        groups = group_records(fp, quantized, any(_per_step(layer) for layer in layers.values()))
+        per_step = any(_per_step(layer.input_quantizer) for layer in layers.values()) or any(
+            _per_step(getattr(q, op)) for q, op in operands.values())
+        groups = group_records(fp, quantized, per_step)
         del fp, quantized
         adas = {n: install_adaround(layer) for n, layer in weights.items()}
         lsqs = {n: install_lsq(layer) for n, layer in inputs.items()}
-        self.errors[name] = self.train(name, block, layers, groups, list(adas.values()), list(lsqs.values()))
+        operand_lsqs = {key: install_lsq_on(q, op) for key, (q, op) in operands.items()}
+        self.errors[name] = self.train(name, block, layers, groups, list(adas.values()),
+                                       [*lsqs.values(), *operand_lsqs.values()])
         log.info("reconstruction %s: block error %.4g -> %.4g", name, *self.errors[name])
         for layer_name in adas:
             harden(layers[layer_name])
         for layer_name, lsq in lsqs.items():
             lsq.write_back()
             layers[layer_name].input_quantizer = lsq.base
+        for key, lsq in operand_lsqs.items():
+            lsq.write_back()
+            quantizers, op = operands[key]
+            setattr(quantizers, op, lsq.base)
 
     def optimizer(self, adas: list[AdaRoundWeight], lsqs: list[LSQActivation]):
         groups = [{"params": [a.v for a in adas], "lr": self.config.lr_weight},
@@ -294,7 +343,7 @@ class Reconstructor:
         """(inner layers' FP outputs or {}, the block's FP output) for the batch."""
         if inner is None:
             return {}, group.fp_out.build(group.fp_out.take(rows))
-        with torch.no_grad(), full_precision(list(layers.values())):
+        with torch.no_grad(), full_precision(self.switches(block)):
             target = block(*fp_args, **fp_kwargs)
         return inner.take(), target
 

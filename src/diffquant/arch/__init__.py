@@ -11,6 +11,7 @@ from diffquant.arch.base import (
     register_adapter,
     registered_adapters,
 )
+from diffquant.arch.skips import observe_skip_concats, skip_concat_splits, up_blocks
 
 __all__ = [
     "DEFAULT_SKIP_ROLES",
@@ -21,4 +22,7 @@ __all__ = [
     "quantizable_layers",
     "register_adapter",
     "registered_adapters",
+    "observe_skip_concats",
+    "skip_concat_splits",
+    "up_blocks",
 ]

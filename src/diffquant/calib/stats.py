@@ -125,11 +125,15 @@ class ActivationStats(dict[str, LayerStats]):
 
     input_groups: sets of layers (two or more) that read the very same input tensor in every call of
     the calibration run, as observed by observe_inputs (empty when not observed).
+    channel_splits: layer -> channel where the skip begins, for layers whose input is a UNet decoder's
+    skip concatenation (arch/skips.py), as observed during the calibration run; None when not
+    observed (diffquant.quantize observes them for recipes with split_shortcut inputs).
     """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.input_groups: list[tuple[str, ...]] = []
+        self.channel_splits: dict[str, int] | None = None
 
     def require(self, name: str) -> LayerStats:
         if name not in self or self[name].overall is None:

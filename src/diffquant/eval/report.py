@@ -181,6 +181,19 @@ COLUMNS: tuple[tuple[str, str, str, bool], ...] = (
 )
 
 
+# Columns shown only in the tables where some row has a value: attention-matmul quantization (a recipe's
+# `attention`, e.g. edadm-w4a4) is named beside the bits label, which counts the layers only.
+OPTIONAL_COLUMNS: tuple[tuple[str, str, str, bool], ...] = (
+    ("attention matmuls", "attention_quantized", "{}", False),
+)
+
+
+def table_columns(rows: list[dict[str, Any]]) -> tuple[tuple[str, str, str, bool], ...]:
+    """COLUMNS with the optional columns some row has a value for, after "bits"."""
+    optional = tuple(c for c in OPTIONAL_COLUMNS if any(r.get(c[1]) for r in rows))
+    return COLUMNS[:2] + optional + COLUMNS[2:]
+
+
 def _cell(row: dict[str, Any], key: str, fmt: str, vs_fp: bool) -> str:
     value = row.get(key)
     if vs_fp and row["recipe"] == FP_RECIPE:
@@ -198,9 +211,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         lines += [f"### {model}", ""]
         if fp is not None:
             lines += [f"Full precision: FID {fp['fid']:.2f}, class accuracy {fp['class_accuracy']:.3f}.", ""]
-        lines.append("| " + " | ".join(column[0] for column in COLUMNS) + " |")
-        lines.append("|" + "---|" * len(COLUMNS))
-        lines += ["| " + " | ".join(_cell(r, *column[1:]) for column in COLUMNS) + " |" for r in model_rows]
+        columns = table_columns(model_rows)
+        lines.append("| " + " | ".join(column[0] for column in columns) + " |")
+        lines.append("|" + "---|" * len(columns))
+        lines += ["| " + " | ".join(_cell(r, *column[1:]) for column in columns) + " |" for r in model_rows]
         lines.append("")
     return "\n".join(lines)
 
@@ -209,6 +223,13 @@ def _machines(rows: list[dict[str, Any]]) -> str:
     seen = sorted({f"{r.get('cpu', '?')}, {r.get('threads', '?')} threads, torch {r.get('torch', '?')}, "
                    f"{r.get('date', '?')}" for r in rows})
     return "; ".join(seen) or "–"
+
+
+def _attention_note(rows: list[dict[str, Any]]) -> str:
+    if not any(r.get("attention_quantized") for r in rows):
+        return ""
+    return ("\n- **attention matmuls**: the attention operands a recipe quantizes besides the layers (bits counts"
+            "\n  weights / layer inputs only); Q·Kᵀ and softmax·V then run in float on the quantized operands.")
 
 
 def write_readme(out: Path, rows: list[dict[str, Any]], config: ReportConfig) -> Path:
@@ -231,7 +252,7 @@ quantized model and its full-precision (FP) reference start from the same initia
 - **feat. dist**: mean L2 distance between L2-normalised classifier features of paired images.
 - **eps SQNR**: noise-prediction SQNR against FP along the FP trajectory, mean over steps.
 - **weights KiB**: quantized layers as stored (codes + scales) plus every other denoiser
-  parameter at 16 bits. **gen s**: wall time to generate the samples.
+  parameter at 16 bits. **gen s**: wall time to generate the samples.{_attention_note(rows)}
 
 ![FID and PSNR vs bits]({PLOT})
 

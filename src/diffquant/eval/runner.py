@@ -44,6 +44,7 @@ from diffquant.eval import metrics
 from diffquant.eval.stats import ReferenceStats, classifier_features, load_reference_stats
 from diffquant.formats.ops import sqnr_db
 from diffquant.info import checkpoint_info
+from diffquant.nn.attention import attention_summary
 from diffquant.zoo.classifier import load_classifier, predict
 from diffquant.zoo.model import LatentDiffusionModel, generate, sample_latents
 
@@ -150,6 +151,14 @@ def _recipe_of(denoiser: torch.nn.Module) -> Any:
 def recipe_and_bits(denoiser: torch.nn.Module) -> tuple[str, str]:
     recipe = _recipe_of(denoiser)
     return (FP_RECIPE, FP_BITS) if recipe is None else (recipe.name, recipe.label)
+
+
+def attention_quantized(denoiser: torch.nn.Module) -> str | None:
+    """The attention-matmul operands the model quantizes besides its layers (e.g. "q,k,v int4; probs
+    uint8"), as installed, not as the recipe asked: None where none are (every attention matmul in
+    full precision, also when the model's attention classes are unsupported). The bits label WxAy
+    counts the layers' weights and inputs only."""
+    return attention_summary(denoiser)
 
 
 def weight_bytes(denoiser: torch.nn.Module, folder: Path | None = None) -> tuple[int, int]:
@@ -360,6 +369,7 @@ def run_evaluation(target: EvalTarget, settings: EvalSettings, judge: Judge) -> 
     per_step = _sqnr_per_step(target, labels, settings, steps)
     result = {
         "model": target.name, "recipe": recipe, "bits": bits,
+        "attention_quantized": attention_quantized(target.model.denoiser),
         "fid": fid, "fp_fid": fp_fid, "class_accuracy": acc, "fp_class_accuracy": fp_acc,
         "psnr_vs_fp": metrics.psnr(q, fp), "ssim_vs_fp": metrics.ssim(q, fp),
         "feature_distance_vs_fp": metrics.feature_distance(q_feat, fp_feat),
@@ -439,7 +449,8 @@ def _format(value: Any, fmt: str) -> str:
 
 
 def format_result(result: dict[str, Any]) -> str:
-    head = (f"{result['model']} {result['recipe']} ({result['bits']}): {result['samples']} samples, "
+    attention = f"; attention {result['attention_quantized']}" if result.get("attention_quantized") else ""
+    head = (f"{result['model']} {result['recipe']} ({result['bits']}{attention}): {result['samples']} samples, "
             f"{result['steps']} steps, seed {result['seed']}")
     lines = [head] + [f"  {key:<24}{_format(result[key], fmt)}" for key, fmt in SUMMARY_KEYS]
     lines.append(f"  FID: {result['fid_method']}")

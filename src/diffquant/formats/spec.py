@@ -39,6 +39,12 @@ class QuantSpec:
                  ranges "linear"ly interpolated between the two nearest calibrated steps, or from the
                  "nearest" one (calib/steps.py: step_rows); no effect without per_step. Left out of
                  to_dict while "linear", so specs that predate it serialise (and hash) as before.
+    split_shortcut: input specs only — Q-Diffusion's shortcut splitting: a layer whose input is a UNet
+                 decoder's skip concatenation cat([hidden, skip], dim=1) (arch/skips.py finds them)
+                 gets two static ranges, one per channel half. Applies to static per-tensor specs;
+                 no effect on other layers, on per-channel ranges (already one per channel) or on
+                 dynamic specs (nn/quantizers.py: ActivationQuantizer). Left out of to_dict while
+                 false, so specs that predate it serialise (and hash) as before.
     """
 
     format: str = "int8"
@@ -49,6 +55,7 @@ class QuantSpec:
     per_step: bool = False
     scale_dtype: str = "float32"
     step_interpolation: str = "linear"
+    split_shortcut: bool = False
 
     def __post_init__(self) -> None:
         fmt = get_format(self.format)  # raises for unknown formats / bit widths
@@ -63,6 +70,8 @@ class QuantSpec:
         if self.dynamic and self.per_step:
             raise SpecError("per_step applies to static (calibrated) ranges; a dynamic range has no steps")
         get_scale_format(self.scale_dtype)  # raises for unknown scale formats
+        if not isinstance(self.split_shortcut, bool):
+            raise SpecError(f"split_shortcut must be true or false, got {self.split_shortcut!r}")
         if self.step_interpolation not in STEP_INTERPOLATIONS:
             raise SpecError(f"unknown step_interpolation {self.step_interpolation!r}; "
                             f"choose one of {STEP_INTERPOLATIONS}")
@@ -99,6 +108,8 @@ class QuantSpec:
             raise SpecError(f"weights take granularity {WEIGHT_GRANULARITIES}, got {self.granularity!r}")
         if self.dynamic or self.per_step:
             raise SpecError("weight ranges come from the weight itself: dynamic/per_step do not apply")
+        if self.split_shortcut:
+            raise SpecError("split_shortcut splits a layer's input ranges: set it in the input spec, not the weight's")
 
     def validate_for_activation(self) -> None:
         if self.granularity == "channel" and self.dynamic:
@@ -113,6 +124,8 @@ class QuantSpec:
         data = asdict(self)
         if self.step_interpolation == "linear":
             del data["step_interpolation"]  # the default, and the behaviour of specs from before it
+        if not self.split_shortcut:
+            del data["split_shortcut"]  # likewise
         return data
 
     def with_changes(self, **changes: Any) -> QuantSpec:

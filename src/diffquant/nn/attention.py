@@ -20,6 +20,15 @@ classes (Flux, Wan, ...) compute attention in their own processors and raise Not
 The attention is computed explicitly (scores in float32), so it materializes the [B, heads, Lq, Lk]
 score matrix: no flash/memory-efficient kernel. That is inherent in quantizing the softmax output.
 
+In a recipe, the `attention:` field (Recipe.attention, an AttentionQuantConfig) asks for this:
+diffquant.quantize instruments the supported attention modules whose q/k/v projections the plan
+quantizes (`planned_attention`; unsupported ones stay in full precision with a warning), records the
+operand statistics in the same calibration run as the layer inputs and calibrates static ranges
+(per step where a spec says per_step); block reconstruction learns their step sizes (LSQ);
+checkpoints store the quantizers' buffers and configs; freeze keeps them (fake quantization in float:
+the two matmuls are not packed into integer kernels). `quant_enabled` switches a module's operand
+quantizers off, as for layers (full-precision reference passes).
+
 Methods that need another quantizer for an operand (e.g. a log2 quantizer of `probs`) register a
 factory for their format names with `register_operand_quantizer`, without touching this file.
 diffusers itself is imported lazily, only when a model is instrumented.
@@ -29,8 +38,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +53,10 @@ from diffquant.configs import reject_unknown_keys
 from diffquant.formats.spec import QuantSpec, SpecError
 from diffquant.nn.quantizers import ActivationQuantizer
 
+log = logging.getLogger("diffquant.attention")
+
 OPERANDS = ("query", "key", "value", "probs")
+SHORT_NAMES = {"query": "q", "key": "k", "value": "v", "probs": "probs"}  # in labels
 MATMUL_QUANTIZERS = "matmul_quantizers"  # submodule name on each instrumented Attention
 
 AttentionSelector = Callable[[str, nn.Module], bool]
@@ -76,6 +89,19 @@ class AttentionQuantConfig:
     def specs(self) -> dict[str, QuantSpec]:
         """The quantized operands and their specs."""
         return {op: spec for op in OPERANDS if (spec := getattr(self, op)) is not None}
+
+    def calibrated_operands(self) -> tuple[str, ...]:
+        """The operands with static (calibrated) ranges: those whose statistics calibration must record."""
+        return tuple(op for op, spec in self.specs().items() if not spec.dynamic)
+
+    @property
+    def label(self) -> str:
+        """The quantized operands by format, e.g. "q,k,v int4; probs uint8" ("none" when none is)."""
+        by_format: dict[str, list[str]] = {}
+        for op, spec in self.specs().items():
+            kind = spec.format + (" dynamic" if spec.dynamic else "")
+            by_format.setdefault(kind, []).append(SHORT_NAMES[op])
+        return "; ".join(f"{','.join(ops)} {kind}" for kind, ops in by_format.items()) or "none"
 
     def to_dict(self) -> dict[str, Any]:
         return {op: None if (spec := getattr(self, op)) is None else spec.to_dict() for op in OPERANDS}
@@ -130,11 +156,13 @@ def make_operand_quantizer(operand: str, spec: QuantSpec) -> nn.Module:
 # -- quantizer container --------------------------------------------------------------------------
 class AttentionQuantizers(nn.Module):
     """The operand quantizers of one attention module: submodules `query`, `key`, `value`, `probs`,
-    each a quantizer module or None (full precision)."""
+    each a quantizer module or None (full precision). `quant_enabled` = False lets every operand pass
+    unquantized (full-precision reference passes), like QuantizedLayer.quant_enabled."""
 
     def __init__(self, config: AttentionQuantConfig) -> None:
         super().__init__()
         self.config = config
+        self.quant_enabled = True  # False: operands pass unquantized (the switch nn.layers.quantization_enabled sets)
         for operand in OPERANDS:
             spec = getattr(config, operand)
             self.register_module(operand, None if spec is None else make_operand_quantizer(operand, spec))
@@ -150,7 +178,7 @@ class AttentionQuantizers(nn.Module):
     def quantize(self, operand: str, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantize one operand (feature axis last); identity when the operand has no quantizer."""
         quantizer = self._modules[operand]
-        return x if quantizer is None else quantizer(x)
+        return x if quantizer is None or not self.quant_enabled else quantizer(x)
 
     def calibrate(self, stats_by_operand: Mapping[str, LayerStats]) -> None:
         """Set the static ranges from operand statistics keyed by operand name ("query", ..., "probs")."""
@@ -313,22 +341,25 @@ def _original_processor(processor: Any) -> Any:
     return processor.replaced if isinstance(processor, QuantAttnProcessor) else processor
 
 
-def _check_supported(name: str, module: nn.Module) -> None:
+def _unsupported_reason(name: str, module: nn.Module) -> str | None:
+    """Why attention-matmul quantization cannot instrument `module` (None: it can)."""
     classes = _diffusers_classes()
     attention = classes["Attention"]
     where = f"attention module {name or '<root>'!r}"
     if not isinstance(module, attention) or type(module).forward is not attention.forward:
-        raise NotImplementedError(
-            f"{where} is a {type(module).__name__}: attention-matmul quantization supports only the classic "
-            f"diffusers Attention class (diffusers.models.attention_processor.Attention); exclude it with "
-            f"`select`"
-        )
+        return (f"{where} is a {type(module).__name__}: attention-matmul quantization supports only the classic "
+                f"diffusers Attention class (diffusers.models.attention_processor.Attention)")
     processor = _original_processor(module.processor)
     if processor is not None and type(processor) not in (classes["AttnProcessor2_0"], classes["AttnProcessor"]):
-        raise NotImplementedError(
-            f"{where} runs the processor {type(processor).__name__}: attention-matmul quantization replaces "
-            f"only AttnProcessor2_0 / AttnProcessor; exclude it with `select`"
-        )
+        return (f"{where} runs the processor {type(processor).__name__}: attention-matmul quantization replaces "
+                f"only AttnProcessor2_0 / AttnProcessor")
+    return None
+
+
+def _check_supported(name: str, module: nn.Module) -> None:
+    reason = _unsupported_reason(name, module)
+    if reason is not None:
+        raise NotImplementedError(f"{reason}; exclude it with `select`")
 
 
 def _selected_attention(model: nn.Module, select: AttentionSelector) -> dict[str, nn.Module]:
@@ -367,6 +398,46 @@ def install_attention_quantizers(
         attn.set_processor(_new_processor(attn))
         installed[name] = quantizers
     return installed
+
+
+def planned_attention(model: nn.Module, planned_layers: Collection[str]) -> list[str]:
+    """Paths of the attention modules a recipe's `attention` config applies to under a layer plan.
+
+    An attention module is selected when the plan quantizes one of its input projections (`to_q`,
+    `to_k`, `to_v`), so overrides that skip a block or a role (e.g. "role:cross_attn.*") keep its
+    matmuls in full precision as well. Selected modules of an unsupported class or processor (Flux,
+    Wan, SD3 joint attention, ...) are left in full precision with a logged warning rather than
+    failing the whole recipe; so is a model in which no attention module ends up selected.
+    """
+    planned = set(planned_layers)
+    selected, unsupported = [], {}
+    for name, module in model.named_modules():
+        if isinstance(module, AttentionQuantizers) or not _looks_like_attention(module):
+            continue
+        prefix = f"{name}." if name else ""
+        if not any(f"{prefix}{proj}" in planned for proj in ("to_q", "to_k", "to_v")):
+            continue
+        reason = _unsupported_reason(name, module)
+        if reason is None:
+            selected.append(name)
+        else:
+            unsupported[name] = reason
+    if unsupported:
+        first = next(iter(unsupported.values()))
+        log.warning("attention-matmul quantization: %d attention modules of %s are not supported and stay in "
+                    "full precision, e.g. %s", len(unsupported), type(model).__name__, first)
+    if not selected:
+        log.warning("attention-matmul quantization: no attention module of %s is both supported and has "
+                    "planned q/k/v projections; all its attention matmuls stay in full precision",
+                    type(model).__name__)
+    return selected
+
+
+def attention_summary(model: nn.Module) -> str | None:
+    """What the installed operand quantizers of `model` quantize, e.g. "q,k,v int4; probs uint8"
+    (distinct configurations joined by " | "); None when the model has none."""
+    labels = dict.fromkeys(q.config.label for q in attention_quantizers(model).values())
+    return " | ".join(labels) if labels else None
 
 
 def remove_attention_quantizers(model: nn.Module) -> list[str]:

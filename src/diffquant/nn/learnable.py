@@ -1,6 +1,7 @@
 """Learnable quantizers for reconstruction (BRECQ / Q-Diffusion / EDA-DM, METHODS.md §4, §12).
 
-Each is a drop-in for a QuantizedLayer's quantizer, installed only while a block is reconstructed;
+Each is a drop-in for a QuantizedLayer's quantizer (LSQActivation also for an attention operand
+quantizer, nn.attention), installed only while a block is reconstructed;
 afterwards the layer holds ordinary round-to-nearest-format state again, so saving, freezing and
 packing need to know nothing about how it was made.
 
@@ -165,6 +166,7 @@ class LSQActivation(OverQuantizer):
             scale, zero_point = step_qparams(scale, zero_point, self.spec.step_interpolation)
         per_scale = max(x.numel() // scale.numel(), 1)
         scale = grad_scale(scale.clamp_min(_TINY), 1.0 / math.sqrt(per_scale * self.spec.qformat.qmax))
+        scale, zero_point = self.base.per_channel(scale, x.shape[-1]), self.base.per_channel(zero_point, x.shape[-1])
         return fake_quantize(x, scale.to(x.dtype), None if zero_point is None else zero_point.to(x.dtype),
                              self.spec.qformat)
 
@@ -232,8 +234,15 @@ def install_lsq_weight(layer: QuantizedLayer) -> LSQWeight:
 
 
 def install_lsq(layer: QuantizedLayer, learn_zero_point: bool = False) -> LSQActivation:
-    lsq = LSQActivation(layer.input_quantizer, learn_zero_point)
-    layer.input_quantizer = lsq
+    return install_lsq_on(layer, "input_quantizer", learn_zero_point)
+
+
+def install_lsq_on(owner: nn.Module, attr: str, learn_zero_point: bool = False) -> LSQActivation:
+    """LSQActivation over the static ActivationQuantizer `owner.<attr>` (a layer's input quantizer, an
+    attention operand quantizer of nn.attention.AttentionQuantizers), installed in its place; put
+    `lsq.base` back after `write_back`."""
+    lsq = LSQActivation(getattr(owner, attr), learn_zero_point)
+    setattr(owner, attr, lsq)
     return lsq
 
 

@@ -10,7 +10,9 @@ kernel backend (diffquant.kernels), and rescale in float32:
         (+ (x / smooth) @ L1 @ L2 when a low-rank branch is given)
 
 where s runs over the K segments on which every scale is constant (one segment for per-token x
-per-channel; K / 64 for group-64 scales; kh*kw for a convolution with per-pixel input scales:
+per-channel; K / 64 for group-64 scales; kh*kw for a convolution with per-pixel input scales;
+kh*kw*c_in/gcd(c_in, c) for a split input (shortcut splitting: two static ranges, channels [:c] and
+[c:], so the scale changes at c within each kernel position; padding holds each half's zero point):
 kernels/segmented.py). The integer sums are exact, so the output equals the fake-quant layer's up to
 the order of float rounding. Where the backend has fused kernels (`vnni`: kernels/vnni.py) and neither
 side has a zero point, the whole sum runs in one kernel that rescales each segment in registers, and
@@ -150,16 +152,22 @@ def _is_arange(index: torch.Tensor) -> bool:
     return bool(torch.equal(index, torch.arange(len(index))))
 
 
-def plan_segments(k: int, weight_group: int | None, act_period: int | None, act_group: int | None) -> SegmentPlan:
+def plan_segments(k: int, weight_group: int | None, act_period: int | None, act_group: int | None,
+                  act_split: int | None = None) -> SegmentPlan:
     """Segments for a K axis where weight scales change every `weight_group` inputs and activation
     scales every `act_group` inputs within periods of `act_period` (a conv's c_in per kernel position).
-    None: no boundary of that kind."""
-    bounds = [v for v in (weight_group, act_period, act_group) if v is not None]
+    act_split (with act_period): a split input quantizer's two ranges, block 0 for the first act_split
+    inputs of every period and block 1 for the rest (segments of gcd(period, split) inputs, so a 3x3
+    conv reading 384 = 256 + 128 channels has 9 x 3 segments). None: no boundary of that kind."""
+    if act_split is not None and (act_period is None or act_group is not None):
+        raise ValueError("a split input has one range per half of each period (act_period, no act_group)")
+    bounds = [v for v in (weight_group, act_period, act_group, act_split) if v is not None]
     length = math.gcd(*bounds) if bounds else k
     count = -(-k // length)
     starts = torch.arange(count) * length
     weights = starts // weight_group if weight_group else torch.zeros_like(starts)
-    return SegmentPlan(k, length, count, _act_blocks(starts, act_period, act_group), weights)
+    acts = _act_blocks(starts, act_period, act_group) if act_split is None else (starts % act_period >= act_split).long()
+    return SegmentPlan(k, length, count, acts, weights)
 
 
 def _act_blocks(starts: torch.Tensor, period: int | None, group: int | None) -> torch.Tensor:
@@ -205,10 +213,12 @@ def quantize_activation(x2d: torch.Tensor, quantizer: ActivationQuantizer,
         shape = (rows, -1) if _per_row(spec) else (1, 1)
         codes, scale = codes.reshape(rows, -1), scale.reshape(shape)
         zero = None if zero is None else zero.reshape(shape)
-    else:
+    else:  # per tensor: scale [1, 1]; a split quantizer's two ranges [1, 2] (expanded per channel here)
         scale, zero = quantizer.static_qparams()
-        codes = quantize(x2d, scale.to(x2d.dtype), None if zero is None else zero.to(x2d.dtype), spec.qformat)
-        scale, zero = scale.reshape(1, 1), None if zero is None else zero.reshape(1, 1)
+        channels = x2d.shape[1]
+        codes = quantize(x2d, quantizer.per_channel(scale, channels).to(x2d.dtype),
+                         None if zero is None else quantizer.per_channel(zero, channels).to(x2d.dtype), spec.qformat)
+        scale, zero = scale.reshape(1, -1), None if zero is None else zero.reshape(1, -1)
     return _centred(codes, scale.float(), zero, spec.qformat)
 
 
@@ -438,6 +448,11 @@ def _needs_input_sums(input_quantizer: ActivationQuantizer | None) -> bool:
     return not spec.symmetric or not spec.qformat.signed
 
 
+def _input_split(input_quantizer: ActivationQuantizer | None, path: str) -> int | None:
+    """The channel where a split input quantizer's second range begins, on the integer path."""
+    return None if input_quantizer is None or path != "int" else input_quantizer.split_at
+
+
 def _choose_path(input_quantizer: ActivationQuantizer | None, integer_ok: bool) -> str:
     if input_quantizer is None or not integer_ok:
         return "float"
@@ -458,7 +473,9 @@ class PackedLinear(PackedLayer):
         self.out_features, self.in_features = codes.shape
         self.path = _choose_path(input_quantizer, integer_ok=True)
         in_spec = input_quantizer.spec if self.path == "int" else None
-        plan = plan_segments(self.in_features, _group_len(weight_quantizer.spec), None, _group_len(in_spec))
+        split = _input_split(input_quantizer, self.path)
+        plan = plan_segments(self.in_features, _group_len(weight_quantizer.spec), None if split is None else
+                             self.in_features, _group_len(in_spec), split)
         weight = PackedWeight(codes, weight_quantizer, plan, backend if self.path == "int" else None, codes.shape,
                               with_sums=self.path == "int" and _needs_input_sums(input_quantizer))
         self._setup(weight, input_quantizer, bias, smooth, backend, float_dtype)
@@ -540,12 +557,17 @@ class ConvGeometry:
         return self.groups == 1 and not isinstance(self.padding, str)
 
 
-def im2col(x: torch.Tensor, geometry: ConvGeometry, pad_value: float = 0) -> torch.Tensor:
+def im2col(x: torch.Tensor, geometry: ConvGeometry, pad_value: float | torch.Tensor = 0) -> torch.Tensor:
     """x [B, H, W, C] (any dtype) -> patches [B*Ho*Wo, kh*kw*C], K ordered (kh, kw, c) like QConv2d's
-    weight matrix. A 1x1, stride-1, unpadded conv returns a view (no copy)."""
+    weight matrix; padding holds pad_value (a number, or one per channel [C]). A 1x1, stride-1,
+    unpadded conv returns a view (no copy)."""
     (kh, kw), (sh, sw), (dh, dw) = geometry.kernel_size, geometry.stride, geometry.dilation
     ph, pw = geometry.padding
-    if ph or pw:
+    if (ph or pw) and isinstance(pad_value, torch.Tensor):
+        padded = pad_value.to(x.dtype).expand(x.shape[0], x.shape[1] + 2 * ph, x.shape[2] + 2 * pw, -1).clone()
+        padded[:, ph:ph + x.shape[1], pw:pw + x.shape[2]] = x
+        x = padded
+    elif ph or pw:
         x = F.pad(x, (0, 0, pw, pw, ph, ph), value=pad_value)
     batch, height, width, channels = x.shape
     out_h, out_w = (height - dh * (kh - 1) - 1) // sh + 1, (width - dw * (kw - 1) - 1) // sw + 1
@@ -566,8 +588,9 @@ class PackedConv2d(PackedLayer):
         self.geometry = geometry
         self.path = _choose_path(input_quantizer, integer_ok=geometry.im2col_ok)
         in_spec = input_quantizer.spec if self.path == "int" else None
-        period = geometry.in_channels if in_spec is not None and _per_row(in_spec) else None
-        plan = plan_segments(codes.shape[1], _group_len(weight_quantizer.spec), period, _group_len(in_spec))
+        split = _input_split(input_quantizer, self.path)
+        period = geometry.in_channels if in_spec is not None and (_per_row(in_spec) or split is not None) else None
+        plan = plan_segments(codes.shape[1], _group_len(weight_quantizer.spec), period, _group_len(in_spec), split)
         weight = PackedWeight(codes, weight_quantizer, plan, backend if self.path == "int" else None,
                               geometry.weight_shape, with_sums=self.path == "int" and _needs_input_sums(input_quantizer))
         self._setup(weight, input_quantizer, bias, smooth, backend, float_dtype)
@@ -591,9 +614,8 @@ class PackedConv2d(PackedLayer):
         batch, height, width, channels = xs.shape
         act = quantize_activation(xs.reshape(-1, channels), self.input_quantizer, self.backend)
         per_tensor = act.scale.shape[0] == 1
-        pad_code = 0 if act.zero is None or not per_tensor else float(act.zero)
         codes = act.codes[:, :channels].reshape(batch, height, width, channels)
-        patches = im2col(codes, self.geometry, pad_code)
+        patches = im2col(codes, self.geometry, self._pad_code(act, per_tensor, channels))
         if not per_tensor:
             act = ActivationCodes(patches, self._patch_map(act.scale, xs.shape),
                                   None if act.zero is None else self._patch_map(act.zero, xs.shape))
@@ -601,6 +623,15 @@ class PackedConv2d(PackedLayer):
         y = self.integer_product(act, a)
         out_h, out_w = self._output_size(height, width)
         return y.reshape(batch, out_h, out_w, -1).permute(0, 3, 1, 2)
+
+    def _pad_code(self, act: ActivationCodes, per_tensor: bool, channels: int) -> float | torch.Tensor:
+        """The code of zero in padding positions: the zero point of a per-tensor range, per channel for
+        a split quantizer's two ranges; 0 where per-pixel scales are 0 in the padding (_patch_map)."""
+        if act.zero is None or not per_tensor:
+            return 0
+        if act.zero.numel() == 1:
+            return float(act.zero)
+        return self.input_quantizer.per_channel(act.zero.reshape(-1), channels)
 
     def _patch_map(self, per_pixel: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """Per-pixel block values [B*H*W, blocks] -> per patch row [M, kh*kw*blocks]."""

@@ -83,6 +83,16 @@ class ActivationQuantizer(nn.Module):
     scale/zero_point of shape [C] (per input channel) or [1] (per tensor), with a leading step axis
     [S, ...] when per_step, read at the sampling step of the current context (calib.steps.step_rows:
     interpolated per spec.step_interpolation when the run has another number of steps).
+
+    Split input (Q-Diffusion's shortcut splitting, spec.split_shortcut; METHODS.md §12): a static
+    per-tensor quantizer of a layer that reads a UNet decoder's skip concatenation cat([hidden, skip])
+    is given the channel c where the skip begins (`set_split(c)`, before calibration; the int64 buffer
+    `split` keeps it, so checkpoints carry it). It then holds one range per half, scale / zero_point
+    [2] (or [S, 2] per step): index 0 for channels [:c], 1 for [c:], each calibrated from its own
+    channels' statistics, and applied per channel (`per_channel`). Per-channel ranges need no split;
+    dynamic specs are not split: per-group ranges stay within one half wherever the split is a multiple
+    of the group size (UNet channel counts are), while a per-token range still spans both halves of a
+    token (splitting it is not implemented; README: Recipe files).
     """
 
     def __init__(self, spec: QuantSpec) -> None:
@@ -91,6 +101,49 @@ class ActivationQuantizer(nn.Module):
         self.spec = spec
         self.register_buffer("scale", None)
         self.register_buffer("zero_point", None)
+        self.register_buffer("split", None)
+
+    # -- shortcut splitting ---------------------------------------------------------------------------
+    @property
+    def splits_input(self) -> bool:
+        """Whether the spec asks for shortcut splitting and can have it (static, per tensor)."""
+        spec = self.spec
+        return spec.split_shortcut and not spec.dynamic and spec.granularity == "tensor"
+
+    def set_split(self, channel: int) -> None:
+        """Two ranges from now on: input channels [:channel] and [channel:] (before calibrate)."""
+        if not self.splits_input:
+            raise ValueError(f"a {self.extra_repr()} quantizer without split_shortcut has one range per "
+                             "tensor / channel / token: it cannot be split")
+        if self.scale is not None:
+            raise RuntimeError("set_split must run before the quantizer is calibrated")
+        if isinstance(channel, bool) or not isinstance(channel, int) or channel < 1:
+            raise ValueError(f"the split channel must be a positive integer, got {channel!r}")
+        self.split = torch.tensor(channel, dtype=torch.int64)
+
+    @property
+    def split_at(self) -> int | None:
+        """The channel where the second range begins, or None (one range). Read from the `split`
+        buffer once per buffer object (a loaded or moved buffer is read again), not per call."""
+        split = self.split
+        if split is None:
+            return None
+        cached = self.__dict__.get("_split_cache")
+        if cached is None or cached[0] is not split:
+            cached = (split, int(split))
+            object.__setattr__(self, "_split_cache", cached)
+        return cached[1]
+
+    def per_channel(self, values: torch.Tensor | None, channels: int) -> torch.Tensor | None:
+        """Split qparams [..., 2] -> [..., channels], each half's value on its own channels (keeps the
+        gradient, for LSQ); unsplit qparams, and None, are returned as they are."""
+        split = self.split_at
+        if values is None or split is None:
+            return values
+        if not 0 < split < channels:
+            raise ValueError(f"input split at channel {split} does not fit a {channels}-channel input")
+        index = (torch.arange(channels, device=values.device) >= split).long()
+        return values.index_select(-1, index)
 
     @property
     def calibrated(self) -> bool:
@@ -121,7 +174,13 @@ class ActivationQuantizer(nn.Module):
 
     def _qparams(self, rng: ChannelRange) -> tuple[torch.Tensor, torch.Tensor | None]:
         lo, hi = rng.lo, rng.hi
-        if self.spec.granularity == "tensor":
+        split = self.split_at
+        if split is not None:
+            if not 0 < split < lo.numel():
+                raise ValueError(f"input split at channel {split} does not fit a {lo.numel()}-channel input")
+            lo = torch.stack([lo[:split].amin(), lo[split:].amin()])
+            hi = torch.stack([hi[:split].amax(), hi[split:].amax()])
+        elif self.spec.granularity == "tensor":
             lo, hi = lo.amin().reshape(1), hi.amax().reshape(1)
         spec = self.spec
         return qparams_from_range(lo, hi, spec.qformat, spec.symmetric, spec.scale_format)
@@ -130,12 +189,14 @@ class ActivationQuantizer(nn.Module):
         if self.spec.dynamic:
             return fake_quantize_dynamic(x, self.spec)
         scale, zero_point = self.static_qparams()
+        scale, zero_point = self.per_channel(scale, x.shape[-1]), self.per_channel(zero_point, x.shape[-1])
         return fake_quantize(x, scale.to(x.dtype), None if zero_point is None else zero_point.to(x.dtype),
                              self.spec.qformat)
 
     def static_qparams(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The calibrated scale / zero point in force: the current sampling step's when per-step (an
-        interpolated scale is used as computed, in float32, not rounded again to scale_dtype)."""
+        interpolated scale is used as computed, in float32, not rounded again to scale_dtype); [2]
+        for a split quantizer (per_channel expands them)."""
         if self.scale is None:
             raise RuntimeError("static activation quantizer used before calibration")
         scale, zero_point = self.scale, self.zero_point
@@ -145,7 +206,8 @@ class ActivationQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "dynamic" if self.spec.dynamic else ("static/step" if self.spec.per_step else "static")
-        return f"{self.spec.format}, {self.spec.granularity}, {kind}"
+        split = "" if self.split is None else f", split at {self.split_at}"
+        return f"{self.spec.format}, {self.spec.granularity}, {kind}{split}"
 
 
 def step_qparams(scale: torch.Tensor, zero_point: torch.Tensor | None,

@@ -18,6 +18,7 @@ import yaml
 
 from diffquant.configs import reject_unknown_keys
 from diffquant.formats.spec import QuantSpec, SpecError
+from diffquant.nn.attention import AttentionQuantConfig
 
 RECIPE_VERSION = 1
 
@@ -157,6 +158,21 @@ def patch_spec(base: QuantSpec | None, patch: str | dict[str, Any] | None, side:
 # -- the recipe -------------------------------------------------------------------------------
 
 
+def _attention_from_dict(data: Any) -> AttentionQuantConfig:
+    if isinstance(data, AttentionQuantConfig):
+        return data
+    if not isinstance(data, dict):
+        raise RecipeError(f"`attention` maps operands (query, key, value, probs) to specs, got {type(data).__name__}")
+    for operand, spec in data.items():
+        if spec is not None and not isinstance(spec, dict | QuantSpec):
+            raise RecipeError(f"attention operand {operand!r} takes a spec mapping or null (full precision), "
+                              f"got {spec!r}")
+    try:
+        return AttentionQuantConfig.from_dict(data)
+    except SpecError as exc:
+        raise RecipeError(f"attention: {exc}") from exc
+
+
 @dataclass(frozen=True)
 class Recipe:
     """A quantization recipe.
@@ -164,6 +180,10 @@ class Recipe:
     weight / input: default specs for the weights and the inputs (activations) of every covered
     layer; None leaves that side in full precision. stages: transforms run before the layers are
     quantized (e.g. SmoothQuant). overrides: per-role / per-module-pattern changes.
+    attention: specs of the operands of the two matmuls inside attention (query, key, value, probs:
+    nn.attention.AttentionQuantConfig), for every supported attention module whose q/k/v projections
+    the plan quantizes; None (the default, and left out of to_dict) keeps those matmuls in full
+    precision.
     """
 
     name: str
@@ -173,6 +193,7 @@ class Recipe:
     stages: tuple[StageConfig, ...] = ()
     overrides: tuple[Override, ...] = ()
     version: int = RECIPE_VERSION
+    attention: AttentionQuantConfig | None = None
 
     def __post_init__(self) -> None:
         if self.version != RECIPE_VERSION:
@@ -183,11 +204,17 @@ class Recipe:
             self.weight.validate_for_weight()
         if self.input is not None:
             self.input.validate_for_activation()
+        if self.attention is not None and not isinstance(self.attention, AttentionQuantConfig):
+            raise RecipeError(f"recipe {self.name!r}: `attention` takes an AttentionQuantConfig (from_dict parses "
+                              f"a mapping), got {type(self.attention).__name__}")
+        if self.attention is not None and not self.attention.specs():
+            raise RecipeError(f"recipe {self.name!r}: `attention` quantizes no operand (leave the key out instead)")
 
     @property
     def needs_calibration(self) -> bool:
         static_input = self.input is not None and not self.input.dynamic
-        return static_input or any(s.needs_calibration for s in self.stages) or any(
+        static_attention = self.attention is not None and bool(self.attention.calibrated_operands())
+        return static_input or static_attention or any(s.needs_calibration for s in self.stages) or any(
             isinstance(o.input, dict) and not o.input.get("dynamic", True) for o in self.overrides
         )
 
@@ -207,17 +234,24 @@ class Recipe:
         a = self.input.bits if self.input else 16
         return f"W{w}A{a}"
 
+    @property
+    def attention_label(self) -> str | None:
+        """Which attention operands the recipe quantizes, e.g. "q,k,v int4; probs uint8" (None: none)."""
+        return None if self.attention is None else self.attention.label
+
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "version": self.version,
             "name": self.name,
             "description": self.description,
             "weight": None if self.weight is None else self.weight.to_dict(),
             "input": None if self.input is None else self.input.to_dict(),
-            "stages": [s.to_dict() for s in self.stages],
-            "overrides": [dataclasses.asdict(o) for o in self.overrides],
         }
+        if self.attention is not None:  # left out when unset: older recipes serialise (and hash) as before
+            data["attention"] = self.attention.to_dict()
+        return {**data, "stages": [s.to_dict() for s in self.stages],
+                "overrides": [dataclasses.asdict(o) for o in self.overrides]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
@@ -229,6 +263,8 @@ class Recipe:
             for side in ("weight", "input"):
                 if data.get(side) is not None:
                     data[side] = QuantSpec.from_dict(data[side])
+            if data.get("attention") is not None:
+                data["attention"] = _attention_from_dict(data["attention"])
             data["stages"] = tuple(stage_from_dict(s) for s in data.get("stages") or ())
             overrides = data.get("overrides") or ()
             for o in overrides:
