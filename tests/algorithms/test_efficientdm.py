@@ -271,3 +271,24 @@ def test_presets_are_efficientdm_with_temporal_activation_ranges(name):
     preset = get_preset(name)
     assert [s.type for s in preset.stages] == ["range_search", "efficientdm"]
     assert preset.input.per_step and not preset.input.dynamic and preset.stages[-1].rank == 32
+
+
+def test_the_teacher_runs_attention_in_full_precision_too():
+    """With a recipe's attention operands quantized, turning the Distiller's switches off gives the
+    FP model (the teacher; up to float rounding: the instrumented attention is computed explicitly,
+    not by SDPA), while turning off the layers alone leaves the attention operands quantized."""
+    from diffquant.nn.attention import AttentionQuantConfig
+    from diffquant.nn.layers import quantization_enabled
+
+    fp = DIT.build()
+    attention = AttentionQuantConfig(query=QuantSpec("int4", "tensor", symmetric=False),
+                                     probs=QuantSpec("uint8", "tensor"))
+    model = diffquant.quantize(DIT.build(), Recipe(name="rtn-attn", attention=attention, **W4A4_STEPS),
+                               calibration=replay(CALIBRATION, 32), progress=False)
+    distiller = Distiller(EfficientDM(**FAST), model, quantized_layers(model), progress=False)
+    assert len(distiller.switches()) > len(quantized_layers(model))
+    reference = outputs(fp, HELD_OUT)
+    with quantization_enabled(distiller.switches(), False):
+        torch.testing.assert_close(outputs(model, HELD_OUT), reference, rtol=0, atol=1e-5)
+    with quantization_enabled(quantized_layers(model).values(), False):
+        assert (outputs(model, HELD_OUT) - reference).abs().max() > 1e-3
