@@ -328,7 +328,8 @@ def test_reconstructed_model_saves_reloads_bitwise_and_freezes(brecq_dit, tmp_pa
     assert sqnr_db(expected, frozen) > 40
 
 
-def test_failure_leaves_the_model_at_round_to_nearest(monkeypatch, fp_dit, rtn_dit):
+def interrupt_the_second_block(monkeypatch) -> None:
+    """Make reconstruction raise RuntimeError("interrupted") when it starts its second block."""
     real_train, calls = Reconstructor.train, []
 
     def train_then_fail(self, name, *args):
@@ -338,6 +339,10 @@ def test_failure_leaves_the_model_at_round_to_nearest(monkeypatch, fp_dit, rtn_d
         return real_train(self, name, *args)
 
     monkeypatch.setattr(Reconstructor, "train", train_then_fail)
+
+
+def test_failure_leaves_the_model_at_round_to_nearest(monkeypatch, fp_dit, rtn_dit):
+    interrupt_the_second_block(monkeypatch)
     model = DIT.build()
     with pytest.raises(RuntimeError, match="interrupted"):
         diffquant.quantize(model, recipe(BlockReconstruction(eta=0.0, **FAST)), calibration=replay(CALIBRATION, 32),
@@ -417,15 +422,7 @@ def test_per_step_operands_learn_each_steps_step_size(rtn_attention_dit):
 
 
 def test_failure_restores_the_attention_operands(monkeypatch, rtn_attention_dit):
-    real_train, calls = Reconstructor.train, []
-
-    def train_then_fail(self, name, *args):
-        calls.append(name)
-        if len(calls) == 2:
-            raise RuntimeError("interrupted")
-        return real_train(self, name, *args)
-
-    monkeypatch.setattr(Reconstructor, "train", train_then_fail)
+    interrupt_the_second_block(monkeypatch)
     model = DIT.build()
     r = Recipe(name="attention", weight=QuantSpec("int8", "channel", scale_dtype="float16"), attention=ATTENTION4,
                stages=(BlockReconstruction(**OPERANDS_ONLY),))

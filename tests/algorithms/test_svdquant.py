@@ -1,5 +1,6 @@
 """SVDQuant: a function-preserving transform, better than RTN and SmoothQuant on outliers, refits that
-never hurt, one λ per shared input, and checkpoints / frozen models that keep the low-rank branch."""
+never hurt, one λ per shared input, checkpoints / frozen models that keep the low-rank branch, and
+GPTQ on the residual whose codes the checkpoints keep."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from diffquant.formats import QuantSpec
 from diffquant.formats.ops import sqnr_db
 from diffquant.freeze import freeze, packed_layers, save_frozen
 from diffquant.nn import QConv2d, QLinear
+from diffquant.nn.layers import low_rank_product
 from diffquant.recipes import Override, Recipe, RecipeError, get_preset
 from tests.tiny_models import TINY_MODELS, run_dit_at_step0
 
@@ -150,6 +152,60 @@ def test_randomized_svd_is_close_to_the_exact_one():
     assert randomized.best.error == pytest.approx(exact.best.error, rel=0.02)
 
 
+# -- GPTQ on the residual ----------------------------------------------------------------------------
+
+
+def correlated_outlier_inputs(rows: int, seed: int) -> torch.Tensor:
+    """outlier_inputs plus a component shared by all channels through 8 directions, as real activations
+    have (with independent channels, GPTQ has nothing to trade and only fits the sample's noise)."""
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(8, FEATURES, generator=torch.Generator().manual_seed(7)) * 2
+    return outlier_inputs(rows, seed) + torch.randn(rows, 8, generator=g) @ mixing
+
+
+def held_out_sqnr_correlated(stage: SVDQuant) -> float:
+    x = correlated_outlier_inputs(1024, seed=1)
+    model = diffquant.quantize(OneLayer(), one_layer_recipe(stage), calibration=lambda m: m(x), progress=False)
+    x = correlated_outlier_inputs(256, seed=2)  # not the calibration rows
+    with torch.no_grad():
+        return sqnr_db(OneLayer()(x), model(x))
+
+
+def test_gptq_residual_beats_round_to_nearest_on_held_out_correlated_rows():
+    rtn = held_out_sqnr_correlated(SVDQuant(rank=16))
+    gptq = held_out_sqnr_correlated(SVDQuant(rank=16, gptq=True))
+    assert gptq >= rtn + 1.0, (rtn, gptq)
+
+
+def test_gptq_leaves_the_smoothing_and_the_branch_as_they_were():
+    """The search and refit score on the same sample_rows rows when GPTQ asks for more (scoring_rows)."""
+    plain = quantized_one_layer(one_layer_recipe(SVDQuant(rank=8, sample_rows=128))).proj
+    gptq = quantized_one_layer(one_layer_recipe(SVDQuant(rank=8, sample_rows=128, gptq=True, gptq_rows=512))).proj
+    assert torch.equal(plain.smooth, gptq.smooth)
+    assert all(torch.equal(a, b) for a, b in zip(plain.low_rank, gptq.low_rank, strict=True))
+    assert not torch.equal(plain.weight_quantizer(plain.weight), gptq.weight)
+
+
+def test_gptq_codes_survive_calibration_and_storage():
+    """(Saving and reloading: the tiny-DiT test below.)"""
+    model = quantized_one_layer(one_layer_recipe(SVDQuant(rank=8, gptq=True)))
+    layer = model.proj
+    weight, scale = layer.weight.detach().clone(), layer.weight_quantizer.scale.clone()
+    assert torch.equal(layer.effective_weight(), weight)  # the layer computes with GPTQ's values as they are
+    residual = OneLayer().proj.weight.detach() * layer.smooth - low_rank_product(*layer.low_rank)
+    rtn = copy.deepcopy(layer.weight_quantizer)
+    rtn.calibrate(residual)
+    assert not torch.equal(rtn.scale, scale)  # GPTQ's scales, not those the job would have calibrated
+    assert not torch.equal(rtn(residual), weight)
+    x = outlier_inputs(64, seed=3)
+    with torch.no_grad():
+        expected = model(x)
+        layer.store_codes()  # what a checkpoint and freeze hold
+        assert torch.equal(layer.weight_quantizer.scale, scale)
+        assert torch.equal(layer.weight_quantizer.decode(layer.weight_codes), weight)
+        assert torch.equal(model(x), expected)
+
+
 # -- tiny diffusers models ---------------------------------------------------------------------------
 
 DIT = TINY_MODELS["dit"]
@@ -196,6 +252,28 @@ def test_save_load_round_trip_is_bitwise(svdquant_dit, tmp_path):
     assert torch.equal(dit_output(loaded), expected)
     again = save_quantized(loaded, tmp_path / "again")
     assert (again / TENSORS).read_bytes() == (folder / TENSORS).read_bytes()
+
+
+def with_gptq(preset: str) -> Recipe:
+    recipe = get_preset(preset)
+    return dataclasses.replace(recipe, stages=(dataclasses.replace(recipe.stages[0], gptq=True),))
+
+
+@pytest.mark.parametrize("preset", ["svdquant-w4a4", "svdquant-nvfp4"])
+def test_gptq_on_a_tiny_dit_is_no_worse_and_saves_reloads_and_freezes(preset, svdquant_dit, tmp_path):
+    reference = dit_output(DIT.build())
+    plain = svdquant_dit if preset == "svdquant-w4a4" else \
+        diffquant.quantize(DIT.build(), preset, calibration=dit_calibration, progress=False)
+    model = diffquant.quantize(DIT.build(), with_gptq(preset), calibration=dit_calibration, progress=False)
+    branched = [layer for layer in quantized_layers(model).values() if layer.low_rank is not None]
+    assert branched and all(torch.equal(layer.weight_quantizer(layer.weight), layer.weight) for layer in branched)
+    expected = dit_output(model)
+    assert sqnr_db(reference, expected) >= sqnr_db(reference, dit_output(plain))
+    folder = save_quantized(model, tmp_path / "q")
+    assert torch.equal(dit_output(load_quantized(folder)), expected)
+    frozen = freeze(model, float_dtype=torch.float32)
+    assert cosine(dit_output(frozen), expected) >= 0.9999
+    assert (save_frozen(frozen, tmp_path / "frozen") / TENSORS).read_bytes() == (folder / TENSORS).read_bytes()
 
 
 def cheap_svdquant() -> Recipe:
@@ -279,7 +357,8 @@ def test_low_rank_layer_computes_the_method_s_expression():
     pytest.param({"grid_step": 0.0}, r"grid_step", id="zero-step"),
     pytest.param({"branch_dtype": "int8"}, r"branch_dtype must be one of", id="bad-branch-dtype"),
     pytest.param({"randomized_svd_from": 0}, r"randomized_svd_from must be an integer >= 1", id="bad-randomized"),
-    pytest.param({"gptq": True}, r"gptq .* is not implemented yet", id="gptq"),
+    pytest.param({"gptq": "yes"}, r"gptq must be true or false", id="gptq-not-bool"),
+    pytest.param({"gptq": True, "gptq_rows": 0}, r"gptq_rows must be an integer >= 1", id="no-gptq-rows"),
     pytest.param({"alpha": 0.5}, r"unknown stage 'svdquant' keys \['alpha'\]", id="unknown-key"),
 ])
 def test_bad_options_are_recipe_errors(options, message):
@@ -296,6 +375,17 @@ def test_recipe_round_trips_and_asks_calibration_for_rows():
     custom = dataclasses.replace(recipe, stages=(SVDQuant(rank=8, sample_rows=64),))
     assert Recipe.from_dict(custom.to_dict()).stages[0] == SVDQuant(rank=8, sample_rows=64)
     assert custom.calibration_rows == 64
+
+
+def test_gptq_options_round_trip_and_ask_calibration_for_the_hessian_s_rows():
+    assert "gptq_rows" not in SVDQuant().to_dict()  # the default: older recipes serialise (and hash) as before
+    assert SVDQuant(gptq=True).calibration_rows() == 1024
+    assert SVDQuant(gptq=True, gptq_rows=100).calibration_rows() == 256  # never fewer than the scoring rows
+    assert SVDQuant(gptq_rows=4096).calibration_rows() == 256  # no effect without gptq
+    for stage in (SVDQuant(gptq=True), SVDQuant(gptq=True, gptq_rows=512)):
+        recipe = dataclasses.replace(get_preset("svdquant-w4a4"), stages=(stage,))
+        assert Recipe.from_dict(json.loads(recipe.to_json())) == recipe
+    assert SVDQuant(gptq=True, gptq_rows=512).to_dict()["gptq_rows"] == 512
 
 
 def test_statistics_without_sampled_rows_are_refused():

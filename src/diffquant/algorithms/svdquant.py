@@ -15,6 +15,15 @@ layers calibration saw consume one tensor, e.g. adaLN linears fed by one embeddi
  3. The layer keeps x / λ as its `smooth` divisor, R as its weight (quantized by the recipe's weight
     spec when the job calibrates) and the branch: Y = Q(X̂)·Q(R)ᵀ + X̂·L1·L2 + b
     (nn.layers.QuantizedLayer). In full precision the transform changes nothing.
+ 4. Optional (`gptq`): once the split is chosen, R is quantized by GPTQ (algorithms/gptq.py: damping
+    0.01, blocks of 128, the weight spec's own groups, e.g. INT4 groups of 64 or NVFP4 groups of 16
+    with E4M3 scales, each group's scale fixed when GPTQ reaches it) on the Hessian 2·X̂ᵀX̂/n of the
+    smoothed input rows X̂ = X / λ — the input R multiplies. The layer then holds GPTQ's dequantized
+    weight and its weight quantizer GPTQ's scales (calibrated: the job does not re-round it), so
+    checkpoints and frozen models keep GPTQ's codes. GPTQ runs only on the final residual: the
+    smoothing search and the refit score round-to-nearest residuals, so GPTQ never changes which λ or
+    which branch is kept (and costs one pass per layer, not one per candidate). It covers the same
+    layers (Linear) as the rest.
 
 Output error is ‖X·Wᵀ − Ŷ‖² over the sampled rows, each layer on its own (for q/k/v the paper takes
 the attention module's output; the sum of the three projections' errors is the layer-local
@@ -34,8 +43,9 @@ from typing import ClassVar
 import torch
 from tqdm.auto import tqdm
 
+from diffquant.algorithms.gptq import gptq, hessian
 from diffquant.algorithms.smoothquant import smoothing_factors
-from diffquant.calib.stats import ActivationStats
+from diffquant.calib.stats import ActivationStats, RowSample
 from diffquant.kernels.cpu import torch_threads
 from diffquant.nn.layers import QLinear, QuantizedLayer, low_rank_product
 from diffquant.nn.quantizers import ActivationQuantizer, WeightQuantizer
@@ -45,6 +55,8 @@ log = logging.getLogger("diffquant.svdquant")
 
 BRANCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 RANDOMIZED_OVERSAMPLE, RANDOMIZED_POWER_ITERS, RANDOMIZED_SEED = 16, 4, 0
+GPTQ_DAMPING, GPTQ_BLOCK_SIZE = 0.01, 128  # the issue's settings (the GPTQ paper's defaults)
+GPTQ_ROWS = 1024  # SVDQuant.gptq_rows' default
 
 Quantize = Callable[[torch.Tensor], torch.Tensor]
 
@@ -212,8 +224,14 @@ class SVDQuant(StageConfig):
     what the branch factors are rounded to (float16 as in the method; float32 for no rounding).
     randomized_svd_from: layers whose smaller side has at least this many features use a seeded
     randomized SVD (torch.svd_lowrank) instead of the exact one; None: always exact. sample_rows:
-    calibration input rows sampled per layer to score candidates on. gptq: GPTQ on the residual
-    (damping 0.01, block 128) — not implemented yet.
+    calibration input rows sampled per layer to score candidates on (when the statistics hold more
+    rows, the same sample_rows rows that a sample_rows-row calibration keeps: scoring_rows). gptq:
+    quantize the final residual by GPTQ (algorithms/gptq.py; damping 0.01, block 128) instead of
+    round-to-nearest (module docstring, step 4). gptq_rows: with gptq, the calibration samples
+    max(sample_rows, gptq_rows) input rows per layer and GPTQ's Hessian is built from all of them
+    (GPTQ wants at least as many rows as the layer has inputs; the rows cost gptq_rows x in x 4 bytes
+    per layer while the stage runs). No effect without gptq, and left out of to_dict at its default,
+    so recipes from before the field serialise (and hash) as before.
     """
 
     type: ClassVar[str] = "svdquant"
@@ -227,11 +245,13 @@ class SVDQuant(StageConfig):
     randomized_svd_from: int | None = None
     sample_rows: int = 256
     gptq: bool = False
+    gptq_rows: int = GPTQ_ROWS
 
     def __post_init__(self) -> None:
         check_int(self, "rank", 0)
         check_int(self, "iterations", 0)
         check_int(self, "sample_rows", 1)
+        check_int(self, "gptq_rows", 1)
         if self.randomized_svd_from is not None:
             check_int(self, "randomized_svd_from", 1)
         step = self.grid_step
@@ -240,11 +260,17 @@ class SVDQuant(StageConfig):
             raise RecipeError(f"svdquant grid_step must lie in (0, 0.5] and divide 1, got {step!r}")
         if self.branch_dtype not in BRANCH_DTYPES:
             raise RecipeError(f"svdquant branch_dtype must be one of {list(BRANCH_DTYPES)}, got {self.branch_dtype!r}")
-        if self.gptq:
-            raise RecipeError("svdquant gptq (GPTQ on the residual) is not implemented yet: set gptq: false")
+        if not isinstance(self.gptq, bool):
+            raise RecipeError(f"svdquant gptq must be true or false, got {self.gptq!r}")
 
     def calibration_rows(self) -> int:
-        return self.sample_rows
+        return max(self.sample_rows, self.gptq_rows) if self.gptq else self.sample_rows
+
+    def to_dict(self) -> dict:
+        data = super().to_dict()
+        if self.gptq_rows == GPTQ_ROWS:
+            del data["gptq_rows"]  # the default: recipes from before the field serialise (and hash) as before
+        return data
 
     @property
     def grid(self) -> tuple[tuple[float, float], ...]:
@@ -276,7 +302,7 @@ class SVDQuant(StageConfig):
             self._fit_group(layers, stats)
 
     def _fit_group(self, layers: dict[str, QuantizedLayer], stats: ActivationStats) -> None:
-        problems = [layer_problem(name, layer, stats) for name, layer in layers.items()]
+        problems = [layer_problem(name, layer, stats, self.sample_rows) for name, layer in layers.items()]
         factors = self.search_factors(problems, stats)
         for problem, layer in zip(problems, layers.values(), strict=True):
             fit = fit_low_rank(problem, factors, self.settings_for(problem), self.iterations, self.early_stop)
@@ -286,6 +312,8 @@ class SVDQuant(StageConfig):
                 layer.fold_input_scale(factors.to(layer.weight.device))
             if fit.best.down is not None:
                 layer.split_low_rank(fit.best.down, fit.best.up)
+            if self.gptq:
+                quantize_residual_gptq(layer, stats.require_sample(problem.name), problem.name)
 
     def search_factors(self, problems: list[LayerProblem], stats: ActivationStats) -> torch.Tensor:
         """λ of the grid candidate with the least output error over the group (plain SVD split)."""
@@ -333,14 +361,39 @@ def input_groups(stats: ActivationStats, names: list[str]) -> list[tuple[str, ..
     return groups
 
 
-def layer_problem(name: str, layer: QuantizedLayer, stats: ActivationStats) -> LayerProblem:
-    x = stats.require_sample(name).to(layer.weight.device)
+def layer_problem(name: str, layer: QuantizedLayer, stats: ActivationStats, rows: int | None = None) -> LayerProblem:
+    """The layer's problem on its sampled input rows: at most `rows` of them (scoring_rows), all if None."""
+    x = scoring_rows(stats.require(name).sample, rows).to(layer.weight.device)
     weight = layer.weight.detach().float()
     smooth = None if layer.smooth is None else layer.smooth.float()
     reference = (x if smooth is None else x / smooth) @ weight.t()
     spec = layer.weight_quantizer.spec
     return LayerProblem(name, x, smooth, weight, reference, WeightQuantizer(spec),
                         _input_quantization(layer, stats.require(name)))
+
+
+def scoring_rows(sample: RowSample, rows: int | None) -> torch.Tensor:
+    """At most `rows` rows of a layer's sample: those with the smallest sampling keys, in arrival order —
+    the very rows a calibration with sample_rows = `rows` keeps (RowSample: bottom-k keys, one seeded
+    generator), so a larger sample taken for GPTQ's Hessian leaves the scoring unchanged."""
+    if rows is None or sample.rows.shape[0] <= rows:
+        return sample.rows
+    kept = sample.keys.topk(rows, largest=False).indices.sort().values
+    return sample.rows[kept]
+
+
+def quantize_residual_gptq(layer: QuantizedLayer, x: torch.Tensor, name: str = "") -> None:
+    """Quantize the layer's residual weight by GPTQ on the Hessian of its smoothed input rows x / smooth
+    (x [n, in]: the layer's sampled rows before smoothing): the weight becomes GPTQ's dequantized weight
+    and the weight quantizer holds GPTQ's qparams, so job.calibrate leaves it alone and store_codes /
+    checkpoints / freeze keep exactly the codes GPTQ chose (quantizer(W) == W bit for bit)."""
+    x = x.to(layer.weight.device)
+    xs = x if layer.smooth is None else x / layer.smooth.to(x.dtype)
+    weight = layer.weight_matrix(layer.weight.detach()).float()
+    result = gptq(weight, hessian(xs), layer.weight_quantizer, GPTQ_BLOCK_SIZE, GPTQ_DAMPING)
+    with torch.no_grad():
+        layer.weight.copy_(layer.weight_from_matrix(result.weight).to(layer.weight.dtype))
+    log.debug("svdquant %s: GPTQ on the residual from %d rows", name, x.shape[0])
 
 
 def _current_absmax(problem: LayerProblem, stats: ActivationStats) -> torch.Tensor:
