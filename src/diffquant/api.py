@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -23,7 +25,7 @@ from diffquant.nn.attention import (
 )
 from diffquant.nn.layers import QuantizedLayer, quantization_enabled, wrap_layer
 from diffquant.plan import LayerPlan, plan_layers
-from diffquant.recipes.config import Recipe
+from diffquant.recipes.config import Recipe, StageConfig
 from diffquant.recipes.presets import resolve_recipe
 
 # What `calibration` may be: statistics already collected on this model, or a function that runs
@@ -51,6 +53,8 @@ class QuantizationState:
 
     recipe: Recipe
     plan: dict[str, LayerPlan]
+    # one entry per recipe stage, what it reported (QuantizationJob.report) plus its wall time
+    stage_reports: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -66,6 +70,16 @@ class QuantizationJob:
     calibration: Calibration | None = None  # what quantize() was given, for stages that replay it
     training: TrainingObjective | None = None  # for stages that train on data
     attention: tuple[str, ...] = ()  # attention modules that get the recipe's operand quantizers
+    stage_reports: list[dict[str, Any]] = field(init=False)  # one per recipe stage, see report()
+
+    def __post_init__(self) -> None:
+        self.stage_reports = [{"type": stage.type, "seconds": 0.0} for stage in self.recipe.stages]
+
+    def report(self, stage: StageConfig, **summary: Any) -> None:
+        """Record a JSON-serialisable summary of what `stage` did (e.g. which calibration samples it
+        kept); saved with the model (checkpoint manifest "stage_reports"), so results stay reviewable."""
+        index = next(i for i, s in enumerate(self.recipe.stages) if s is stage)
+        self.stage_reports[index].update(summary)
 
     def require_training(self) -> TrainingObjective:
         if self.training is None:
@@ -212,17 +226,29 @@ def quantize(
     attention = tuple(planned_attention(model, plan)) if recipe.attention is not None else ()
     job = QuantizationJob(model, recipe, plan, progress=progress, calibration=calibration, training=training,
                           attention=attention)
-    for stage in recipe.stages:
-        stage.prepare(job)
+    for stage, report in zip(recipe.stages, job.stage_reports, strict=True):
+        with _timed(report):
+            stage.prepare(job)
     if job.calibration is not None and recipe.needs_calibration:
         operands = recipe.attention.calibrated_operands() if recipe.attention is not None else ()
         job.stats = gather_stats(model, plan, job.calibration, recipe.calibration_rows, attention, operands)
     job.wrap()
-    for stage in recipe.stages:
-        stage.apply(job)
+    for stage, report in zip(recipe.stages, job.stage_reports, strict=True):
+        with _timed(report):
+            stage.apply(job)
     job.calibrate()
-    setattr(model, STATE_ATTR, QuantizationState(recipe, plan))
+    setattr(model, STATE_ATTR, QuantizationState(recipe, plan, job.stage_reports))
     return model
+
+
+@contextlib.contextmanager
+def _timed(report: dict[str, Any]) -> Iterator[None]:
+    """Add the block's wall time to report["seconds"] (a stage's prepare and apply together)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        report["seconds"] = round(report["seconds"] + time.perf_counter() - start, 3)
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantizedLayer]:

@@ -192,6 +192,7 @@ def _save_model_files(model: nn.Module, folder: Path) -> None:
         "recipe": state.recipe.to_dict(),
         "layers": entries,
         **_attention_entries(model),
+        **({"stage_reports": state.stage_reports} if state.stage_reports else {}),
         "sha256": {TENSORS: sha256_of(folder / TENSORS), MODEL_CONFIG: sha256_of(folder / MODEL_CONFIG)},
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -406,7 +407,8 @@ def _load_model(folder: Path, verify: bool) -> nn.Module:
     left_on_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if left_on_meta:
         raise CheckpointError(f"{folder}: no tensors for parameters {left_on_meta[:5]}")
-    setattr(model, STATE_ATTR, QuantizationState(Recipe.from_dict(manifest["recipe"]), plan))
+    setattr(model, STATE_ATTR, QuantizationState(Recipe.from_dict(manifest["recipe"]), plan,
+                                                 list(manifest.get("stage_reports", []))))
     return model.eval()
 
 

@@ -202,6 +202,24 @@ def test_the_sampler_runs_once():
     assert len(runs) == 1  # captured once; statistics and calibration replay the selection
 
 
+def test_the_selection_is_reported_and_saved_with_the_model(tmp_path):
+    import json
+
+    from diffquant.api import STATE_ATTR
+    from diffquant.checkpoint import MANIFEST, load_quantized, save_quantized
+
+    model = tiny_dit()
+    stage = CalibrationSelection(method="tdac", samples=5, seed=2)
+    diffquant.quantize(model.denoiser, recipe(stage), calibration=calibration(model), progress=False)
+    reports = getattr(model.denoiser, STATE_ATTR).stage_reports
+    assert len(reports) == 1 and reports[0]["type"] == "calibration_selection" and reports[0]["seconds"] > 0
+    assert reports[0]["method"] == "tdac" and sum(reports[0]["counts"]) == 5 and reports[0]["seed"] == 2
+    assert len(reports[0]["weights"]) == STEPS
+    folder = save_quantized(model.denoiser, tmp_path / "q")
+    assert json.loads((folder / MANIFEST).read_text())["stage_reports"] == reports
+    assert getattr(load_quantized(folder), STATE_ATTR).stage_reports == reports
+
+
 def test_must_be_the_first_stage():
     model = tiny_dit()
     r = recipe(CalibrationSelection(), CalibrationSelection(samples=3))

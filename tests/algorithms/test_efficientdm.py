@@ -172,6 +172,9 @@ def test_result_is_an_ordinary_model_that_saves_reloads_and_freezes(tmp_path, di
     save_quantized(distilled, tmp_path / "q")
     reloaded = load_quantized(tmp_path / "q")
     assert torch.equal(outputs(reloaded, HELD_OUT), expected)
+    (report,) = reloaded._diffquant_state.stage_reports  # the training's record travels with the model
+    assert report["type"] == "efficientdm" and len(report["round_losses"]) == FAST["rounds"]
+    assert 0 < report["training_seconds"] <= report["seconds"]
     assert sqnr_db(expected, outputs(freeze(reloaded), HELD_OUT)) > 30
 
 

@@ -32,6 +32,9 @@ def test_round_trip_restores_recipe_and_plan(quantized_dit, tmp_path):
     assert restored.recipe == original.recipe
     assert restored.plan == original.plan
     assert torch.equal(dit_output(loaded), dit_output(quantized_dit))
+    # a recipe without stages reports nothing, and its manifest keeps the keys it always had
+    assert restored.stage_reports == original.stage_reports == []
+    assert "stage_reports" not in json.loads((folder / MANIFEST).read_text())
 
 
 def test_saving_twice_from_a_reloaded_model_gives_identical_tensors(quantized_dit, tmp_path):

@@ -107,6 +107,7 @@ class CalibrationSelection(StageConfig):
         captured, features = capture_calls(job.calibration, job.model, self.feature_module,
                                            features=self.method == "tdac")
         chosen = self.choose(captured, features, per_step=_has_per_step_ranges(job.plan))
+        job.report(self, **chosen.meta["selection"])
         replayed = replay(chosen, self.batch_size)
         replayed.calibration_set = chosen
         job.calibration = replayed

@@ -132,7 +132,11 @@ class EfficientDM(StageConfig):
         training = job.require_training() if self.objective == "data" else None
         job.calibrate()  # LoRA and LSQ start from round-to-nearest
         roles = {name: plan.role for name, plan in job.plan.items()}
-        Distiller(self, job.model, job.layers, roles, job.progress).run(job.calibration, training)
+        distiller = Distiller(self, job.model, job.layers, roles, job.progress)
+        distiller.run(job.calibration, training)
+        # training time across resumes (a resumed run's prepare/apply "seconds" count only the last part)
+        job.report(self, training_seconds=round(distiller.wall_time_s, 3),
+                   round_losses=[round(loss, 6) for loss in distiller.round_losses])
 
 
 OBJECTIVES = ("distillation", "data")
