@@ -16,12 +16,12 @@ from tqdm.auto import tqdm
 from diffquant.arch.skips import observe_skip_concats, up_blocks
 from diffquant.calib.stats import ActivationStats, collect_activation_stats, modules_by_name
 from diffquant.nn.attention import (
-    attention_quantizers,
     calibrate_attention_quantizers,
     install_attention_quantizers,
     observe_attention_operands,
     operand_key,
     planned_attention,
+    quantization_switches,
 )
 from diffquant.nn.layers import QuantizedLayer, quantization_enabled, wrap_layer
 from diffquant.plan import LayerPlan, plan_layers
@@ -262,5 +262,5 @@ def quantizers_disabled(model: nn.Module) -> Iterator[nn.Module]:
     layers = list(quantized_layers(model).values())
     if any(layer.weight_codes is not None for layer in layers):
         raise RuntimeError("a model loaded from stored codes has no full-precision weights to disable to")
-    with quantization_enabled([*layers, *attention_quantizers(model).values()], False):
+    with quantization_enabled(quantization_switches(model), False):
         yield model

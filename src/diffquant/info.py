@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from diffquant.checkpoint import MANIFEST, PIPELINE_INDEX, TENSORS, CheckpointError, _read_manifest
 from diffquant.formats import get_format
-from diffquant.nn.attention import AttentionQuantConfig
+from diffquant.nn.attention import AttentionQuantConfig, summary_of
 
 
 def _numel(shape: list[int]) -> int:
@@ -65,7 +65,7 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
         "model_class": manifest["model_class"],
         "recipe": manifest["recipe"]["name"],
         "attention_modules": len(attention),
-        "attention_quantized": _attention_label(attention),
+        "attention_quantized": summary_of(AttentionQuantConfig.from_dict(c) for c in attention.values()),
         "roles": roles,
         "quantized_layers": len(manifest["layers"]),
         "quantized_params": quant_params,
@@ -75,12 +75,6 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
         "file_bytes": (folder / TENSORS).stat().st_size,
         "file_bytes_16bit": 2 * total_params,
     }
-
-
-def _attention_label(attention: dict[str, Any]) -> str | None:
-    """The quantized attention operands over the checkpoint's attention modules (None: none)."""
-    labels = dict.fromkeys(AttentionQuantConfig.from_dict(config).label for config in attention.values())
-    return " | ".join(labels) if labels else None
 
 
 def _bits(spec: dict[str, Any] | None) -> int:

@@ -289,9 +289,9 @@ def test_the_teacher_runs_attention_in_full_precision_too():
     model = diffquant.quantize(DIT.build(), Recipe(name="rtn-attn", attention=attention, **W4A4_STEPS),
                                calibration=replay(CALIBRATION, 32), progress=False)
     distiller = Distiller(EfficientDM(**FAST), model, quantized_layers(model), progress=False)
-    assert len(distiller.switches()) > len(quantized_layers(model))
+    assert len(distiller.switches) > len(quantized_layers(model))
     reference = outputs(fp, HELD_OUT)
-    with quantization_enabled(distiller.switches(), False):
+    with quantization_enabled(distiller.switches, False):
         torch.testing.assert_close(outputs(model, HELD_OUT), reference, rtol=0, atol=1e-5)
     with quantization_enabled(quantized_layers(model).values(), False):
         assert (outputs(model, HELD_OUT) - reference).abs().max() > 1e-3

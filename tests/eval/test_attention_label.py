@@ -9,9 +9,9 @@ import pytest
 
 import diffquant
 from diffquant.eval.report import COLUMNS, markdown_table
-from diffquant.eval.runner import attention_quantized, format_result
+from diffquant.eval.runner import format_result
 from diffquant.formats import QuantSpec
-from diffquant.nn.attention import AttentionQuantConfig
+from diffquant.nn.attention import AttentionQuantConfig, attention_summary
 from diffquant.recipes import Recipe
 from tests.eval.test_runner import SAMPLES, build_tiny_model, run
 
@@ -32,7 +32,7 @@ def test_evaluation_row_names_the_attention_operands(tmp_path):
     fp = build_tiny_model()
     q = copy.deepcopy(fp)
     diffquant.quantize(q.denoiser, RECIPE, progress=False)
-    assert attention_quantized(q.denoiser) == "q,k,v int8 dynamic" and attention_quantized(fp.denoiser) is None
+    assert attention_summary(q.denoiser) == "q,k,v int8 dynamic" and attention_summary(fp.denoiser) is None
     result = run(q, fp, None, tmp_path, samples=SAMPLES)
     assert result["bits"] == "W8A8" and result["attention_quantized"] == "q,k,v int8 dynamic"
     assert "(W8A8; attention q,k,v int8 dynamic)" in format_result(result).splitlines()[0]

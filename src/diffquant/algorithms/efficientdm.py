@@ -55,7 +55,7 @@ from diffquant.algorithms.training import (
     stage_checkpointer,
     train_steps,
 )
-from diffquant.nn.attention import attention_quantizers
+from diffquant.nn.attention import quantization_switches
 from diffquant.nn.layers import QuantizedLayer, quantization_enabled
 from diffquant.nn.learnable import LSQActivation, install_lsq, lsq_supports, restore
 from diffquant.nn.qalora import QALoRAWeight, install_qalora, merge_qalora, remove_qalora
@@ -163,6 +163,9 @@ class Distiller:
                  roles: dict[str, str] | None = None, progress: bool = True) -> None:
         self.config, self.model, self.layers, self.progress = config, model, layers, progress
         self.roles = roles or {}
+        # what turns the student into the teacher (layers and attention operand quantizers); found once,
+        # not on every distillation step
+        self.switches = quantization_switches(model)
         self.round_losses: list[float] = []  # mean distillation loss per round, for reports and tests
         self._busy = False
         self._losses: list[float] = []
@@ -219,10 +222,6 @@ class Distiller:
             log.info("efficientdm: distillation loss %.4g (first round) -> %.4g (last round)",
                      self.round_losses[0], self.round_losses[-1])
 
-    def switches(self) -> list[nn.Module]:
-        """What turns the student into the teacher: the layers and any attention operand quantizers."""
-        return [*self.layers.values(), *attention_quantizers(self.model).values()]
-
     def learned(self, loras: dict[str, QALoRAWeight], acts: dict[str, LSQActivation]) -> nn.ModuleDict:
         """The trained modules in one module, for checkpoints."""
         return nn.ModuleDict({**{_key(n): q for n, q in loras.items()},
@@ -235,7 +234,7 @@ class Distiller:
 
         def step(i: int) -> dict[str, float]:
             decay_linearly(self.optim, i / cfg.data_steps)
-            with torch.enable_grad(), quantization_enabled(self.switches(), True):
+            with torch.enable_grad(), quantization_enabled(self.switches, True):
                 loss = training(self.model, i)
             self.optim.zero_grad(set_to_none=True)
             loss.backward()
@@ -252,7 +251,7 @@ class Distiller:
         ckpt = stage_checkpointer(cfg, self.layers)
         start, elapsed = ckpt.load(learned, self.optim) if ckpt is not None else (0, 0.0)
         t0 = time.perf_counter() - elapsed
-        layers = self.switches()
+        layers = self.switches
         self._bar = tqdm(desc="efficientdm", unit="step", disable=not self.progress, mininterval=5)
         handle = self.model.register_forward_hook(self._distil, with_kwargs=True)
         try:
@@ -289,7 +288,7 @@ class Distiller:
         teacher = _first_tensor(output).detach().float()
         self._busy = True
         try:
-            with torch.enable_grad(), quantization_enabled(self.switches(), True):
+            with torch.enable_grad(), quantization_enabled(self.switches, True):
                 student = _first_tensor(module(*args, **kwargs)).float()
                 loss = F.mse_loss(student, teacher)
             self.optim.zero_grad(set_to_none=True)

@@ -69,7 +69,7 @@ from diffquant.algorithms.block_data import (
     record_calls,
 )
 from diffquant.calib.steps import sampling_step
-from diffquant.nn.attention import AttentionQuantizers, attention_quantizers
+from diffquant.nn.attention import AttentionQuantizers, attention_quantizers, quantization_switches
 from diffquant.nn.layers import QuantizedLayer
 from diffquant.nn.learnable import (
     AdaRoundWeight,
@@ -194,16 +194,8 @@ class Reconstructor:
         self.mask_gen = torch.Generator(device=self.device).manual_seed(config.seed)
         self.errors: dict[str, tuple[float, float]] = {}  # block -> block error (first, last iteration)
 
-    def switches(self, module: nn.Module | None = None) -> list[nn.Module]:
-        """What `full_precision` turns off for a pass of the whole model (or of one block): the quantized
-        layers and the attention operand quantizers."""
-        if module is None:
-            return [*self.layers.values(), *attention_quantizers(self.model).values()]
-        inside = {id(m) for m in module.modules()}
-        return [m for m in self.switches() if id(m) in inside]
-
     def run(self, calibration: Callable[[nn.Module], object]) -> None:
-        calls = record_calls(self.model, calibration, self.switches())
+        calls = record_calls(self.model, calibration, quantization_switches(self.model))
         blocks = find_blocks(list(self.layers))
         order = execution_order(self.model, list(blocks), calls[0], self.device)
         skipped = set(blocks) - set(order)
@@ -259,7 +251,7 @@ class Reconstructor:
         operands = self.learnable_operands(block)
         if not (weights or inputs or operands):
             return
-        with full_precision(self.switches()):
+        with full_precision(quantization_switches(self.model)):
             fp = block_io(self.model, block, calls, self.device, outputs=True)
         quantized = block_io(self.model, block, calls, self.device, outputs=False)
         per_step = any(_per_step(layer.input_quantizer) for layer in layers.values()) or any(
@@ -343,7 +335,7 @@ class Reconstructor:
         """(inner layers' FP outputs or {}, the block's FP output) for the batch."""
         if inner is None:
             return {}, group.fp_out.build(group.fp_out.take(rows))
-        with torch.no_grad(), full_precision(self.switches(block)):
+        with torch.no_grad(), full_precision(quantization_switches(block)):
             target = block(*fp_args, **fp_kwargs)
         return inner.take(), target
 

@@ -55,7 +55,6 @@ log = logging.getLogger("diffquant.svdquant")
 
 BRANCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 RANDOMIZED_OVERSAMPLE, RANDOMIZED_POWER_ITERS, RANDOMIZED_SEED = 16, 4, 0
-GPTQ_DAMPING, GPTQ_BLOCK_SIZE = 0.01, 128  # the issue's settings (the GPTQ paper's defaults)
 GPTQ_ROWS = 1024  # SVDQuant.gptq_rows' default
 
 Quantize = Callable[[torch.Tensor], torch.Tensor]
@@ -390,7 +389,7 @@ def quantize_residual_gptq(layer: QuantizedLayer, x: torch.Tensor, name: str = "
     x = x.to(layer.weight.device)
     xs = x if layer.smooth is None else x / layer.smooth.to(x.dtype)
     weight = layer.weight_matrix(layer.weight.detach()).float()
-    result = gptq(weight, hessian(xs), layer.weight_quantizer, GPTQ_BLOCK_SIZE, GPTQ_DAMPING)
+    result = gptq(weight, hessian(xs), layer.weight_quantizer)  # damping 0.01, blocks of 128
     with torch.no_grad():
         layer.weight.copy_(layer.weight_from_matrix(result.weight).to(layer.weight.dtype))
     log.debug("svdquant %s: GPTQ on the residual from %d rows", name, x.shape[0])

@@ -9,11 +9,11 @@ from diffquant.calib.sets import (
     capture,
     capture_calls,
     counts_from_weights,
+    median_step_distance,
     replay,
     select,
     tdac_scores,
     tdac_weights,
-    median_step_distance,
     uniform_counts,
 )
 from diffquant.calib.stats import ActivationStats, ChannelRange, LayerStats, collect_activation_stats

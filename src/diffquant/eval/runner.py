@@ -153,14 +153,6 @@ def recipe_and_bits(denoiser: torch.nn.Module) -> tuple[str, str]:
     return (FP_RECIPE, FP_BITS) if recipe is None else (recipe.name, recipe.label)
 
 
-def attention_quantized(denoiser: torch.nn.Module) -> str | None:
-    """The attention-matmul operands the model quantizes besides its layers (e.g. "q,k,v int4; probs
-    uint8"), as installed, not as the recipe asked: None where none are (every attention matmul in
-    full precision, also when the model's attention classes are unsupported). The bits label WxAy
-    counts the layers' weights and inputs only."""
-    return attention_summary(denoiser)
-
-
 def weight_bytes(denoiser: torch.nn.Module, folder: Path | None = None) -> tuple[int, int]:
     """(whole-denoiser weight bytes, quantized layers' bytes).
 
@@ -369,7 +361,7 @@ def run_evaluation(target: EvalTarget, settings: EvalSettings, judge: Judge) -> 
     per_step = _sqnr_per_step(target, labels, settings, steps)
     result = {
         "model": target.name, "recipe": recipe, "bits": bits,
-        "attention_quantized": attention_quantized(target.model.denoiser),
+        "attention_quantized": attention_summary(target.model.denoiser),
         "fid": fid, "fp_fid": fp_fid, "class_accuracy": acc, "fp_class_accuracy": fp_acc,
         "psnr_vs_fp": metrics.psnr(q, fp), "ssim_vs_fp": metrics.ssim(q, fp),
         "feature_distance_vs_fp": metrics.feature_distance(q_feat, fp_feat),

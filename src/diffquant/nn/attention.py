@@ -51,6 +51,7 @@ from diffquant.calib.stats import ActivationStats, LayerStats
 from diffquant.calib.steps import current_step
 from diffquant.configs import reject_unknown_keys
 from diffquant.formats.spec import QuantSpec, SpecError
+from diffquant.nn.layers import QuantizedLayer
 from diffquant.nn.quantizers import ActivationQuantizer
 
 log = logging.getLogger("diffquant.attention")
@@ -433,11 +434,18 @@ def planned_attention(model: nn.Module, planned_layers: Collection[str]) -> list
     return selected
 
 
-def attention_summary(model: nn.Module) -> str | None:
-    """What the installed operand quantizers of `model` quantize, e.g. "q,k,v int4; probs uint8"
-    (distinct configurations joined by " | "); None when the model has none."""
-    labels = dict.fromkeys(q.config.label for q in attention_quantizers(model).values())
+def summary_of(configs: Iterable[AttentionQuantConfig]) -> str | None:
+    """The distinct labels of attention configs joined by " | ", e.g. "q,k,v int4; probs uint8"; None
+    for no config."""
+    labels = dict.fromkeys(config.label for config in configs)
     return " | ".join(labels) if labels else None
+
+
+def attention_summary(model: nn.Module) -> str | None:
+    """What the installed operand quantizers of `model` quantize (as installed, not as a recipe asked:
+    None where none are, also when the model's attention classes are unsupported). A bits label WxAy
+    counts the layers' weights and inputs only; this names the attention operands beside it."""
+    return summary_of(q.config for q in attention_quantizers(model).values())
 
 
 def remove_attention_quantizers(model: nn.Module) -> list[str]:
@@ -464,6 +472,12 @@ def attention_quantizers(model: nn.Module) -> dict[str, AttentionQuantizers]:
         name: q for name, module in model.named_modules()
         if isinstance(q := module._modules.get(MATMUL_QUANTIZERS), AttentionQuantizers)
     }
+
+
+def quantization_switches(model: nn.Module) -> list[nn.Module]:
+    """What a full-precision pass of `model` (or of one of its blocks) turns off with
+    nn.layers.quantization_enabled: its quantized layers and its attention operand quantizers."""
+    return [m for m in model.modules() if isinstance(m, QuantizedLayer | AttentionQuantizers)]
 
 
 # -- calibration ----------------------------------------------------------------------------------
