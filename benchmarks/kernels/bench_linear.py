@@ -369,6 +369,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokens", nargs="*", type=int, default=None, help="token counts (default: preset)")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     parser.add_argument("--limit", type=float, default=None, help="seconds per case (default 10 quick, 60 full)")
+    parser.add_argument("--runs", type=int, default=None, help="timed runs per case, the minimum is kept (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
                         help="thread: this thread's CPU time, for --threads 1 on a shared machine")
@@ -385,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
                and (args.only is None or m.name in args.only or m.kind == "float")]
     if args.clock == "thread" and torch.get_num_threads() != 1:
         raise SystemExit("--clock thread measures one thread's CPU time: use it with --threads 1")
-    timing = Timing(preset["runs"], args.limit or (10 if args.quick else 60), args.clock)
+    timing = Timing(args.runs or preset["runs"], args.limit or (10 if args.quick else 60), args.clock)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else preset["shapes"]
     bench = Bench(shapes, args.tokens or preset["tokens"], timing, methods)
     info, command = {**machine(), "clock": args.clock}, " ".join(["python", *sys.argv])

@@ -27,6 +27,7 @@ from diffquant.kernels import (
     reference_segmented_matmul,
 )
 from diffquant.kernels.gpu_triton import TritonKernels, pack_weight, unpack_weight
+from tests.kernels.test_vnni import assert_matches_the_float_path
 
 CUDA = torch.cuda.is_available()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -204,8 +205,7 @@ def test_packed_layers_on_triton_equal_the_float_backend(name, dtype, triton_on_
     symmetric = name != "w4a8-asym"
     assert (fused.weight.fused is not None) is symmetric and ("triton fused" in repr(fused)) is symmetric
     assert got.dtype == dtype
-    torch.testing.assert_close(got.float(), expected.float(), rtol=1e-5 if dtype == torch.float32 else 1e-2,
-                               atol=1e-5 * float(expected.float().abs().max()))
+    assert_matches_the_float_path(got, expected, dtype)
     assert torch.equal(fused.weight.int8_codes().cpu(), plain.weight.int8_codes())
 
 

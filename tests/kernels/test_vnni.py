@@ -41,6 +41,14 @@ def case_id(case):
     return f"{m}x{k}x{n}-w{bits}-L{length}-t{threads}"
 
 
+def assert_matches_the_float_path(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    """A fused layer's output against the "float" backend's. In bf16 the fused epilogue rounds y + bias
+    once, the float path rounds y and then the sum: they may differ by an ulp of the largest output."""
+    ulp = 1e-5 if dtype == torch.float32 else 2**-8
+    torch.testing.assert_close(got.float(), expected.float(), rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                               atol=ulp * float(expected.float().abs().max()))
+
+
 @pytest.fixture
 def threads(request):
     before = torch.get_num_threads()
@@ -100,6 +108,26 @@ def test_fused_matmul_equals_reference(case, scales, threads):
     expected = reference_segmented_matmul(a, b, length, a_scales, b_scales)
     # float32 rescale of exact sums: errors of a few ulp of the largest partial sums (cancellation)
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+
+
+@needs_vnni
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_the_epilogue_adds_the_bias_and_rounds_once_like_torch(case, out_dtype, threads):
+    """One segment, unit activation scales: y = acc * b_scale + bias in float32 (two roundings, as torch
+    does them), then one cast; the kernel's bf16 rounding (nearest even, overflow to inf) equals torch's."""
+    m, k, n, bits, _, t = case
+    threads(t)
+    g = torch.Generator().manual_seed(10)
+    a, b = codes((m, k), 8, seed=11), codes((k, n), bits, seed=12)
+    b_scales, bias = torch.rand(1, n, generator=g) + 0.1, torch.randn(n, generator=g) * 100
+    bias[0] = 3.4e38  # above bf16's largest finite value: rounds to inf
+    acc = reference_segment_accumulations(a, b, k)[0].float()
+    expected = (acc * b_scales + bias).to(out_dtype)
+    y = VnniKernels.matmul(a, pack_weight(b, bits), n, bits, k, torch.ones(m, 1), b_scales, bias, out_dtype)
+    assert y.dtype == out_dtype and torch.equal(y, expected)
+    if out_dtype == torch.bfloat16:
+        assert torch.isinf(y[:, 0]).all()
 
 
 @needs_vnni
@@ -198,8 +226,7 @@ def test_packed_layers_use_the_fused_kernels_where_both_sides_are_symmetric(name
     symmetric = name != "w4a8-asym"
     assert (fused.weight.fused is not None) is symmetric and ("vnni fused" in repr(fused)) is symmetric
     assert got.dtype == dtype
-    torch.testing.assert_close(got.float(), expected.float(), rtol=1e-5 if dtype == torch.float32 else 1e-2,
-                               atol=1e-5 * float(expected.float().abs().max()))
+    assert_matches_the_float_path(got, expected, dtype)
     assert torch.equal(fused.weight.int8_codes(), plain.weight.int8_codes())
     if symmetric:  # K x N codes, N padded to 48 (strips of 16); <= 4-bit codes two per byte
         assert fused.weight.codes.numel() == 192 * 48 // (2 if fused.weight.spec.bits <= 4 else 1)

@@ -11,8 +11,10 @@
  *            bits4: [NB][K8][16][4]   byte = u(8p + j, 16s + c) | u(8p + 4 + j, 16s + c) << 4  (half that)
  *   sa     f32 [M, G] activation scales (row stride sa_rs; 0 = one row shared by all)
  *   sw     f32 [G, ldsw] weight scales, ldsw >= 16*NB (padded)
- *   y      f32 [M, ldy]
- *   y[m, n] = sum_g sa[m, g] * sw[g, n] * acc_g[m, n],  acc_g = sum_{k in g} a[m, k] * (u[k, n] - offset)
+ *   bias   f32 [N] or NULL
+ *   y      f32 [M, ldy], or bf16 [M, ldy] when out_bf16 (rounded to nearest even, as torch's .to(bfloat16))
+ *   y[m, n] = bias[n] + sum_g sa[m, g] * sw[g, n] * acc_g[m, n],  acc_g = sum_{k in g} a[m, k] * (u[k, n] - offset)
+ * The bias and the output cast are the GEMM's epilogue: no extra pass over y in float32.
  *
  * vpdpbusd multiplies unsigned by signed bytes: u (weights) is the unsigned side, so each group's int32
  * accumulator starts at -offset * sum_{k in g} a[m, k] and ends exactly at acc_g (no saturation: vpdpbusd
@@ -37,7 +39,7 @@ typedef struct {
     const uint8_t *w; int32_t bits4; int32_t offset;
     const float *sa; int64_t sa_rs;
     const float *sw; int64_t ldsw;
-    float *y; int64_t ldy;
+    const float *bias; void *y; int64_t ldy; int32_t out_bf16;
     int64_t M, N, K, L;
     int8_t *ap;               /* a repacked per tile: [ceil(M/MR)][K/4][MR][4], rows past M zero */
     int32_t *corr;            /* [M, G]: -offset * group sums of a */
@@ -45,9 +47,37 @@ typedef struct {
     int64_t mc, mblocks, nparts;  /* work items: M blocks of mc rows x parts of N */
 } Gemm;
 
+static inline float bf16_round(float f) {  /* to the nearest bf16, ties to even (finite f), as torch */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline __m512 bf16_round_v(__m512 x) {
+    __m512i u = _mm512_castps_si512(x);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int32_t)0xFFFF0000u)));
+}
+
 static inline int32_t load4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
 
 static inline __mmask16 tail(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
+
+/* y[m, 16s : 16s + 16] = v (+ bias), in the output's dtype. */
+static inline void store16(const Gemm *g, int64_t m, int64_t s, __m512 v) {
+    const __mmask16 mask = tail(g->N - s * 16);
+    if (g->bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, g->bias + s * 16));
+    if (!g->out_bf16) {
+        _mm512_mask_storeu_ps((float *)g->y + m * g->ldy + s * 16, mask, v);
+        return;
+    }
+    __m512i u = _mm512_srli_epi32(_mm512_castps_si512(bf16_round_v(v)), 16);
+    u = _mm512_mask_mov_epi32(u, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));  /* NaN */
+    _mm256_mask_storeu_epi16((uint16_t *)g->y + m * g->ldy + s * 16, mask, _mm512_cvtepi32_epi16(u));
+}
 
 /* One micro-tile: mr rows from m0 x nr strips from s0 over all of K. panel: nr strips of K/4*64 bytes. */
 static inline __attribute__((always_inline)) void tile(const Gemm *g, int mr, int nr, int64_t m0, int64_t s0,
@@ -80,8 +110,7 @@ static inline __attribute__((always_inline)) void tile(const Gemm *g, int mr, in
         }
     }
     for (int v = 0; v < nr; v++)
-        for (int r = 0; r < mr; r++)
-            _mm512_mask_storeu_ps(g->y + (m0 + r) * g->ldy + (s0 + v) * 16, tail(g->N - (s0 + v) * 16), yf[r][v]);
+        for (int r = 0; r < mr; r++) store16(g, m0 + r, s0 + v, yf[r][v]);
 }
 
 /* Specialise tile() for every (mr, nr) so the accumulators live in registers. */
@@ -125,9 +154,25 @@ static void run_item(const Gemm *g, int64_t item, uint8_t *buf) {
     }
 }
 
-/* Run fn(ctx, tid, threads) on `threads` threads (this one included); a thread that cannot be started has
- * its share run here, so the result never depends on thread creation succeeding. */
+/* Run fn(ctx, tid, threads) on `threads` threads (this one included). Built with OpenMP (the default), the
+ * threads are the process's OpenMP pool, the one torch's own CPU operators use (libgomp is loaded once per
+ * process): its workers keep spinning for a while after each torch operator, and threads of our own would
+ * share the cores with them (measured: a 2-thread W8A8 layer 49 ms instead of 43). Without OpenMP: pthreads,
+ * and a thread that cannot be started has its share run here, so the result never depends on it. */
 typedef void (*Job)(void *ctx, int tid, int threads);
+
+#ifdef _OPENMP
+#include <omp.h>
+
+static void parallel(Job fn, void *ctx, int threads) {
+    if (threads <= 1) {
+        fn(ctx, 0, 1);
+        return;
+    }
+#pragma omp parallel num_threads(threads)
+    fn(ctx, omp_get_thread_num(), omp_get_num_threads());
+}
+#else
 typedef struct { Job fn; void *ctx; int tid, threads; } Task;
 
 static void *run_task(void *arg) { Task *t = arg; t->fn(t->ctx, t->tid, t->threads); return NULL; }
@@ -146,6 +191,7 @@ static void parallel(Job fn, void *ctx, int threads) {
         else fn(ctx, t, threads);
     }
 }
+#endif
 
 static int clamp_threads(int threads) { return threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads; }
 
@@ -190,12 +236,12 @@ static void plan_items(Gemm *g, int threads) {
 
 /* Returns 0 on success, -1 on bad arguments or allocation failure. */
 int dq_vnni_gemm(const int8_t *a, int64_t lda, const uint8_t *w, int32_t bits4, int32_t offset,
-                 const float *sa, int64_t sa_rs, const float *sw, int64_t ldsw, float *y, int64_t ldy,
-                 int64_t M, int64_t N, int64_t K, int64_t L, int32_t threads) {
+                 const float *sa, int64_t sa_rs, const float *sw, int64_t ldsw, const float *bias, void *y,
+                 int64_t ldy, int32_t out_bf16, int64_t M, int64_t N, int64_t K, int64_t L, int32_t threads) {
     if (M <= 0 || N <= 0 || L <= 0 || L % 4 || K % L || (bits4 && K % 8) || lda < K || ldy < N) return -1;
     const int t = clamp_threads(threads);
     Gemm g = {.a = a, .lda = lda, .w = w, .bits4 = bits4, .offset = offset, .sa = sa, .sa_rs = sa_rs, .sw = sw,
-              .ldsw = ldsw, .y = y, .ldy = ldy, .M = M, .N = N, .K = K, .L = L};
+              .ldsw = ldsw, .bias = bias, .y = y, .ldy = ldy, .out_bf16 = out_bf16, .M = M, .N = N, .K = K, .L = L};
     plan_items(&g, t);
     g.corr = malloc(sizeof(int32_t) * (size_t)(M * (K / L)));
     g.ap = malloc((size_t)((M + MR - 1) / MR * MR * K));
@@ -225,21 +271,6 @@ typedef struct {
     float qmin, qmax;
     int8_t *codes; float *scales;
 } Quant;
-
-static inline float bf16_round(float f) {  /* to the nearest bf16, ties to even (finite f), as torch */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline __m512 bf16_round_v(__m512 x) {
-    __m512i u = _mm512_castps_si512(x);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int32_t)0xFFFF0000u)));
-}
 
 static inline __m512 load_x(const Quant *q, int64_t m, int64_t k, __mmask16 mask) {
     if (q->bf16) {

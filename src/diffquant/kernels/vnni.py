@@ -49,6 +49,8 @@ from diffquant.kernels.int_mm import IntMmBackend
 
 SOURCE = Path(__file__).with_name("vnni.c")
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-shared", "-fPIC", "-pthread")
+# Threads from torch's OpenMP pool (vnni.c, parallel()); a compiler without OpenMP gets the pthread build.
+THREADING = (("openmp", ("-fopenmp",)), ("pthreads", ()))
 REQUIRED_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"})
 CACHE_ENV = "DIFFQUANT_CACHE_DIR"
 STRIP = 16  # outputs per zmm register
@@ -56,7 +58,8 @@ log = logging.getLogger("diffquant.kernels")
 
 _p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
 SIGNATURES = {
-    "dq_vnni_gemm": [_p, _i64, _p, _i32, _i32, _p, _i64, _p, _i64, _p, _i64, _i64, _i64, _i64, _i64, _i32],
+    "dq_vnni_gemm": [_p, _i64, _p, _i32, _i32, _p, _i64, _p, _i64, _p, _p, _i64, _i32, _i64, _i64, _i64, _i64,
+                     _i32],
     "dq_quantize_symmetric": [_p, _i64, _i32, _i64, _i64, _i64, _i64, _f32, _f32, _p, _p, _i32],
 }
 
@@ -69,13 +72,13 @@ def cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "diffquant") / "kernels"
 
 
-def _compile(compiler: str, target: Path) -> None:
+def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> None:
     """Compile into a temporary file next to `target`, then rename: concurrent builds never see half a file."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True,
+        subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True,
                        timeout=300)
         os.replace(tmp, target)
     finally:
@@ -83,25 +86,36 @@ def _compile(compiler: str, target: Path) -> None:
             os.unlink(tmp)
 
 
+def _build(compiler: str, extra: tuple[str, ...]) -> ctypes.CDLL:
+    flags = (*FLAGS, *extra)
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    target = cache_dir() / f"vnni-{key}.so"
+    if not target.is_file():
+        _compile(compiler, flags, target)
+    return ctypes.CDLL(str(target))
+
+
 @functools.lru_cache(maxsize=1)
 def load_library() -> ctypes.CDLL | str:
-    """The compiled library, or why there is none (a sentence)."""
+    """The compiled library (its threading in `.threading`), or why there is none (a sentence)."""
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None or not SOURCE.is_file():
         return "no C compiler found ($CC or cc)" if compiler is None else f"kernel source {SOURCE.name} is missing"
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    target = cache_dir() / f"vnni-{key}.so"
-    try:
-        if not target.is_file():
-            _compile(compiler, target)
-        lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError) as exc:
-        detail = getattr(exc, "stderr", "") or str(exc)
-        log.warning("diffquant kernels: building %s failed: %s", SOURCE.name, detail[-500:])
-        return f"building {SOURCE.name} failed: {type(exc).__name__}"
+    failure = ""
+    for threading, extra in THREADING:
+        try:
+            lib = _build(compiler, extra)
+            break
+        except (OSError, subprocess.SubprocessError) as exc:
+            detail = getattr(exc, "stderr", "") or str(exc)
+            log.warning("diffquant kernels: building %s with %s failed: %s", SOURCE.name, threading, detail[-500:])
+            failure = f"building {SOURCE.name} failed: {type(exc).__name__}"
+    else:
+        return failure
     for name, argtypes in SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    lib.threading = threading
     return lib
 
 
@@ -172,21 +186,26 @@ class VnniKernels:
 
     @staticmethod
     def matmul(a: torch.Tensor, packed: torch.Tensor, n: int, bits: int, length: int, a_scales: torch.Tensor,
-               b_scales: torch.Tensor) -> torch.Tensor:
-        """y float32 [M, N] = sum_s a_scales[:, s] * b_scales[s] * (a_s @ b_s) (module docstring)."""
+               b_scales: torch.Tensor, bias: torch.Tensor | None = None,
+               out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """y [M, N] = sum_s a_scales[:, s] * b_scales[s] * (a_s @ b_s) + bias, accumulated in float32 and
+        cast to out_dtype once (module docstring); float32 and bfloat16 outputs are written by the kernel."""
         m, k = a.shape
         a = a if a.stride(1) == 1 else a.contiguous()
         a_scales = a_scales.float().contiguous()
         width = packed.shape[0] * STRIP
         b_scales = F.pad(b_scales.float().expand(-1, n), (0, width - n)).contiguous()
-        y = torch.empty(m, n, dtype=torch.float32)
+        direct = out_dtype in (torch.float32, torch.bfloat16)
+        y = torch.empty(m, n, dtype=out_dtype if direct else torch.float32)
+        bias = None if bias is None else bias.float().contiguous()
         with torch.profiler.record_function("diffquant::vnni_gemm"):  # named in profiles; ~1 us otherwise
             status = library().dq_vnni_gemm(
                 _ptr(a), _row_stride(a), _ptr(packed), int(bits <= 4), code_offset(bits),
                 _ptr(a_scales), 0 if a_scales.shape[0] == 1 else a_scales.stride(0), _ptr(b_scales), width,
-                _ptr(y), n, m, n, k, length, torch.get_num_threads())
+                None if bias is None else _ptr(bias), _ptr(y), n, int(y.dtype == torch.bfloat16), m, n, k, length,
+                torch.get_num_threads())
         _check(status, "dq_vnni_gemm")
-        return y
+        return y if direct else y.to(out_dtype)
 
     @staticmethod
     def quantize(x: torch.Tensor, length: int, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor] | None:
