@@ -197,6 +197,25 @@ def test_without_a_compiler_the_backend_is_unavailable_and_says_why(monkeypatch,
         vnni.load_library.cache_clear()
 
 
+@needs_vnni
+def test_threads_come_from_openmp_and_a_compiler_without_it_gets_the_pthread_build(monkeypatch, tmp_path, threads):
+    """The default build shares torch's OpenMP pool; when that build fails, the pthread one computes the
+    same products (the exact integer sums of a 3-thread GEMM)."""
+    assert vnni.load_library().threading == "openmp"
+    assert kernels.get_backend("vnni").details() == "threads: openmp"
+    monkeypatch.setenv(vnni.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(vnni, "THREADING", (("openmp", ("-fno-such-option",)), *vnni.THREADING[1:]))
+    vnni.load_library.cache_clear()
+    try:
+        assert vnni.load_library().threading == "pthreads"
+        threads(3)
+        a, b = codes((13, 96), 8, seed=13), codes((96, 50), 8, seed=14)
+        y = VnniKernels.matmul(a, pack_weight(b, 8), 50, 8, 96, torch.ones(13, 1), torch.ones(1, 50))
+        assert torch.equal(y.to(torch.int64), reference_segment_accumulations(a, b, 96)[0])
+    finally:
+        vnni.load_library.cache_clear()
+
+
 LAYER_SPECS = {
     "w4a4-g64": (QuantSpec("int4", "group", group_size=64, scale_dtype="float16"),
                  QuantSpec("int4", "group", group_size=64, dynamic=True)),

@@ -86,6 +86,10 @@ class IntGemmBackend(ABC):
         """Why this backend is far slower than fp32 on this CPU, or None."""
         return None
 
+    def details(self) -> str:
+        """How this backend runs here, for `diffquant kernels` (e.g. its threading); "" when nothing to say."""
+        return ""
+
     @abstractmethod
     def prepare(self, b: torch.Tensor) -> Any:
         """b: int8 [K, N] -> this backend's weight object."""

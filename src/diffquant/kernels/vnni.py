@@ -239,6 +239,10 @@ class VnniBackend(IntMmBackend):
     def available(self, cpu: CpuFeatures) -> bool:
         return cpu.flags >= REQUIRED_FLAGS and not isinstance(load_library(), str)
 
+    def details(self) -> str:
+        lib = load_library()
+        return "" if isinstance(lib, str) else f"threads: {lib.threading}"
+
     def unavailable_reason(self, cpu: CpuFeatures) -> str | None:
         missing = sorted(REQUIRED_FLAGS - cpu.flags)
         if missing:
