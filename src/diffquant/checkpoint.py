@@ -8,7 +8,9 @@ A quantized model folder holds
     diffquant_model.safetensors   every tensor of the model; quantized weights as packed integer
                                   codes (tensors/packing.py) "<layer>.weight_codes" with their
                                   qparams; low-rank branches (SVDQuant) as "<layer>.low_rank_down"
-                                  [in, r] and "<layer>.low_rank_up" [r, out] in the narrowest float
+                                  [K, r] and "<layer>.low_rank_up" [r, out] (K = in_features, or
+                                  kh·kw·c_in in (kh, kw, c_in) order for a Conv2d: the weight
+                                  matrix's view, nn/layers.py) in the narrowest float
                                   dtype that holds them exactly (the manifest's per-layer
                                   "low_rank": {"rank", "dtype"}); attention-matmul operand
                                   quantizers (nn.attention) as "<attention>.matmul_quantizers.

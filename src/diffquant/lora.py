@@ -12,8 +12,8 @@ matched against the model's module names.
 
 Two ways a LoRA joins a layer:
 
-* **SVDQuant layers** (a layer with a low-rank branch: QLinear with `low_rank_down`, PackedLinear,
-  EmulatedPackedLinear) — the LoRA is concatenated onto the branch. The branch sees the smoothed
+* **SVDQuant layers** (a Linear-like layer with a low-rank branch: QLinear with `low_rank_down`,
+  PackedLinear, EmulatedPackedLinear) — the LoRA is concatenated onto the branch. The branch sees the smoothed
   input x̂ = x / λ, so the LoRA's down factor is multiplied by λ per input channel:
   x̂ · (diag(λ)·Aᵀ) = x · Aᵀ, and its up factor by scale·alpha/r:
 
@@ -29,7 +29,9 @@ Two ways a LoRA joins a layer:
 * **Convolutions** (nn.Conv2d, QConv2d, PackedConv2d; e.g. SD-1.5's 1x1 `proj_in` / `proj_out` and the
   resnet convs of LoCon-style LoRAs) — a side branch of two convolutions, as diffusers runs them:
   A [r, in, kh, kw] with the layer's stride / padding / dilation, then B [out, r, 1, 1]. Grouped
-  convolutions raise NotImplementedError.
+  convolutions raise NotImplementedError. Also on SVDQuant convolutions (with a low-rank branch): the
+  side branch reads the raw input and leaves the layer's branch factors untouched, so attach / detach
+  stay exact there too (concatenating would need A in the branch's GEMM view, scaled by λ per tap).
 
 Changing the strength rebuilds the concatenation (SVDQuant layers) or just changes the number the hook
 reads; adapters with strength 0 are left out of the concatenation, so strength 0 is bitwise the base.
@@ -148,7 +150,8 @@ class _LayerState:
 
 
 def _has_branch(module: nn.Module) -> bool:
-    return getattr(module, "low_rank_down", None) is not None
+    """A Linear-like layer with a low-rank branch to concatenate onto (convolutions take side branches)."""
+    return getattr(module, "low_rank_down", None) is not None and _conv_geometry(module) is None
 
 
 def _conv_geometry(module: nn.Module) -> ConvGeometry | None:

@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import diffquant
@@ -325,3 +326,32 @@ def test_quantized_and_frozen_convolutions_take_a_lora():
         assert sqnr_db(fp_lora_out, unet_output(model)) > base_error_db - 3
         lora.detach(model, "conv")
         assert torch.equal(unet_output(model), base)
+
+
+def test_svdquant_convolutions_take_a_lora_as_a_side_branch_and_keep_their_own():
+    """A conv with SVDQuant's branch takes the LoRA beside it, on the raw input, with its own branch factors
+    untouched: each adapted layer's output moves by exactly s·B(A(x)), quantized and frozen; detach is exact."""
+    fp = UNET.build()
+    state = conv_lora(fp)
+    quantized = diffquant.quantize(copy.deepcopy(fp), cheap_svdquant(), progress=False,
+                                   calibration=lambda m: UNET.run(m, UNET.inputs(2)))
+    factors = {p.removeprefix("unet."): f for p, f in lora.parse_lora(state).items()}
+    assert all(quantized.get_submodule(p).low_rank is not None for p in factors)
+    frozen = freeze(copy.deepcopy(quantized), float_dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    for model in (quantized, frozen):
+        branches = {p: model.get_submodule(p).low_rank_down for p in factors}
+        inputs = {p: torch.randn(2, fp.get_submodule(p).in_channels, 8, 8, generator=g) for p in factors}
+        with torch.no_grad():
+            before = {p: model.get_submodule(p)(x) for p, x in inputs.items()}
+            base = unet_output(model)
+            handle = lora.attach(model, state, name="conv", scale=0.7)
+            assert set(handle.layers.values()) == {"side"} and set(handle.layers) == set(factors)
+            for path, f in factors.items():
+                layer, conv, x = model.get_submodule(path), fp.get_submodule(path), inputs[path]
+                assert layer.low_rank_down is branches[path]
+                side = F.conv2d(F.conv2d(x, f.down, None, conv.stride, conv.padding, conv.dilation), f.up)
+                expected = before[path] + 0.7 * f.factor * side
+                torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+            lora.detach(model, "conv")
+            assert torch.equal(unet_output(model), base)

@@ -3,10 +3,11 @@ read the very same input tensor."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
-from diffquant.calib.stats import RowSample, collect_activation_stats
+from diffquant.calib.stats import ROW_SAMPLE_SEED, Rows, RowSample, collect_activation_stats, patch_rows
 
 
 def indexed_rows(start: int, count: int) -> torch.Tensor:
@@ -41,6 +42,65 @@ def test_row_sample_keeps_copies_not_views_of_the_activation():
 
 def test_row_sample_keeps_everything_below_capacity():
     assert torch.equal(sample_of(calls=2, rows=10, capacity=50).rows[:, 0], torch.arange(20.0))
+
+
+def test_row_sample_is_the_bottom_k_of_every_key_drawn():
+    """Gathering only each call's `capacity` smallest keys keeps the same rows as sampling from all of them."""
+    g = torch.Generator().manual_seed(ROW_SAMPLE_SEED)
+    keys = torch.cat([torch.rand(100, generator=g, dtype=torch.float64) for _ in range(20)])
+    expected = keys.topk(50, largest=False).indices.sort().values.float()
+    assert torch.equal(sample_of().rows[:, 0], expected)
+
+
+def test_update_gathers_at_most_capacity_rows_per_call():
+    asked = []
+
+    def gather(index: torch.Tensor) -> torch.Tensor:
+        asked.append(index.numel())
+        return indexed_rows(0, 1000)[index]
+
+    sample = RowSample(16)
+    for _ in range(3):
+        sample.update_rows(Rows(1000, gather))
+    assert asked == [16, 16, 16] and sample.rows.shape == (16, 3) and sample.seen == 3000
+
+
+CONV_GEOMETRIES = {
+    "3x3": dict(kernel_size=3, padding=1),
+    "3x3-stride2": dict(kernel_size=3, stride=2, padding=1),
+    "3x3-dilated": dict(kernel_size=3, padding=2, dilation=2),
+    "1x1": dict(kernel_size=1),
+    "3x2-same": dict(kernel_size=(3, 2), padding="same"),
+    "2x2-valid-stride2": dict(kernel_size=2, stride=2, padding="valid"),
+}
+
+
+@pytest.mark.parametrize("geometry", CONV_GEOMETRIES.values(), ids=CONV_GEOMETRIES)
+def test_conv_patch_rows_times_the_weight_matrix_are_the_conv_output(geometry):
+    """Rows in (b, oh, ow) order, K in (kh, kw, c) order as QConv2d.weight_matrix, zeros in the padding."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 3, **geometry)
+    x = torch.randn(2, 5, 7, 6)
+    rows = patch_rows(conv, x)
+    patches = rows.gather(torch.arange(rows.count))
+    matrix = conv.weight.detach().permute(0, 2, 3, 1).reshape(3, -1)
+    with torch.no_grad():
+        expected = conv(x).permute(0, 2, 3, 1).reshape(-1, 3)
+    assert patches.shape == (expected.shape[0], matrix.shape[1])
+    torch.testing.assert_close(patches @ matrix.t() + conv.bias.detach(), expected, rtol=1e-5, atol=1e-5)
+    some = torch.tensor([1, 4, 5, rows.count - 1])
+    assert torch.equal(rows.gather(some), patches[some])
+
+
+def test_convolutions_sample_patch_rows_and_divide_them_per_channel():
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    stats = collect_activation_stats({"c": conv}, lambda: [conv(torch.randn(2, 4, 16, 16)) for _ in range(3)],
+                                     sample_rows=32)
+    sample = stats["c"].sample
+    assert sample.rows.shape == (32, 36) and sample.taps == 9 and sample.seen == 3 * 2 * 16 * 16
+    assert stats["c"].overall.absmax.shape == (4,)  # ranges stay per channel
+    divisor = torch.tensor([1.0, 2.0, 4.0, 8.0])
+    torch.testing.assert_close(stats["c"].divided(divisor).sample.rows, sample.rows / divisor.repeat(9))
 
 
 class SharedInputs(nn.Module):

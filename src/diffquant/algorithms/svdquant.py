@@ -1,10 +1,12 @@
 """SVDQuant: smoothing, a 16-bit low-rank branch and a quantized residual (METHODS.md §2).
 
-For every group of Linear layers that read the same input tensor (q/k/v of one attention; any other
-layers calibration saw consume one tensor, e.g. adaLN linears fed by one embedding):
+For every group of layers (Linear, and ungrouped Conv2d unless `convs: false`) that read the same
+input tensor (q/k/v of one attention; any other layers calibration saw consume one tensor, e.g. adaLN
+linears fed by one embedding):
 
  1. Smoothing, one λ for the group: λ_j = max|X_j|^α / max|W_{:,j}|^β (max |W| over the group's
-    stacked weights), X̂ = X · diag(λ)⁻¹, Ŵ = W · diag(λ). (α, β) is the method's grid
+    stacked weights; for a conv over the output channels and the kernel window), X̂ = X · diag(λ)⁻¹,
+    Ŵ = W · diag(λ). (α, β) is the method's grid
         (0, 0) ∪ {(α, 0)} ∪ {(α, 1 − α)},  α = step, 2·step, …, 1 − step   (step 0.05: 39 pairs)
     scored by the squared output error summed over the group, on input rows sampled during
     calibration, with the quantized X̂ and the plain-SVD split Ŵ ≈ L1·L2 + Q(R) (iteration 0 below).
@@ -23,12 +25,20 @@ layers calibration saw consume one tensor, e.g. adaLN linears fed by one embeddi
     checkpoints and frozen models keep GPTQ's codes. GPTQ runs only on the final residual: the
     smoothing search and the refit score round-to-nearest residuals, so GPTQ never changes which λ or
     which branch is kept (and costs one pass per layer, not one per candidate). It covers the same
-    layers (Linear) as the rest.
+    layers as the rest, convolutions included (their Hessian is that of the patch rows).
 
 Output error is ‖X·Wᵀ − Ŷ‖² over the sampled rows, each layer on its own (for q/k/v the paper takes
 the attention module's output; the sum of the three projections' errors is the layer-local
-stand-in). Convolutions are left to the plain round-to-nearest of the recipe, as in the method
-(its coverage is the transformer blocks' linears).
+stand-in).
+
+Convolutions (beyond the method, whose coverage is the transformer blocks' linears; a UNet keeps most
+of its weights and error in its convs): the conv is the GEMM of its im2col patches, X [n, kh·kw·c_in]
+with K in (kh, kw, c_in) order (calibration samples patch rows for convs: calib.stats.patch_rows), and
+W its [c_out, K] weight matrix (QConv2d.weight_matrix). λ is per input channel, repeated over the
+kernel positions; the input quantizer scores each pixel of a patch as the layer quantizes pixels; the
+branch L1 [K, r], L2 [r, c_out] runs as a conv with the layer's geometry (c_in → r) then a 1x1 conv
+(r → c_out) on X̂ (nn.layers.conv_low_rank). Grouped convs are left to plain rounding (logged): their
+weight is no single GEMM over the patches. `convs: false` restores the Linear-only coverage.
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ from diffquant.algorithms.gptq import gptq, hessian
 from diffquant.algorithms.smoothquant import smoothing_factors
 from diffquant.calib.stats import ActivationStats, RowSample
 from diffquant.kernels.cpu import torch_threads
-from diffquant.nn.layers import QLinear, QuantizedLayer, low_rank_product
+from diffquant.nn.layers import QConv2d, QLinear, QuantizedLayer, low_rank_product
 from diffquant.nn.quantizers import ActivationQuantizer, WeightQuantizer
 from diffquant.recipes.config import RecipeError, StageConfig, check_int, register_stage
 
@@ -75,11 +85,20 @@ def smoothing_grid(step: float) -> tuple[tuple[float, float], ...]:
 # -- one layer's problem --------------------------------------------------------------------------
 
 
+def along_rows(per_channel: torch.Tensor, taps: int) -> torch.Tensor:
+    """A per-channel vector [C] along a row's K = taps·C inputs (repeated over a conv's kernel positions)."""
+    return per_channel if taps == 1 else per_channel.repeat(taps)
+
+
 @dataclass
 class LayerProblem:
-    """What the fit needs of one layer: sampled input rows before its current smoothing `x` [n, in],
-    that smoothing (`smooth` [in] or None), its current weight [out, in], the reference output
-    x̂·Wᵀ [n, out], its weight spec's quantizer and its input fake-quantizer for a divisor."""
+    """What the fit needs of one layer: sampled input rows before its current smoothing `x` [n, K],
+    that smoothing (`smooth` [C] or None), its current weight matrix [out, K], the reference output
+    x̂·Wᵀ [n, out], its weight spec's quantizer and its input fake-quantizer for a divisor [C].
+
+    K = taps·C: a Linear's rows are its C input features (taps 1); a conv's are im2col patches of its
+    kh·kw kernel positions (taps) of C channels each, channels fastest (QConv2d.weight_matrix's order).
+    """
 
     name: str
     x: torch.Tensor
@@ -88,13 +107,29 @@ class LayerProblem:
     reference: torch.Tensor
     weight_quantizer: WeightQuantizer | None
     input_quant: Callable[[torch.Tensor], Quantize]
+    taps: int = 1
 
     def divisor(self, factors: torch.Tensor) -> torch.Tensor:
         """The layer's smooth divisor after folding `factors` (as QuantizedLayer.fold_input_scale)."""
         return factors.clone() if self.smooth is None else self.smooth * factors
 
+    def per_input(self, per_channel: torch.Tensor) -> torch.Tensor:
+        return along_rows(per_channel, self.taps)
+
     def smoothed_weight(self, factors: torch.Tensor) -> torch.Tensor:
-        return self.weight * factors.reshape(1, -1)
+        return self.weight * self.per_input(factors).reshape(1, -1)
+
+    def smoothed_input(self, divisor: torch.Tensor) -> torch.Tensor:
+        return self.x / self.per_input(divisor)
+
+    def quantized_input(self, divisor: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        """Q(x̂) as the layer computes it: a conv quantizes pixels, so each patch's taps one by one."""
+        quantize = self.input_quant(divisor)
+        return quantize(xs.reshape(-1, xs.shape[1] // self.taps)).reshape(xs.shape)
+
+    def weight_absmax(self) -> torch.Tensor:
+        """max |W[:, j]| per input channel j [C], over the outputs and a conv's kernel positions."""
+        return self.weight.abs().amax(dim=0).reshape(self.taps, -1).amax(dim=0)
 
     def quantized_residual(self, residual: torch.Tensor) -> torch.Tensor:
         if self.weight_quantizer is None:
@@ -188,8 +223,8 @@ def fit_low_rank(problem: LayerProblem, factors: torch.Tensor, settings: SplitSe
                  early_stop: bool = True) -> LowRankFit:
     """Split Ŵ = W·diag(λ) and refit; the best iterate by output error (never worse than iteration 0)."""
     divisor = problem.divisor(factors)
-    xs = problem.x / divisor
-    xq = problem.input_quant(divisor)(xs)
+    xs = problem.smoothed_input(divisor)
+    xq = problem.quantized_input(divisor, xs)
     smoothed = problem.smoothed_weight(factors)
     current = split(problem, smoothed, smoothed, xs, xq, settings)
     best, best_iteration, errors = current, 0, [current.error]
@@ -205,7 +240,7 @@ def fit_low_rank(problem: LayerProblem, factors: torch.Tensor, settings: SplitSe
 
 def group_factors(problems: list[LayerProblem], x_absmax: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
     """λ shared by a group: x statistic over its (identical) inputs, max |W[:, j]| over its weights."""
-    w_absmax = torch.stack([p.weight.abs().amax(dim=0) for p in problems]).amax(dim=0)
+    w_absmax = torch.stack([p.weight_absmax() for p in problems]).amax(dim=0)
     return smoothing_factors(x_absmax, w_absmax, alpha, beta)
 
 
@@ -215,7 +250,7 @@ def group_factors(problems: list[LayerProblem], x_absmax: torch.Tensor, alpha: f
 @register_stage
 @dataclass(frozen=True)
 class SVDQuant(StageConfig):
-    """SVDQuant on every Linear layer with a quantized weight (module docstring).
+    """SVDQuant on every Linear and ungrouped Conv2d layer with a quantized weight (module docstring).
 
     rank: rank r of the 16-bit branch (0: smoothing search only, no branch). grid_step: spacing of α
     in the (α, β) grid (0.05: the method's 39 candidates). smooth: False skips the smoothing search
@@ -230,7 +265,10 @@ class SVDQuant(StageConfig):
     max(sample_rows, gptq_rows) input rows per layer and GPTQ's Hessian is built from all of them
     (GPTQ wants at least as many rows as the layer has inputs; the rows cost gptq_rows x in x 4 bytes
     per layer while the stage runs). No effect without gptq, and left out of to_dict at its default,
-    so recipes from before the field serialise (and hash) as before.
+    so recipes from before the field serialise (and hash) as before. convs: also fit the (ungrouped)
+    Conv2d layers, on sampled im2col patch rows (module docstring); False leaves them to plain
+    rounding, the method's own coverage. Left out of to_dict at its default (True), so existing recipe
+    files hash as before (their results on UNets change: the convs are now fitted).
     """
 
     type: ClassVar[str] = "svdquant"
@@ -245,6 +283,7 @@ class SVDQuant(StageConfig):
     sample_rows: int = 256
     gptq: bool = False
     gptq_rows: int = GPTQ_ROWS
+    convs: bool = True
 
     def __post_init__(self) -> None:
         check_int(self, "rank", 0)
@@ -259,8 +298,9 @@ class SVDQuant(StageConfig):
             raise RecipeError(f"svdquant grid_step must lie in (0, 0.5] and divide 1, got {step!r}")
         if self.branch_dtype not in BRANCH_DTYPES:
             raise RecipeError(f"svdquant branch_dtype must be one of {list(BRANCH_DTYPES)}, got {self.branch_dtype!r}")
-        if not isinstance(self.gptq, bool):
-            raise RecipeError(f"svdquant gptq must be true or false, got {self.gptq!r}")
+        for flag in ("gptq", "convs"):
+            if not isinstance(getattr(self, flag), bool):
+                raise RecipeError(f"svdquant {flag} must be true or false, got {getattr(self, flag)!r}")
 
     def calibration_rows(self) -> int:
         return max(self.sample_rows, self.gptq_rows) if self.gptq else self.sample_rows
@@ -269,6 +309,8 @@ class SVDQuant(StageConfig):
         data = super().to_dict()
         if self.gptq_rows == GPTQ_ROWS:
             del data["gptq_rows"]  # the default: recipes from before the field serialise (and hash) as before
+        if self.convs:
+            del data["convs"]  # likewise
         return data
 
     @property
@@ -284,13 +326,23 @@ class SVDQuant(StageConfig):
         randomized = self.randomized_svd_from is not None and smaller >= self.randomized_svd_from
         return SplitSettings(rank, BRANCH_DTYPES[self.branch_dtype], randomized)
 
+    def skip_reason(self, layer: QuantizedLayer) -> str | None:
+        """Why the stage leaves a layer to plain rounding, or None for a layer it fits."""
+        if layer.weight_quantizer is None:
+            return "weight not quantized"
+        if layer.low_rank is not None:
+            return "already has a low-rank branch"
+        if isinstance(layer, QConv2d):
+            if not self.convs:
+                return "convolution (convs: false)"
+            return None if layer.supports_low_rank else "grouped convolution (no single GEMM over its patches)"
+        return None if isinstance(layer, QLinear) else f"{type(layer).__name__} (not Linear / Conv2d)"
+
     def apply(self, job) -> None:
-        stats = _require_samples(job)
-        layers = {n: layer for n, layer in job.layers.items() if _in_scope(layer)}
-        skipped = len(job.layers) - len(layers)
-        if skipped:
-            log.info("svdquant: %d layers are not Linear layers with a quantized weight; left to plain rounding",
-                     skipped)
+        reasons = {n: self.skip_reason(layer) for n, layer in job.layers.items()}
+        layers = {n: layer for n, layer in job.layers.items() if reasons[n] is None}
+        _log_skipped({n: r for n, r in reasons.items() if r is not None})
+        stats = _require_samples(job, list(layers))
         groups = input_groups(stats, list(layers))
         for group in tqdm(groups, desc="svdquant", disable=not job.progress):
             self.apply_group({n: layers[n] for n in group}, stats)
@@ -326,18 +378,21 @@ class SVDQuant(StageConfig):
         return best
 
 
+def _log_skipped(reasons: dict[str, str]) -> None:
+    """One line per reason: how many layers plain rounding keeps, and which grouped convs."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in reasons.items():
+        by_reason.setdefault(reason, []).append(name)
+    for reason, names in by_reason.items():
+        listed = f": {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}" if "grouped" in reason else ""
+        log.info("svdquant: %d layers left to plain rounding, %s%s", len(names), reason, listed)
 
 
-def _in_scope(layer: QuantizedLayer) -> bool:
-    return isinstance(layer, QLinear) and layer.weight_quantizer is not None and layer.low_rank is None
-
-
-def _require_samples(job) -> ActivationStats:
+def _require_samples(job, names: list[str]) -> ActivationStats:
     from diffquant.api import CalibrationRequiredError
 
     stats = job.require_stats()
-    missing = [n for n, layer in job.layers.items() if _in_scope(layer)
-               and (n not in stats or stats[n].sample is None or stats[n].sample.rows is None)]
+    missing = [n for n in names if n not in stats or stats[n].sample is None or stats[n].sample.rows is None]
     if missing:
         raise CalibrationRequiredError(
             f"svdquant scores candidates on sampled input rows, which the calibration statistics lack for "
@@ -363,12 +418,15 @@ def input_groups(stats: ActivationStats, names: list[str]) -> list[tuple[str, ..
 def layer_problem(name: str, layer: QuantizedLayer, stats: ActivationStats, rows: int | None = None) -> LayerProblem:
     """The layer's problem on its sampled input rows: at most `rows` of them (scoring_rows), all if None."""
     x = scoring_rows(stats.require(name).sample, rows).to(layer.weight.device)
-    weight = layer.weight.detach().float()
+    weight = layer.weight_matrix(layer.weight.detach()).float()
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(f"svdquant: the sampled rows of {name!r} have {x.shape[1]} features but its weight "
+                         f"matrix {weight.shape[1]} inputs (a conv's rows are im2col patches: collect the "
+                         "statistics with this version's collect_activation_stats)")
     smooth = None if layer.smooth is None else layer.smooth.float()
-    reference = (x if smooth is None else x / smooth) @ weight.t()
-    spec = layer.weight_quantizer.spec
-    return LayerProblem(name, x, smooth, weight, reference, WeightQuantizer(spec),
-                        _input_quantization(layer, stats.require(name)))
+    reference = (x if smooth is None else x / along_rows(smooth, layer.taps)) @ weight.t()
+    return LayerProblem(name, x, smooth, weight, reference, WeightQuantizer(layer.weight_quantizer.spec),
+                        _input_quantization(layer, stats.require(name)), layer.taps)
 
 
 def scoring_rows(sample: RowSample, rows: int | None) -> torch.Tensor:
@@ -383,11 +441,12 @@ def scoring_rows(sample: RowSample, rows: int | None) -> torch.Tensor:
 
 def quantize_residual_gptq(layer: QuantizedLayer, x: torch.Tensor, name: str = "") -> None:
     """Quantize the layer's residual weight by GPTQ on the Hessian of its smoothed input rows x / smooth
-    (x [n, in]: the layer's sampled rows before smoothing): the weight becomes GPTQ's dequantized weight
-    and the weight quantizer holds GPTQ's qparams, so job.calibrate leaves it alone and store_codes /
-    checkpoints / freeze keep exactly the codes GPTQ chose (quantizer(W) == W bit for bit)."""
+    (x [n, K]: the layer's sampled rows before smoothing, a conv's im2col patches): the weight becomes
+    GPTQ's dequantized weight and the weight quantizer holds GPTQ's qparams, so job.calibrate leaves it
+    alone and store_codes / checkpoints / freeze keep exactly the codes GPTQ chose (quantizer(W) == W
+    bit for bit)."""
     x = x.to(layer.weight.device)
-    xs = x if layer.smooth is None else x / layer.smooth.to(x.dtype)
+    xs = x if layer.smooth is None else x / along_rows(layer.smooth.to(x.dtype), layer.taps)
     weight = layer.weight_matrix(layer.weight.detach()).float()
     result = gptq(weight, hessian(xs), layer.weight_quantizer)  # damping 0.01, blocks of 128
     with torch.no_grad():

@@ -5,6 +5,11 @@ steps) whatever the number of calibration samples. On request (`sample_rows=n`, 
 candidates by a layer's output error, e.g. SVDQuant), also a uniform random sample of at most n input
 rows per layer (`RowSample`, O(layers x n x channels)), and which layers read the very same input
 tensor (`ActivationStats.input_groups`: q/k/v of one attention, adaLN linears fed by one embedding).
+
+A row is what the layer's weight multiplies: a token's features for a Linear, an im2col patch for a
+Conv2d ([kh·kw·C] in (kh, kw, c) order, channels fastest, as QConv2d's weight matrix; zeros where the
+window reaches into the padding), so a layer's output at a sampled row is row · W_matrixᵀ. Patches are
+built only for the rows the sample keeps (`patch_rows`), never for a whole unfolded input.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from diffquant.calib.steps import current_step
@@ -53,6 +59,20 @@ class ChannelRange:
 ROW_SAMPLE_SEED = 0
 
 
+@dataclass(frozen=True)
+class Rows:
+    """One call's input rows, built on demand: `count` rows, of which gather(indices [k], ascending)
+    returns float32 [k, width]. A sample keeps few of many rows, so a conv's patches (kh·kw times the
+    input) are only ever built for the kept ones."""
+
+    count: int
+    gather: Callable[[torch.Tensor], torch.Tensor]
+
+    @classmethod
+    def of(cls, x2d: torch.Tensor) -> Rows:
+        return cls(x2d.shape[0], lambda index: x2d[index].float())
+
+
 @dataclass
 class RowSample:
     """A uniform random sample (without replacement) of at most `capacity` rows of everything seen.
@@ -60,30 +80,40 @@ class RowSample:
     Bottom-k sampling: every row draws a random key and the `capacity` smallest keys are kept, so the
     sample is uniform over all rows of all calls at any point, in O(capacity x channels) memory. Each
     sample draws from its own generator with one seed: layers fed the same tensors keep the same rows.
+    taps: channel vectors per row (a conv's kh·kw kernel positions, channels fastest; 1 for a Linear).
     """
 
     capacity: int
-    rows: torch.Tensor | None = None  # float32 [n <= capacity, C], in order of arrival
+    rows: torch.Tensor | None = None  # float32 [n <= capacity, taps * C], in order of arrival
     keys: torch.Tensor | None = None  # float64 [n]
     seen: int = 0
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(ROW_SAMPLE_SEED))
+    taps: int = 1
 
     def update(self, x2d: torch.Tensor) -> None:
-        keys = torch.rand(x2d.shape[0], generator=self.generator, dtype=torch.float64)
-        rows = x2d.detach().float()
+        self.update_rows(Rows.of(x2d.detach()))
+
+    def update_rows(self, new: Rows) -> None:
+        """Add a call's rows. Only this call's `capacity` smallest keys can enter the sample, so only
+        those rows are gathered (the same sample as gathering all of them)."""
+        keys = torch.rand(new.count, generator=self.generator, dtype=torch.float64)
+        index = torch.arange(new.count)
+        if new.count > self.capacity:
+            index = keys.topk(self.capacity, largest=False).indices.sort().values
+            keys = keys[index]
+        rows = new.gather(index)  # a copy: never a view of the model's activation
         if self.rows is not None:
             rows, keys = torch.cat([self.rows, rows]), torch.cat([self.keys, keys])
         if rows.shape[0] > self.capacity:
             kept = keys.topk(self.capacity, largest=False).indices.sort().values
             rows, keys = rows[kept], keys[kept]
-        elif self.rows is None:
-            rows = rows.clone()  # never keep a view of the model's activation
         self.rows, self.keys = rows, keys
-        self.seen += x2d.shape[0]
+        self.seen += new.count
 
     def divided(self, divisor: torch.Tensor) -> RowSample:
-        rows = None if self.rows is None else self.rows / divisor
-        return RowSample(self.capacity, rows, self.keys, self.seen, self.generator)
+        """The sample of x / divisor for a per-channel divisor [C] (repeated over a patch's taps)."""
+        rows = None if self.rows is None else self.rows / divisor.repeat(self.taps)
+        return RowSample(self.capacity, rows, self.keys, self.seen, self.generator, self.taps)
 
 
 @dataclass
@@ -95,7 +125,9 @@ class LayerStats:
     per_step: dict[int, ChannelRange] = field(default_factory=dict)
     sample: RowSample | None = None
 
-    def observe(self, x2d: torch.Tensor, step: int | None) -> None:
+    def observe(self, x2d: torch.Tensor, step: int | None, rows: Rows | None = None) -> None:
+        """x2d [tokens, C]: the input's channel vectors (ranges); rows: what the sample draws from, the
+        same x2d rows unless given (a conv's patches: patch_rows)."""
         x2d = x2d.detach().float()
         if self.overall is None:
             self.overall = ChannelRange.of(x2d)
@@ -107,7 +139,7 @@ class LayerStats:
             else:
                 self.per_step[step] = ChannelRange.of(x2d)
         if self.sample is not None:
-            self.sample.update(x2d)
+            self.sample.update_rows(Rows.of(x2d) if rows is None else rows)
 
     def divided(self, divisor: torch.Tensor) -> LayerStats:
         assert self.overall is not None
@@ -206,11 +238,54 @@ class InputSharing:
         return groups
 
 
+def is_conv(module: nn.Module) -> bool:
+    """A float or quantized Conv2d (channels at dim 1)."""
+    return isinstance(module, nn.Conv2d) or getattr(module, "feature_axis", -1) == 1
+
+
 def feature_last_2d(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A layer input as [tokens, channels]: Linear features are last, Conv2d channels are dim 1."""
-    if isinstance(module, nn.Conv2d) or getattr(module, "feature_axis", -1) == 1:
+    if is_conv(module):
         x = x.movedim(1, -1)
     return x.reshape(-1, x.shape[-1])
+
+
+def conv_padding(conv: nn.Module) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) zero padding of a Conv2d, "same" / "valid" resolved as F.conv2d does
+    (an odd "same" total puts the extra row / column at the bottom / right)."""
+    if conv.padding == "valid":
+        return 0, 0, 0, 0
+    if conv.padding == "same":
+        totals = [d * (k - 1) for k, d in zip(conv.kernel_size, conv.dilation, strict=True)]
+        return totals[0] // 2, totals[0] - totals[0] // 2, totals[1] // 2, totals[1] - totals[1] // 2
+    ph, pw = conv.padding
+    return ph, ph, pw, pw
+
+
+def patch_rows(conv: nn.Module, x: torch.Tensor) -> Rows:
+    """A conv input x [B, C, H, W] as its im2col rows [B·Ho·Wo, kh·kw·C] (row = (b, oh, ow), K in
+    (kh, kw, c) order like QConv2d.weight_matrix; padding as zeros), gathered per requested row."""
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    top, bottom, left, right = conv_padding(conv)
+    padded = F.pad(x.detach(), (left, right, top, bottom)).movedim(1, -1)  # [B, H', W', C]
+    batch, height, width, channels = padded.shape
+    out_h, out_w = (height - dh * (kh - 1) - 1) // sh + 1, (width - dw * (kw - 1) - 1) // sw + 1
+    taps_h = torch.arange(kh, device=x.device) * dh
+    taps_w = torch.arange(kw, device=x.device) * dw
+
+    def gather(index: torch.Tensor) -> torch.Tensor:
+        index = index.to(x.device)
+        b, pixel = index // (out_h * out_w), index % (out_h * out_w)
+        rows = (pixel // out_w * sh)[:, None] + taps_h  # [k, kh]
+        cols = (pixel % out_w * sw)[:, None] + taps_w  # [k, kw]
+        patches = padded[b[:, None, None], rows[:, :, None], cols[:, None, :]]  # [k, kh, kw, C]
+        return patches.reshape(index.shape[0], kh * kw * channels).float()
+
+    return Rows(batch * out_h * out_w, gather)
+
+
+def _taps(module: nn.Module) -> int:
+    return module.kernel_size[0] * module.kernel_size[1] if is_conv(module) else 1
 
 
 @contextlib.contextmanager
@@ -225,10 +300,12 @@ def observe_inputs(modules: dict[str, nn.Module], stats: ActivationStats,
 
     def make_hook(name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
             if name not in stats:
-                stats[name] = LayerStats(sample=RowSample(sample_rows) if sample_rows else None)
-            sharing.see(name, args[0])
-            stats[name].observe(feature_last_2d(module, args[0]), current_step())
+                stats[name] = LayerStats(sample=RowSample(sample_rows, taps=_taps(module)) if sample_rows else None)
+            sharing.see(name, x)
+            rows = patch_rows(module, x) if sample_rows and is_conv(module) else None
+            stats[name].observe(feature_last_2d(module, x), current_step(), rows)
 
         return hook
 

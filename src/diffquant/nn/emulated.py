@@ -128,12 +128,14 @@ class EmulatedPackedConv2d(PackedConv2d):
     def __init__(self, codes: torch.Tensor, weight_quantizer: WeightQuantizer, geometry: ConvGeometry,
                  input_quantizer: ActivationQuantizer | None = None, bias: torch.Tensor | None = None,
                  smooth: torch.Tensor | None = None, backend: object = None,
-                 float_dtype: torch.dtype | None = None) -> None:
+                 float_dtype: torch.dtype | None = None,
+                 low_rank: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         PackedLayer.__init__(self)
         self.geometry = geometry
         self.path = EMULATED
         weight = EmulatedWeight(codes, weight_quantizer, geometry.weight_shape)
         self._setup(weight, input_quantizer, bias, smooth, None, float_dtype)
+        self._set_low_rank(low_rank)
 
 
 EMULATED_TYPES: dict[type[nn.Module], Callable[..., PackedLayer]] = {

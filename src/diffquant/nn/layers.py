@@ -4,12 +4,16 @@ Either quantizer may be absent (weight-only or activation-only). An optional per
 `smooth` divisor (SmoothQuant, SVDQuant) is applied to the input before its quantization; the
 matching factor is folded into the weight by the smoothing stage.
 
-An optional low-rank branch (SVDQuant; Linear layers only) adds the smoothed, unquantized input
-through two float factors, L1 = `low_rank_down` [in, r] and L2 = `low_rank_up` [r, out]:
+An optional low-rank branch (SVDQuant) adds the smoothed, unquantized input through two float
+factors, L1 = `low_rank_down` [K, r] and L2 = `low_rank_up` [r, out], K the weight matrix's inputs:
 
     Y = Q(X / smooth) · Q(W)ᵀ + (X / smooth) · L1 · L2 + b
 
-where W is then the residual that `split_low_rank` left in the weight.
+where W is then the residual that `split_low_rank` left in the weight. For an (ungrouped) Conv2d the
+product is over im2col patches: L1 is stored in the same GEMM view as the weight matrix ([kh·kw·c_in, r],
+K in (kh, kw, c_in) order) and runs as a conv with the layer's kernel, stride, padding and dilation
+(c_in -> r), followed by a 1x1 conv with L2 (r -> out): `conv_low_rank`. Keeping both layers' factors
+2-D with the same meaning lets checkpoints, freezing, thawing and SVDQuant's fit treat them alike.
 
 Weights are quantized as a [out, K] matrix with the input axis last. For Conv2d, K is ordered
 (kh, kw, c_in) with c_in fastest, so a quantization group of g inputs covers g input channels at
@@ -117,17 +121,22 @@ class QuantizedLayer(nn.Module):
         return self.weight_quantizer is not None and self.weight_quantizer.scale is not None
 
     # -- low-rank branch ----------------------------------------------------------------------------
-    supports_low_rank: bool = False
+    taps: int = 1  # channel vectors per row of the weight matrix (a conv's kh·kw kernel positions)
+
+    @property
+    def supports_low_rank(self) -> bool:
+        return False
 
     @property
     def low_rank(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(L1 [in, r], L2 [r, out]) of the low-rank branch, or None."""
+        """(L1 [K, r], L2 [r, out]) of the low-rank branch, or None."""
         return None if self.low_rank_down is None else (self.low_rank_down, self.low_rank_up)
 
     def set_low_rank(self, down: torch.Tensor, up: torch.Tensor) -> None:
         """Install the branch factors as they are (no change to the weight): for loading."""
         if not self.supports_low_rank:
-            raise NotImplementedError(f"{type(self).__name__} has no low-rank branch (Linear layers only)")
+            raise NotImplementedError(f"{type(self).__name__} has no low-rank branch (Linear layers and "
+                                      "ungrouped convolutions only)")
         inputs, outputs = self.low_rank_shape
         if down.dim() != 2 or up.dim() != 2 or down.shape[0] != inputs or up.shape[1] != outputs \
                 or down.shape[1] != up.shape[0]:
@@ -151,11 +160,16 @@ class QuantizedLayer(nn.Module):
         if self.low_rank_down is not None:
             raise RuntimeError("the layer already has a low-rank branch")
         self.set_low_rank(down, up)
-        self.weight.sub_(low_rank_product(self.low_rank_down, self.low_rank_up).to(self.weight.dtype))
+        product = low_rank_product(self.low_rank_down, self.low_rank_up)
+        self.weight.sub_(self.weight_from_matrix(product).to(self.weight.dtype))
 
     @property
     def low_rank_shape(self) -> tuple[int, int]:
-        """(inputs, outputs) the branch factors must fit."""
+        """(K, outputs) the branch factors must fit."""
+        raise NotImplementedError
+
+    def low_rank_output(self, xs: torch.Tensor) -> torch.Tensor:
+        """The branch on the smoothed input xs (the layer's own input layout)."""
         raise NotImplementedError
 
     # -- forward --------------------------------------------------------------------------------
@@ -178,11 +192,18 @@ class QuantizedLayer(nn.Module):
         return self.matmul(self.quantize_input(x), self.effective_weight().to(x.dtype))
 
     def forward_low_rank(self, x: torch.Tensor) -> torch.Tensor:
-        """Q(x̂)·Q(W)ᵀ + b + x̂·L1·L2 with x̂ = x / smooth (feature axis last: Linear layers)."""
-        xs = x if self.smooth is None else x / self.smooth.to(x.dtype)
-        xq = self.input_quantizer(xs) if self.input_quantizer is not None and self.quant_enabled else xs
+        """Q(x̂)·Q(W)ᵀ + b + x̂·L1·L2 with x̂ = x / smooth (the branch reads x̂ unquantized)."""
+        axis = self._axis(x)
+        xs = x if self.smooth is None else x / self.smooth.reshape(-1, *[1] * (-1 - axis)).to(x.dtype)
+        xq = xs
+        if self.input_quantizer is not None and self.quant_enabled:
+            xq = self.input_quantizer(xs.movedim(axis, -1)).movedim(-1, axis)
         y = self.matmul(xq, self.effective_weight().to(x.dtype))
-        return y + (xs @ self.low_rank_down.to(x.dtype)) @ self.low_rank_up.to(x.dtype)
+        return y + self.low_rank_output(xs)
+
+    def _axis(self, x: torch.Tensor) -> int:
+        """The feature axis as a negative index (what movedim / broadcasting the smooth vector need)."""
+        return self.feature_axis - x.dim() if self.feature_axis >= 0 else self.feature_axis
 
     def matmul(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -199,9 +220,18 @@ def low_rank_product(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return (down @ up).t()
 
 
+def conv_low_rank(xs: torch.Tensor, down: torch.Tensor, up: torch.Tensor, conv) -> torch.Tensor:
+    """A conv layer's branch on x̂ [B, c_in, H, W]: L1 [kh·kw·c_in, r] (K in (kh, kw, c_in) order) as a
+    [r, c_in, kh, kw] kernel with `conv`'s stride / padding / dilation, then L2 [r, out] as a 1x1 conv.
+    Equal to patches(x̂) · L1 · L2 at every output pixel. conv: a QConv2d or ConvGeometry."""
+    rank = down.shape[1]
+    kernel = down.t().reshape(rank, *conv.kernel_size, -1).permute(0, 3, 1, 2)
+    hidden = F.conv2d(xs, kernel, None, conv.stride, conv.padding, conv.dilation)
+    return F.conv2d(hidden, up.t().reshape(up.shape[1], rank, 1, 1))
+
+
 class QLinear(QuantizedLayer):
     feature_axis = -1
-    supports_low_rank = True
 
     def __init__(self, linear: nn.Linear, weight_spec: QuantSpec | None, input_spec: QuantSpec | None):
         super().__init__(weight_spec, input_spec)
@@ -210,8 +240,15 @@ class QLinear(QuantizedLayer):
         self.bias = linear.bias
 
     @property
+    def supports_low_rank(self) -> bool:
+        return True
+
+    @property
     def low_rank_shape(self) -> tuple[int, int]:
         return self.in_features, self.out_features
+
+    def low_rank_output(self, xs: torch.Tensor) -> torch.Tensor:
+        return (xs @ self.low_rank_down.to(xs.dtype)) @ self.low_rank_up.to(xs.dtype)
 
     def matmul(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -238,6 +275,21 @@ class QConv2d(QuantizedLayer):
         out, cin_g = self.out_channels, self.in_channels // self.groups
         kh, kw = self.kernel_size
         return matrix.reshape(out, kh, kw, cin_g).permute(0, 3, 1, 2)
+
+    @property
+    def taps(self) -> int:
+        return self.kernel_size[0] * self.kernel_size[1]
+
+    @property
+    def supports_low_rank(self) -> bool:
+        return self.groups == 1  # a grouped conv's weight matrix is not one GEMM over the patches
+
+    @property
+    def low_rank_shape(self) -> tuple[int, int]:
+        return self.taps * self.in_channels, self.out_channels
+
+    def low_rank_output(self, xs: torch.Tensor) -> torch.Tensor:
+        return conv_low_rank(xs, self.low_rank_down.to(xs.dtype), self.low_rank_up.to(xs.dtype), self)
 
     def matmul(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)

@@ -85,7 +85,7 @@ from diffquant.kernels import (
     select_backend,
 )
 from diffquant.kernels.layouts import pack_int4_halves, unpack_int4_halves
-from diffquant.nn.layers import QConv2d, QLinear
+from diffquant.nn.layers import QConv2d, QLinear, conv_low_rank
 from diffquant.nn.quantizers import ActivationQuantizer, WeightQuantizer
 
 # -- codes ----------------------------------------------------------------------------------------
@@ -342,10 +342,12 @@ class PackedWeight(nn.Module):
             return self.prepared
         return self.backend.prepare_segments(self.int8_codes(), self.plan.length)
 
-    def fused_matmul(self, a: torch.Tensor, a_scales: torch.Tensor) -> torch.Tensor:
-        """sum_s a_scales[:, s] * scale_s * (a_s @ codes_s) on the fused kernel: float32 [M, N]."""
+    def fused_matmul(self, a: torch.Tensor, a_scales: torch.Tensor, epilogue: Epilogue | None = None) -> torch.Tensor:
+        """sum_s a_scales[:, s] * scale_s * (a_s @ codes_s) on the fused kernel: [M, N], float32 or, with an
+        epilogue, + bias in the epilogue's dtype (added and cast by the kernel where it can)."""
+        extra = {} if epilogue is None else {"bias": epilogue.bias, "out_dtype": epilogue.dtype}
         return self.fused.matmul(a, self.codes, self.out_features, self.spec.bits, self.plan.length, a_scales,
-                                 self.segment_scales())
+                                 self.segment_scales(), **extra)
 
     def segment_scales(self) -> torch.Tensor:
         """float32 [S, N] (or [S, 1] per tensor)."""
@@ -390,6 +392,24 @@ class PackedWeight(nn.Module):
 # -- modules --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Epilogue:
+    """What follows a layer's product: + bias (along the output channels), then the input's dtype. Fused
+    kernels do both on their float32 accumulators (one rounding, no extra pass over the output); the
+    other paths call apply()."""
+
+    dtype: torch.dtype
+    bias: torch.Tensor | None
+
+    def apply(self, y: torch.Tensor, channel_dim: int = -1) -> torch.Tensor:
+        y = y.to(self.dtype)
+        if self.bias is None:
+            return y
+        shape = [1] * y.dim()
+        shape[channel_dim] = -1
+        return y + self.bias.to(self.dtype).reshape(shape)
+
+
 class PackedLayer(nn.Module):
     """Shared run-time of PackedLinear / PackedConv2d. Subclasses define the int and float products."""
 
@@ -413,14 +433,15 @@ class PackedLayer(nn.Module):
                                f"({self.backend.device_type} tensors) but got a {x.device.type} input: freeze the "
                                f"model on the device it runs on (model.to(device) before diffquant.freeze)")
 
-    def integer_product(self, act: ActivationCodes, a: torch.Tensor) -> torch.Tensor:
-        """Rescaled segmented GEMM of codes a [M, K_pad] with the weight: float32 [M, N]."""
+    def integer_product(self, act: ActivationCodes, a: torch.Tensor, epilogue: Epilogue) -> torch.Tensor:
+        """Rescaled segmented GEMM of codes a [M, K_pad] with the weight, then the epilogue: [M, N]."""
         plan = self.weight.plan
         if self.weight.fused is not None:  # symmetric on both sides: one pass, no per-segment float passes
-            return self.weight.fused_matmul(a, plan.act_scales(act.scale))
+            return self.weight.fused_matmul(a, plan.act_scales(act.scale), epilogue)
         zero_points = self._zero_points(act)
-        return segmented_matmul(self.backend, a.contiguous(), self.weight.segments(), plan.act_scales(act.scale),
-                                self.weight.segment_scales(), zero_points)
+        y = segmented_matmul(self.backend, a.contiguous(), self.weight.segments(), plan.act_scales(act.scale),
+                             self.weight.segment_scales(), zero_points)
+        return epilogue.apply(y)
 
     def _zero_points(self, act: ActivationCodes) -> SegmentZeroPoints | None:
         weight = self.weight
@@ -482,15 +503,7 @@ class PackedLinear(PackedLayer):
         self._set_low_rank(low_rank)
 
     def _set_low_rank(self, low_rank: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        """Keep the factors in float16 where that is lossless (SVDQuant rounds them to 16 bits), else
-        float32; they are cast to the input's dtype per call."""
-        down, up = (None, None) if low_rank is None else low_rank
-        if low_rank is not None and (down.shape[0] != self.in_features or up.shape[1] != self.out_features
-                                     or down.shape[1] != up.shape[0]):
-            raise ValueError(f"low-rank factors {tuple(down.shape)} x {tuple(up.shape)} do not fit a "
-                             f"{self.in_features} -> {self.out_features} layer")
-        self.register_buffer("low_rank_down", None if down is None else _half_if_exact(down))
-        self.register_buffer("low_rank_up", None if up is None else _half_if_exact(up))
+        _register_low_rank(self, low_rank, self.in_features, self.out_features)
 
     @classmethod
     def from_layer(cls, layer: QLinear, backend: str | IntGemmBackend | None = None,
@@ -503,24 +516,22 @@ class PackedLinear(PackedLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xs = self.smoothed(x)
-        y = PATHS[self.path](self, xs).to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
+        y = PATHS[self.path](self, xs, Epilogue(x.dtype, self.bias))
         if self.low_rank_down is not None:
             y = y + (xs @ self.low_rank_down.to(x.dtype)) @ self.low_rank_up.to(x.dtype)
         return y
 
-    def int_product(self, xs: torch.Tensor) -> torch.Tensor:
+    def int_product(self, xs: torch.Tensor, epilogue: Epilogue) -> torch.Tensor:
         self.check_device(xs)
         x2d = xs.reshape(-1, self.in_features)
         act = quantize_activation(x2d, self.input_quantizer, self.backend)
         a = fit_codes(act.codes, self.weight.plan.k_pad, act.zero)
-        return self.integer_product(act, a).reshape(*xs.shape[:-1], self.out_features)
+        return self.integer_product(act, a, epilogue).reshape(*xs.shape[:-1], self.out_features)
 
-    def float_product(self, xs: torch.Tensor) -> torch.Tensor:
+    def float_product(self, xs: torch.Tensor, epilogue: Epilogue) -> torch.Tensor:
         if self.input_quantizer is not None:
             xs = self.input_quantizer(xs)
-        return xs.to(self.float_dtype) @ self.weight.dequantized(self.float_dtype)
+        return epilogue.apply(xs.to(self.float_dtype) @ self.weight.dequantized(self.float_dtype))
 
     def to_quantized_layer(self) -> QLinear:
         """The QLinear holding this layer's codes (no float weight): what checkpoints save."""
@@ -577,12 +588,15 @@ def im2col(x: torch.Tensor, geometry: ConvGeometry, pad_value: float | torch.Ten
 
 
 class PackedConv2d(PackedLayer):
-    """Frozen nn.Conv2d. codes: [out, kh*kw*c_in/groups] integer codes in (kh, kw, c_in) order."""
+    """Frozen nn.Conv2d. codes: [out, kh*kw*c_in/groups] integer codes in (kh, kw, c_in) order;
+    low_rank: optional (L1 [kh*kw*c_in, r], L2 [r, out]) float factors (ungrouped convs), adding the
+    branch conv_low_rank(x / smooth) as QConv2d does."""
 
     def __init__(self, codes: torch.Tensor, weight_quantizer: WeightQuantizer, geometry: ConvGeometry,
                  input_quantizer: ActivationQuantizer | None = None, bias: torch.Tensor | None = None,
                  smooth: torch.Tensor | None = None, backend: str | IntGemmBackend | None = None,
-                 float_dtype: torch.dtype | None = None) -> None:
+                 float_dtype: torch.dtype | None = None,
+                 low_rank: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         super().__init__()
         backend = select_backend(backend, device=codes.device)
         self.geometry = geometry
@@ -594,21 +608,34 @@ class PackedConv2d(PackedLayer):
         weight = PackedWeight(codes, weight_quantizer, plan, backend if self.path == "int" else None,
                               geometry.weight_shape, with_sums=self.path == "int" and _needs_input_sums(input_quantizer))
         self._setup(weight, input_quantizer, bias, smooth, backend, float_dtype)
+        self._set_low_rank(low_rank)
+
+    def _set_low_rank(self, low_rank: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """The SVDQuant branch (QConv2d's GEMM view: L1 [kh*kw*c_in, r], L2 [r, out]), or none."""
+        g = self.geometry
+        if low_rank is not None and g.groups != 1:
+            raise NotImplementedError("a low-rank branch on a grouped convolution")
+        _register_low_rank(self, low_rank, g.kernel_size[0] * g.kernel_size[1] * g.in_channels, g.out_channels)
+
+    def add_low_rank(self, y: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        """y + the low-rank branch on the smoothed input xs [B, H, W, C] (nn.layers.conv_low_rank)."""
+        if self.low_rank_down is None:
+            return y
+        down, up = self.low_rank_down.to(y.dtype), self.low_rank_up.to(y.dtype)
+        return y + conv_low_rank(xs.movedim(-1, 1).to(y.dtype), down, up, self.geometry)
 
     @classmethod
     def from_layer(cls, layer: QConv2d, backend: str | IntGemmBackend | None = None,
                    float_dtype: torch.dtype | None = None) -> PackedConv2d:
         return cls(_layer_codes(layer), layer.weight_quantizer, ConvGeometry.of(layer), layer.input_quantizer,
-                   layer.bias, layer.smooth, backend, float_dtype)
+                   layer.bias, layer.smooth, backend, float_dtype, layer.low_rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xs = self.smoothed(x.movedim(1, -1))
-        y = PATHS[self.path](self, xs).to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype).reshape(1, -1, 1, 1)
-        return y
+        y = PATHS[self.path](self, xs, Epilogue(x.dtype, self.bias))
+        return self.add_low_rank(y, xs)
 
-    def int_product(self, xs: torch.Tensor) -> torch.Tensor:
+    def int_product(self, xs: torch.Tensor, epilogue: Epilogue) -> torch.Tensor:
         """xs [B, H, W, C] -> [B, N, Ho, Wo] (channels-last strides)."""
         self.check_device(xs)
         batch, height, width, channels = xs.shape
@@ -620,7 +647,7 @@ class PackedConv2d(PackedLayer):
             act = ActivationCodes(patches, self._patch_map(act.scale, xs.shape),
                                   None if act.zero is None else self._patch_map(act.zero, xs.shape))
         a = fit_codes(patches, self.weight.plan.k_pad, act.zero)
-        y = self.integer_product(act, a)
+        y = self.integer_product(act, a, epilogue)
         out_h, out_w = self._output_size(height, width)
         return y.reshape(batch, out_h, out_w, -1).permute(0, 3, 1, 2)
 
@@ -644,13 +671,14 @@ class PackedConv2d(PackedLayer):
             sizes.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
         return sizes[0], sizes[1]
 
-    def float_product(self, xs: torch.Tensor) -> torch.Tensor:
+    def float_product(self, xs: torch.Tensor, epilogue: Epilogue) -> torch.Tensor:
         if self.input_quantizer is not None:
             xs = self.input_quantizer(xs)
         g, dtype = self.geometry, self.float_dtype
         out, (kh, kw) = g.out_channels, g.kernel_size
         weight = self.weight.dequantized(dtype).t().reshape(out, kh, kw, -1).permute(0, 3, 1, 2)
-        return F.conv2d(xs.movedim(-1, 1).to(dtype), weight, None, g.stride, g.padding, g.dilation, g.groups)
+        y = F.conv2d(xs.movedim(-1, 1).to(dtype), weight, None, g.stride, g.padding, g.dilation, g.groups)
+        return epilogue.apply(y, channel_dim=1)
 
     def to_quantized_layer(self) -> QConv2d:
         """The QConv2d holding this layer's codes (no float weight): what checkpoints save."""
@@ -661,13 +689,27 @@ class PackedConv2d(PackedLayer):
 
     def extra_repr(self) -> str:
         g = self.geometry
-        return f"{g.in_channels} -> {g.out_channels}, kernel={g.kernel_size}, " + super().extra_repr()
+        rank = "" if self.low_rank_down is None else f", low_rank={self.low_rank_down.shape[1]}"
+        return f"{g.in_channels} -> {g.out_channels}, kernel={g.kernel_size}, " + super().extra_repr() + rank
 
 
-PATHS: dict[str, Callable[[PackedLayer, torch.Tensor], torch.Tensor]] = {
-    "int": lambda layer, xs: layer.int_product(xs),
-    "float": lambda layer, xs: layer.float_product(xs),
+PATHS: dict[str, Callable[[PackedLayer, torch.Tensor, Epilogue], torch.Tensor]] = {
+    "int": lambda layer, xs, epilogue: layer.int_product(xs, epilogue),
+    "float": lambda layer, xs, epilogue: layer.float_product(xs, epilogue),
 }
+
+
+def _register_low_rank(layer: PackedLayer, low_rank: tuple[torch.Tensor, torch.Tensor] | None, inputs: int,
+                       outputs: int) -> None:
+    """Register the branch buffers (None without a branch) after checking L1 [inputs, r], L2 [r, outputs].
+    Kept in float16 where that is lossless (SVDQuant rounds them to 16 bits), else float32; they are cast
+    to the input's dtype per call."""
+    down, up = (None, None) if low_rank is None else low_rank
+    if low_rank is not None and (down.shape[0] != inputs or up.shape[1] != outputs or down.shape[1] != up.shape[0]):
+        raise ValueError(f"low-rank factors {tuple(down.shape)} x {tuple(up.shape)} do not fit a "
+                         f"{inputs} -> {outputs} layer")
+    layer.register_buffer("low_rank_down", None if down is None else _half_if_exact(down))
+    layer.register_buffer("low_rank_up", None if up is None else _half_if_exact(up))
 
 
 def _half_if_exact(factor: torch.Tensor) -> torch.Tensor:
