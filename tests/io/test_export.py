@@ -3,19 +3,25 @@ arithmetic, the CLI, refusals; and the svdquant-nvfp4 preset on a tiny DiT."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 
 import pytest
 import torch
 from safetensors import safe_open
 
 import diffquant
+from diffquant.algorithms.svdquant import SVDQuant
 from diffquant.api import quantized_layers
 from diffquant.checkpoint import CheckpointError, save_quantized
 from diffquant.cli import main
 from diffquant.export import EXPORTERS, export, export_nunchaku, import_nunchaku
 from diffquant.formats.ops import sqnr_db
+from diffquant.nn import QConv2d
+from diffquant.recipes import get_preset
 from tests.io.conftest import TINY_DIT, dit_calibration, dit_output
+from tests.tiny_models import TINY_MODELS
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -96,6 +102,44 @@ def test_metadata_parses(svdquant_dit, tmp_path):
         assert config["skipped"][name]
 
 
+@pytest.mark.parametrize("fixture", ["svdquant_dit", "nvfp4_dit"])
+def test_tiled_layout_holds_the_logical_tensors_in_nunchakus_order(fixture, request, tmp_path, caplog):
+    """layout="tiled": every layer tensor is nunchaku_tiles' tiling of the logical one (padded sizes in
+    the config), and importing it gives back exactly what the logical file holds."""
+    from diffquant.export.nunchaku_tiles import pad_dims, tile_layer
+
+    model = request.getfixturevalue(fixture)
+    logical = export_nunchaku(model, tmp_path / "logical.safetensors", dtype="float32")
+    with caplog.at_level(logging.WARNING, logger="diffquant.export"):
+        tiled = export_nunchaku(model, tmp_path / "tiled.safetensors", dtype="float32", layout="tiled")
+    with safe_open(str(tiled), framework="pt") as f:
+        meta, raw = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    assert meta["layout"] == "nunchaku-tiled-v1"
+    config = json.loads(meta["quantization_config"])
+    plain = import_nunchaku(logical)
+    for name, cfg in config["layers"].items():
+        assert cfg["padded"] == list(pad_dims(cfg["out_features"], cfg["in_features"], cfg["rank"]))
+        expected = tile_layer(plain.layers[name])
+        for key, value in expected.items():
+            assert torch.equal(raw[f"{name}.{key}"].view(torch.uint8), value.view(torch.uint8)), (name, key)
+    assert "padded" in caplog.text  # the tiny model's layers are narrower than nunchaku's 128-wide tiles
+    back = import_nunchaku(tiled)
+    for name in config["layers"]:
+        for key, value in plain.layers[name].items():
+            assert torch.equal(back.layers[name][key].view(torch.uint8), value.view(torch.uint8)), (name, key)
+    assert_round_trip(model, tiled)
+
+
+def test_cli_writes_the_tiled_layout(svdquant_dit, tmp_path, capsys):
+    folder = save_quantized(svdquant_dit, tmp_path / "q")
+    out = tmp_path / "tiled.safetensors"
+    assert main(["export", str(folder), "--layout", "tiled", "--out", str(out)]) == 0
+    assert "tiled layout" in capsys.readouterr().out
+    assert_round_trip(svdquant_dit, out, smooth_dtype=torch.float16)
+    with pytest.raises(ValueError, match="layout"):
+        export_nunchaku(svdquant_dit, tmp_path / "x.safetensors", layout="blocked")
+
+
 def test_exported_tensors_compute_the_layer(svdquant_dit, tmp_path):
     """Y = Q(x/λ)·dequant(qweight, wscales)ᵀ + (x/λ)·proj_down·proj_upᵀ + bias, as documented."""
     path = export_nunchaku(svdquant_dit, tmp_path / "m.safetensors", dtype="float32")
@@ -169,3 +213,24 @@ def test_svdquant_nvfp4_preset_quantizes_and_exports(nvfp4_dit, tmp_path):
     # the E4M3 bit patterns are the OCP float8_e4m3fn values: torch reads the same scales
     scale = (t["wscales"].float() * t["wtscale"]).t().reshape(-1, 1)
     assert torch.equal(scale, layer.weight_quantizer.scale.float())
+
+
+def test_svdquant_convolutions_are_skipped_with_a_warning_not_written(tmp_path, caplog):
+    """nunchaku has no conv layer: a UNet's SVDQuant convs (with their branch) are listed in `skipped`,
+    named in a warning and absent from the file; its Linear SVDQuant layers are exported as usual."""
+    unet = TINY_MODELS["unet2d-condition"]
+    inputs = unet.inputs(2)
+    preset = get_preset("svdquant-w4a4")
+    recipe = dataclasses.replace(preset, stages=(SVDQuant(rank=8, grid_step=0.25, iterations=2, sample_rows=64),))
+    model = diffquant.quantize(unet.build(), recipe, calibration=lambda m: unet.run(m, inputs), progress=False)
+    convs = [n for n, layer in quantized_layers(model).items() if isinstance(layer, QConv2d)]
+    assert convs and all(model.get_submodule(n).low_rank is not None for n in convs)
+    with caplog.at_level(logging.WARNING, logger="diffquant.export"):
+        path = export_nunchaku(model, tmp_path / "m.safetensors")
+    imported = import_nunchaku(path)
+    skipped = imported.config["skipped"]
+    assert all("QConv2d" in skipped[n] and "rank-8 SVDQuant branch is not exported" in skipped[n] for n in convs)
+    assert not set(convs) & set(imported.layers)
+    assert not [k for k in imported.other if k.startswith(tuple(f"{n}." for n in convs))]
+    assert f"{len(convs)} SVDQuant layers with a low-rank branch are skipped" in caplog.text and convs[0] in caplog.text
+    assert any(c["rank"] == 8 for c in imported.config["layers"].values())

@@ -18,6 +18,9 @@ def _export_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="output file (.safetensors)")
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"),
                         help="dtype of the 16-bit tensors: smoothing, low-rank factors, bias (default float16)")
+    parser.add_argument("--layout", default="logical", choices=("logical", "tiled"),
+                        help="nunchaku: logical (row-major, unpadded; default) or tiled (the runtime's MMA "
+                             "tile order, padded to its tile sizes)")
 
 
 @command("export", "write a quantized model in an inference runtime's layout (nunchaku: SVDQuant W4A4)",
@@ -25,6 +28,6 @@ def _export_args(parser: argparse.ArgumentParser) -> None:
 def _export(args: argparse.Namespace) -> int:
     from diffquant.export import export
 
-    path = export(args.folder, args.out, format=args.format, dtype=args.dtype)
-    print(f"wrote {path} ({args.format})")
+    path = export(args.folder, args.out, format=args.format, dtype=args.dtype, layout=args.layout)
+    print(f"wrote {path} ({args.format}, {args.layout} layout)")
     return 0

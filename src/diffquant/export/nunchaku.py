@@ -37,12 +37,16 @@ code 2k+1 in its high nibble (diffquant.tensors.packing "nibbles"), stored as in
 parameter dtype; reinterpret as uint8 to read the nibbles). INT4 codes are 4-bit two's complement
 (-8..7); NVFP4 codes are the E2M1 sign-magnitude bit patterns (sign in bit 3).
 
-What differs from nunchaku's *runtime* layout ("logical" layout, metadata `layout: logical-v1`):
-  * nunchaku permutes qweight, wscales, bias, smooth_factor and the low-rank factors into the tile
-    order of its MMA kernels (deepcompressor's NunchakuWeightPacker: pack_weight / pack_scale /
-    pack_lowrank_weight) and pads O and I to multiples of 128 and r to a multiple of 16 (padding
-    scales/smooth with 1, bias/weights with 0). This file keeps the plain row-major tensors above,
-    unpadded; a converter to the tiled layout needs only those permutations and the padding.
+Layouts (`layout=`, metadata `layout`):
+  * "logical" (`logical-v1`, the default): the plain row-major tensors above, unpadded.
+  * "tiled" (`nunchaku-tiled-v1`): nunchaku's *runtime* order. nunchaku permutes qweight, wscales,
+    bias, smooth_factor(_orig), wcscales and the low-rank factors into the tile order of its MMA
+    kernels and pads O and I to multiples of 128 and r to a multiple of 16 (scales / smooth padded
+    with 1, weights / bias / factors with 0); export/nunchaku_tiles.py documents the index algebra and
+    converts both ways. Each layer's config then also records `padded` = [O_p, I_p, r_p], the sizes
+    nunchaku's module must be built with; in_features / out_features / rank stay the logical ones.
+    A layer whose O or I is not a multiple of 128 is exported padded, with a warning: nunchaku's
+    module would compute O_p outputs where the model expects O.
   * wtscale is float32 here (nunchaku allocates it in the compute dtype): the exact global scale.
   * nunchaku writes the file's non-quantized tensors (norms, embeddings, adaLN linears) in the
     compute dtype under the diffusers names of its own model classes; here they are written under
@@ -53,7 +57,10 @@ Which layers are exported: a quantized nn.Linear (QLinear) whose weight is INT4 
 `SVDQW4A4Linear` computes. A layer with a low-rank branch is exported with its rank; a matching
 4-bit layer without a branch (e.g. left unsplit) is exported with rank 0 (empty proj tensors) — the
 same module with no branch. Every other quantized layer (W8A8, weight-only, convolutions, ragged
-groups) is skipped and listed with the reason in the metadata's `skipped`. A model with no layer
+groups) is skipped and listed with the reason in the metadata's `skipped`; nothing of a skipped layer
+is written, not even with `include_unquantized`. nunchaku has no convolution layer, so SVDQuant convs
+(a UNet's, with their low-rank branch: algorithms/svdquant.py) are skipped too, and export logs a
+warning naming them: the file alone cannot run such a model. A model with no layer
 carrying a branch is not an SVDQuant model and is refused (ValueError).
 
 Metadata (safetensors header, strings): `format` = "nunchaku-svdquant", `layout` = "logical-v1",
@@ -66,6 +73,7 @@ Metadata (safetensors header, strings): `format` = "nunchaku-svdquant", `layout`
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -77,8 +85,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+log = logging.getLogger("diffquant.export")
+
 FORMAT = "nunchaku-svdquant"
-LAYOUT = "logical-v1"
+LAYOUTS = {"logical": "logical-v1", "tiled": "nunchaku-tiled-v1"}  # export option -> metadata value
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 LAYER_TENSORS = ("qweight", "wscales", "wtscale", "wcscales", "smooth_factor", "smooth_factor_orig",
                  "proj_down", "proj_up", "bias")
@@ -116,7 +126,8 @@ def _skip_reason(layer: Any) -> str | None:
     from diffquant.nn import QLinear
 
     if not isinstance(layer, QLinear):
-        return f"{type(layer).__name__}: nunchaku's W4A4 layer is a Linear"
+        branch = "" if layer.low_rank is None else f" (its rank-{layer.low_rank_down.shape[1]} SVDQuant branch is not exported)"
+        return f"{type(layer).__name__}: nunchaku's W4A4 layer is a Linear{branch}"
     wq, iq = layer.weight_quantizer, layer.input_quantizer
     if wq is None:
         return "weight not quantized"
@@ -186,9 +197,11 @@ def _layer_config(layer: Any) -> dict[str, Any]:
 # -- export ------------------------------------------------------------------------------------------
 
 def export_nunchaku(model_or_folder: Any, out_file: str | Path, dtype: str = "float16",
-                    include_unquantized: bool = True, overwrite: bool = True) -> Path:
+                    include_unquantized: bool = True, overwrite: bool = True, layout: str = "logical") -> Path:
     """Write an SVDQuant model (quantized model or saved folder) as one nunchaku safetensors file.
 
+    layout: "logical" (row-major, unpadded) or "tiled" (nunchaku's runtime tile order, padded); see the
+    module docstring.
     dtype: the compute dtype of the 16-bit tensors (smooth, low-rank factors, bias): "float16"
     (default, as nunchaku's FP16 models), "bfloat16" or "float32" (lossless for every tensor).
     include_unquantized: also write the model's tensors outside the quantized layers (as they are).
@@ -199,6 +212,8 @@ def export_nunchaku(model_or_folder: Any, out_file: str | Path, dtype: str = "fl
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r}: choose one of {sorted(LAYOUTS)}")
     torch_dtype = DTYPES[dtype]
     model = _quantized_model(model_or_folder)
     layers = quantized_layers(model)
@@ -211,7 +226,11 @@ def export_nunchaku(model_or_folder: Any, out_file: str | Path, dtype: str = "fl
             skipped[name] = reason
             continue
         configs[name] = _layer_config(layer)
-        tensors.update({f"{name}.{k}": v for k, v in layer_tensors(layer, torch_dtype).items()})
+        layer_out = layer_tensors(layer, torch_dtype)
+        if layout == "tiled":
+            layer_out = _tiled(layer_out, configs[name], name)
+        tensors.update({f"{name}.{k}": v for k, v in layer_out.items()})
+    _warn_skipped_branches(layers, skipped)
     if not any(c["rank"] for c in configs.values()):
         raise ValueError("no SVDQuant layer to export: the model has no quantized Linear with a low-rank "
                          "branch in nunchaku's W4A4 formats (quantize it with svdquant-w4a4 or svdquant-nvfp4)"
@@ -230,15 +249,36 @@ def export_nunchaku(model_or_folder: Any, out_file: str | Path, dtype: str = "fl
         "group_size": groups[0] if len(groups) == 1 else None,
         "rank": max(c["rank"] for c in configs.values()),
         "dtype": dtype,
-        "layout": LAYOUT,
+        "layout": LAYOUTS[layout],
         "source_recipe": state.recipe.name,
         "diffquant_version": diffquant.__version__,
         "layers": configs,
         "skipped": skipped,
     }
-    metadata = {"format": FORMAT, "layout": LAYOUT, "diffquant_version": diffquant.__version__,
+    metadata = {"format": FORMAT, "layout": LAYOUTS[layout], "diffquant_version": diffquant.__version__,
                 "quantization_config": json.dumps(config, sort_keys=True)}
     return _atomic_save(tensors, metadata, Path(out_file), overwrite)
+
+
+def _tiled(tensors: dict[str, torch.Tensor], config: dict[str, Any], name: str) -> dict[str, torch.Tensor]:
+    """One layer's tensors in nunchaku's tile order; records the padded sizes in its config."""
+    from diffquant.export.nunchaku_tiles import ROW_TILE, pad_dims, tile_layer
+
+    config["padded"] = list(pad_dims(config["out_features"], config["in_features"], config["rank"]))
+    if config["out_features"] % ROW_TILE or config["in_features"] % ROW_TILE:
+        log.warning("nunchaku export: %s (%d -> %d) is padded to %d -> %d: nunchaku's layer needs multiples of "
+                    "%d and would compute the padded outputs too", name, config["in_features"],
+                    config["out_features"], config["padded"][1], config["padded"][0], ROW_TILE)
+    return {k: v.contiguous() for k, v in tile_layer(tensors).items()}
+
+
+def _warn_skipped_branches(layers: dict[str, Any], skipped: dict[str, str]) -> None:
+    """Say it loudly when SVDQuant layers (with a branch, e.g. a UNet's convs) stay out of the file."""
+    lost = [n for n in skipped if layers[n].low_rank is not None]
+    if lost:
+        log.warning("nunchaku export: %d SVDQuant layers with a low-rank branch are skipped and not written "
+                    "(nunchaku has no such layer; see the metadata's 'skipped'): %s%s", len(lost),
+                    ", ".join(lost[:8]), ", ..." if len(lost) > 8 else "")
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], out: Path, overwrite: bool) -> Path:
@@ -299,7 +339,8 @@ class NunchakuFile:
 
 
 def import_nunchaku(file: str | Path) -> NunchakuFile:
-    """Read a file written by export_nunchaku (logical layout) back into per-layer tensors."""
+    """Read a file written by export_nunchaku back into per-layer tensors (a tiled file is converted back
+    to the logical layout)."""
     path = Path(file)
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -309,10 +350,14 @@ def import_nunchaku(file: str | Path) -> NunchakuFile:
         raise ValueError(f"{path} cannot be read as safetensors: {exc}") from exc
     if metadata.get("format") != FORMAT or "quantization_config" not in metadata:
         raise ValueError(f"{path} is not a {FORMAT} export (metadata format {metadata.get('format')!r})")
-    if metadata.get("layout") != LAYOUT:
-        raise ValueError(f"{path}: layout {metadata.get('layout')!r}, this reader knows {LAYOUT!r}")
+    if metadata.get("layout") not in LAYOUTS.values():
+        raise ValueError(f"{path}: layout {metadata.get('layout')!r}, this reader knows {sorted(LAYOUTS.values())}")
     config = json.loads(metadata["quantization_config"])
     layers: dict[str, dict[str, torch.Tensor]] = {}
-    for name in config["layers"]:
+    for name, cfg in config["layers"].items():
         layers[name] = {k: raw.pop(f"{name}.{k}") for k in LAYER_TENSORS if f"{name}.{k}" in raw}
+        if metadata["layout"] == LAYOUTS["tiled"]:
+            from diffquant.export.nunchaku_tiles import untile_layer
+
+            layers[name] = untile_layer(layers[name], cfg["out_features"], cfg["in_features"], cfg["rank"])
     return NunchakuFile(config, layers, raw)
