@@ -1,11 +1,14 @@
 """EfficientDM: QALoRA computes Q(W0 + B·A) and merges into an ordinary layer (convs included), learned
 zero points get gradients and round on write-back, and on a tiny DiT data-free distillation brings the
 W4A4 (per-step static) model closer to full precision than round-to-nearest, reads no training data,
-leaves no adapter behind, saves / reloads / freezes, and resumes an interrupted run to the same result."""
+leaves no adapter behind, saves / reloads / freezes, and resumes an interrupted run to the same result;
+progress callbacks see the model the stage leaves (round-to-nearest before the first round, the merged
+model after the last), never trigger a distillation step and do not change the result."""
 
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from torch import nn
 
 import diffquant
 from diffquant.algorithms.efficientdm import Distiller, EfficientDM
+from diffquant.algorithms.training import progress_callback
 from diffquant.api import CalibrationRequiredError, gather_stats, quantized_layers
 from diffquant.calib import replay, sampling_step
 from diffquant.checkpoint import load_quantized, save_quantized
@@ -295,3 +299,39 @@ def test_the_teacher_runs_attention_in_full_precision_too():
         torch.testing.assert_close(outputs(model, HELD_OUT), reference, rtol=0, atol=1e-5)
     with quantization_enabled(quantized_layers(model).values(), False):
         assert (outputs(model, HELD_OUT) - reference).abs().max() > 1e-3
+
+
+# -- progress callbacks ------------------------------------------------------------------------------
+
+
+def test_progress_callbacks_see_the_model_the_stage_leaves():
+    seen = {}
+    with progress_callback(lambda p: seen.setdefault(p.done, outputs(p.model, HELD_OUT)), points=2):
+        model = quantized(rounds=4)
+    assert sorted(seen) == [0, 2, 4]
+    assert torch.equal(seen[4], outputs(model, HELD_OUT))  # after the last round: the merged model
+    assert torch.equal(seen[0], outputs(rtn(), HELD_OUT))  # before the first: round-to-nearest
+    assert not torch.equal(seen[2], seen[0])
+
+
+def test_progress_callbacks_never_distil_and_do_not_count_as_training_time():
+    burn_s, calls = 0.3, []
+
+    def callback(progress):
+        before = {k: v.clone() for k, v in progress.model.state_dict().items()}
+        outputs(progress.model, HELD_OUT)  # denoiser calls: the distillation hook must stay quiet
+        torch.randn(100)  # and the callback's random draws must not move training's
+        after = progress.model.state_dict()
+        calls.append(all(torch.equal(v, after[k]) for k, v in before.items()))
+        start = time.thread_time()
+        while time.thread_time() - start < burn_s:
+            pass
+
+    with progress_callback(callback):
+        model = quantized(rounds=3)
+    (report,) = model._diffquant_state.stage_reports
+    assert calls == [True] * 4
+    assert len(report["round_losses"]) == 3
+    assert report["training_cpu_seconds"] < burn_s, report  # four callbacks would add 1.2 s
+    assert report["training_seconds"] < 4 * burn_s, report
+    torch.testing.assert_close(outputs(model, HELD_OUT), outputs(quantized(rounds=3), HELD_OUT), rtol=0, atol=0)

@@ -1,9 +1,13 @@
 """Training on data: the zoo's diffusion objective is deterministic per batch index and drops the
 condition as the models were trained; plain QAT (LSQ weights + activations, all weights trained) lowers
 the quantized model's denoising loss and leaves an ordinary model; EfficientDM's ablation without
-distillation trains its adapters on the same objective; recipes that train on data demand it."""
+distillation trains its adapters on the same objective; recipes that train on data demand it; progress
+callbacks see the model QAT leaves (round-to-nearest before the first step, the written-back model after
+the last) and do not change the result."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -11,6 +15,7 @@ import torch
 import diffquant
 from diffquant.algorithms.efficientdm import EfficientDM
 from diffquant.algorithms.qat import QAT
+from diffquant.algorithms.training import progress_callback
 from diffquant.api import TrainingDataRequiredError, quantized_layers
 from diffquant.checkpoint import load_quantized, save_quantized
 from diffquant.formats import QuantSpec
@@ -135,3 +140,37 @@ def test_recipes_that_train_on_data_demand_it():
         stage_from_dict({"type": "qat", "iterations": 0})
     with pytest.raises(RecipeError, match="objective"):
         stage_from_dict({"type": "efficientdm", "objective": "magic"})
+
+
+def test_progress_callbacks_see_the_model_qat_leaves():
+    x = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    kwargs = dict(timestep=torch.tensor([10, 300, 600, 900]), class_labels=torch.tensor([1, 2, 3, 10]),
+                  return_dict=False)
+    stage = QAT(iterations=6, lr_weight=1e-3, lr_weight_scale=1e-3, lr_act=1e-3, checkpoint_dir="")
+
+    def run(callback=None):
+        model = tiny_dit()
+        recipe = Recipe(name="t", stages=(stage,), **W4A8)
+        with progress_callback(callback, points=3) if callback else contextlib.nullcontext():
+            diffquant.quantize(model.denoiser, recipe, calibration=model.calibration(8, progress=False),
+                               training=objective(model), progress=False)
+        return model.denoiser
+
+    seen = {}
+
+    def look(progress):
+        with torch.no_grad():
+            seen[progress.done] = progress.model(x, **kwargs)[0]
+        torch.randn(100)  # the callback's random draws must not move training's
+
+    denoiser = run(look)
+    rtn = tiny_dit()
+    diffquant.quantize(rtn.denoiser, Recipe(name="rtn", **W4A8), calibration=rtn.calibration(8, progress=False),
+                       progress=False)
+    with torch.no_grad():
+        final, start = denoiser(x, **kwargs)[0], rtn.denoiser(x, **kwargs)[0]
+        plain = run()(x, **kwargs)[0]
+    assert sorted(seen) == [0, 2, 4, 6]
+    assert torch.equal(seen[6], final) and torch.equal(seen[0], start) and torch.equal(final, plain)
+    report = denoiser._diffquant_state.stage_reports[0]
+    assert report["training_cpu_seconds"] > 0 and 0 < report["training_seconds"] <= report["seconds"]

@@ -30,15 +30,16 @@ reconstruction recipes are compared on the same layers.
 
 Training is resumable: after every round the adapters, quantizer parameters and optimizer go to a
 checkpoint (default ~/.cache/diffquant/train/efficientdm-<hash of config and weights>), removed when
-the stage finishes; rerunning an interrupted quantization resumes there.
+the stage finishes; rerunning an interrupted quantization resumes there. Progress callbacks
+(diffquant.algorithms.training.progress_callback) run before the first round and after every round.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -50,10 +51,13 @@ from tqdm.auto import tqdm
 from diffquant.algorithms.block_data import flatten
 from diffquant.algorithms.reconstruction import only_learning
 from diffquant.algorithms.training import (
+    Observed,
+    TrainingClock,
     adam_with_decay,
     decay_linearly,
     stage_checkpointer,
     train_steps,
+    written_back,
 )
 from diffquant.nn.attention import quantization_switches
 from diffquant.nn.layers import QuantizedLayer, quantization_enabled
@@ -136,6 +140,7 @@ class EfficientDM(StageConfig):
         distiller.run(job.calibration, training)
         # training time across resumes (a resumed run's prepare/apply "seconds" count only the last part)
         job.report(self, training_seconds=round(distiller.wall_time_s, 3),
+                   training_cpu_seconds=round(distiller.cpu_time_s, 3),
                    round_losses=[round(loss, 6) for loss in distiller.round_losses])
 
 
@@ -198,6 +203,18 @@ class Distiller:
         groups.append({"params": act_params, "lr": self.config.lr_act})
         return adam_with_decay(groups)
 
+    @contextlib.contextmanager
+    def finished(self) -> Iterator[None]:
+        """The model as the stage will leave it, for progress callbacks: quantized (the distillation loop
+        runs the teacher), learned quantizers as written back, the distillation hook quiet. The adapters
+        stay: Q(W0 + B·A) is what merging leaves."""
+        busy, self._busy = self._busy, True
+        try:
+            with quantization_enabled(self.switches, True), written_back(self.layers.values()):
+                yield
+        finally:
+            self._busy = busy
+
     # -- the loop -------------------------------------------------------------------------------
     def run(self, calibration: Callable[[nn.Module], object] | None, training=None) -> None:
         """Train (distilling along `calibration`, or on `training` batches with objective "data"), then
@@ -242,20 +259,21 @@ class Distiller:
             return {"loss": float(loss.detach())}
 
         with only_learning(self.model, list(learned.parameters())):
-            self.wall_time_s = train_steps(step, cfg.data_steps, learned, self.optim,
-                                           stage_checkpointer(cfg, self.layers), "efficientdm (data)")
+            clock = train_steps(step, cfg.data_steps, learned, self.optim, stage_checkpointer(cfg, self.layers),
+                                Observed("efficientdm (data)", self.model, self.finished))
+        self.wall_time_s, self.cpu_time_s = clock.wall_s, clock.cpu_s
 
     def train(self, calibration, loras: dict[str, QALoRAWeight], acts: dict[str, LSQActivation]) -> None:
         cfg, learned = self.config, self.learned(loras, acts)
         self.optim = self.optimizer(loras, acts)
         ckpt = stage_checkpointer(cfg, self.layers)
         start, elapsed = ckpt.load(learned, self.optim) if ckpt is not None else (0, 0.0)
-        t0 = time.perf_counter() - elapsed
-        layers = self.switches
+        clock, observed = TrainingClock(elapsed), Observed("efficientdm", self.model, self.finished)
         self._bar = tqdm(desc="efficientdm", unit="step", disable=not self.progress, mininterval=5)
         handle = self.model.register_forward_hook(self._distil, with_kwargs=True)
         try:
-            with only_learning(self.model, list(learned.parameters())), quantization_enabled(layers, False):
+            with only_learning(self.model, list(learned.parameters())), quantization_enabled(self.switches, False):
+                observed.report(start, cfg.rounds, clock)
                 for r in range(start, cfg.rounds):
                     decay_linearly(self.optim, r / cfg.rounds)
                     sampler = calibration.reseeded(cfg.seed + r) if hasattr(calibration, "reseeded") else calibration
@@ -269,11 +287,12 @@ class Distiller:
                         self._bar.n = len(self._losses) * (r + 1)
                     self._losses = []
                     if ckpt is not None:
-                        ckpt.save(r + 1, learned, self.optim, time.perf_counter() - t0)
+                        ckpt.save(r + 1, learned, self.optim, clock.wall_s)
+                    observed.report(r + 1, cfg.rounds, clock)
         finally:
             handle.remove()
             self._bar.close()
-        self.wall_time_s = time.perf_counter() - t0
+        self.wall_time_s, self.cpu_time_s = clock.wall_s, clock.cpu_s
         if ckpt is not None:
             shutil.rmtree(ckpt.directory, ignore_errors=True)
 

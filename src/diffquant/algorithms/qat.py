@@ -8,10 +8,14 @@ model's training latents) for `iterations` steps, learning rates decaying linear
 the learned step sizes are written back (rounded to the spec's scale formats), leaving an ordinary
 round-to-nearest-format model of the trained weights. Resumable like EfficientDM: the model and
 optimizer state are checkpointed every 100 steps (default ~/.cache/diffquant/train/qat-<hash>).
+Progress callbacks (diffquant.algorithms.training.progress_callback) run before the first step and
+after every step.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -19,10 +23,12 @@ import torch
 from torch import nn
 
 from diffquant.algorithms.training import (
+    Observed,
     adam_with_decay,
     decay_linearly,
     stage_checkpointer,
     train_steps,
+    written_back,
 )
 from diffquant.nn.layers import QuantizedLayer, quantization_enabled
 from diffquant.nn.learnable import (
@@ -62,7 +68,10 @@ class QAT(StageConfig):
     def apply(self, job) -> None:
         training = job.require_training()
         job.calibrate()
-        QATTrainer(self, job.model, job.layers).run(training)
+        trainer = QATTrainer(self, job.model, job.layers)
+        trainer.run(training)
+        job.report(self, training_seconds=round(trainer.wall_time_s, 3),
+                   training_cpu_seconds=round(trainer.cpu_time_s, 3))
 
 
 class QATTrainer:
@@ -87,6 +96,14 @@ class QATTrainer:
                                 {"params": scales, "lr": cfg.lr_weight_scale},
                                 {"params": act_params, "lr": cfg.lr_act}])
 
+    @contextlib.contextmanager
+    def finished(self) -> Iterator[None]:
+        """The model as the stage will leave it, for progress callbacks: the trained weights under the
+        learned step sizes as written back."""
+        layers = self.layers.values()
+        with quantization_enabled(layers, True), written_back(layers):
+            yield
+
     def run(self, training) -> None:
         cfg = self.config
         ckpt = stage_checkpointer(cfg, self.layers)  # keyed by the starting weights: before any step
@@ -108,7 +125,8 @@ class QATTrainer:
         try:
             for p in params:
                 p.requires_grad_(True)
-            self.wall_time_s = train_steps(step, cfg.iterations, self.model, optim, ckpt, "qat")
+            clock = train_steps(step, cfg.iterations, self.model, optim, ckpt, Observed("qat", self.model, self.finished))
+            self.wall_time_s, self.cpu_time_s = clock.wall_s, clock.cpu_s
         except BaseException:
             for layer in layers:
                 restore(layer)
