@@ -165,6 +165,18 @@ def test_cli_exports_a_saved_folder(svdquant_dit, tmp_path, capsys):
     assert_round_trip(svdquant_dit, out, smooth_dtype=torch.float16)
 
 
+def test_a_pipeline_folder_exports_its_quantized_denoiser_alone(svdquant_dit, tmp_path):
+    """A pipeline folder whose pipeline class would not load (a zoo SD pipeline ships no text encoder):
+    export reads only the quantized denoiser's folder."""
+    pipeline = tmp_path / "pipe"
+    save_quantized(svdquant_dit, pipeline / "transformer")
+    (pipeline / "model_index.json").write_text(json.dumps({
+        "_class_name": "DiTPipeline", "transformer": ["diffusers", "DiTTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDIMScheduler"]}))  # vae: absent
+    path = export_nunchaku(pipeline, tmp_path / "m.safetensors", dtype="float32")
+    assert_round_trip(svdquant_dit, path)
+
+
 def test_unquantized_folder_is_a_clear_error(tmp_path, capsys):
     TINY_DIT.build().save_pretrained(tmp_path / "fp")
     assert main(["export", str(tmp_path / "fp"), "--out", str(tmp_path / "x.safetensors")]) == 2

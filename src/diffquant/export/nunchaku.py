@@ -112,13 +112,12 @@ def _quantized_model(model_or_folder: Any) -> nn.Module:
     if not is_quantized_folder(folder):
         raise CheckpointError(f"{folder} is not a quantized model folder (no diffquant_config.json): "
                               f"quantize it first with `diffquant quantize`")
+    for component in DENOISER_COMPONENTS:  # a pipeline folder: load its quantized denoiser alone (the
+        if is_quantized_folder(folder / component):  # file holds nothing else, and the pipeline class may
+            return _quantized_model(folder / component)  # want components a zoo pipeline does not ship)
     loaded = load_quantized(folder)
     if isinstance(loaded, nn.Module):
         return loaded
-    for component in DENOISER_COMPONENTS:  # a pipeline folder: its quantized denoiser
-        model = getattr(loaded, component, None)
-        if model is not None and getattr(model, STATE_ATTR, None) is not None:
-            return model
     raise CheckpointError(f"{folder}: the pipeline has no quantized denoiser")
 
 
