@@ -82,6 +82,7 @@ class Config:
     jobs: int = 2  # methods side by side, one process each (a 2-core machine; the clock is per thread)
     out: Path = HERE
     command: str = "python benchmarks/efficientdm/time_to_quality.py"
+    render_only: bool = False  # no runs: the .md and .png again from the JSON
 
     def protocol(self) -> dict[str, Any]:
         """What makes two runs' numbers comparable (a merge across different protocols starts afresh)."""
@@ -262,11 +263,21 @@ SUMMARY_COLUMNS = (("final PSNR", "final_psnr_vs_fp", "{:.2f}"), ("final FID", "
                    ("(c) to own best FID", "t_best_fid", "{:.0f} s"))
 
 
+def run_lines(runs: dict[str, dict[str, Any]]) -> list[str]:
+    """Which command made each run, when and where (runs merged from several invocations)."""
+    lines = []
+    for label, run in runs.items():
+        m = run.get("machine")
+        if m is not None:
+            lines.append(f"- `{label}`: `{m['command']}` ({m['date']}; {m['cpu']}, {m['cores']} cores, "
+                         f"{m['torch_threads']} torch thread(s), torch {m['torch']}; load average at the end "
+                         f"{m['load_average'][0]:.1f})")
+    return lines
+
+
 def markdown(result: dict[str, Any]) -> str:
-    summary, m, p = result["summary"], result["machine"], result["protocol"]
-    lines = [f"# Time to quality on {p['model']} ({m['date']})", "",
-             f"Command: `{m['command']}`  ", f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch "
-             f"thread(s), torch {m['torch']}; load average at the end {m['load_average'][0]:.1f}.  ",
+    summary, p = result["summary"], result["protocol"]
+    lines = [f"# Time to quality on {p['model']}", "", "Runs:", "", *run_lines(result["runs"]), "",
              f"Evaluation: {p['samples']} samples, seed {p['seed']}, {result['steps']} steps; eps SQNR on the first "
              f"{p['sqnr_samples']}. FP on this seed set: FID {result['fp']['fid']:.3f}, class accuracy "
              f"{result['fp']['class_accuracy']:.3f}. Times: CPU seconds of the training thread.", "",
@@ -318,13 +329,19 @@ def plot(path: Path, result: dict[str, Any]) -> None:
 
 def write_outputs(config: Config, probe: Probe, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     path = config.out / f"{STEM}.json"
-    runs = merged(path, config, runs)
-    result = {"protocol": config.protocol(), "steps": probe.steps, "machine": machine(config), "fp": probe.fp_row,
-              "summary": summarize(runs), "runs": runs}
+    here = machine(config)
+    runs = merged(path, config, {label: {**run, "machine": here} for label, run in runs.items()})
+    result = {"protocol": config.protocol(), "steps": probe.steps, "fp": probe.fp_row, "summary": summarize(runs),
+              "runs": runs}
     write_json_atomic(path, result)
-    (config.out / f"{STEM}.md").write_text(markdown(result))
-    plot(config.out / f"{STEM}.png", result)
+    render(config.out, result)
     return result
+
+
+def render(out: Path, result: dict[str, Any]) -> None:
+    """The markdown tables and the plot of a result (as in the JSON)."""
+    (out / f"{STEM}.md").write_text(markdown(result))
+    plot(out / f"{STEM}.png", result)
 
 
 # -- command line ------------------------------------------------------------------------------------
@@ -345,10 +362,12 @@ def parse(argv: list[str] | None = None) -> Config:
     parser.add_argument("--jobs", type=int, default=Config.jobs,
                         help="methods run side by side in separate processes (CPU clocks are per thread)")
     parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--render-only", action="store_true", help="rewrite the .md and .png from the JSON")
     args = parser.parse_args(argv)
     command = "python benchmarks/efficientdm/time_to_quality.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     return Config(args.model, tuple(args.methods), args.points, args.samples, args.steps, args.seed,
-                  args.sqnr_samples, args.budget_factor, args.threads, args.jobs, args.out, command.strip())
+                  args.sqnr_samples, args.budget_factor, args.threads, args.jobs, args.out, command.strip(),
+                  args.render_only)
 
 
 def run_in_worker(job: tuple[str, Config]) -> dict[str, Any]:
@@ -371,6 +390,9 @@ def run_methods(config: Config, probe: Probe) -> dict[str, dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> None:
     config = parse(argv)
+    if config.render_only:
+        render(config.out, json.loads((config.out / f"{STEM}.json").read_text()))
+        return
     torch.set_num_threads(config.threads)
     config.out.mkdir(parents=True, exist_ok=True)
     probe = Probe.build(config)
