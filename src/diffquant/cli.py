@@ -133,8 +133,9 @@ def _kernels(args: argparse.Namespace) -> int:
     cpu = detect_cpu()
     print(f"cpu: {cpu.model} ({cpu.capability}, {cpu.cores} cores)")
     backend = active_backend()
-    details = f" ({backend.details()})" if backend.details() else ""
-    print(f"integer GEMM backend: {backend.name}{details}  (override: DIFFQUANT_KERNEL_BACKEND)")
+    details = backend.details()
+    print(f"integer GEMM backend: {backend.name}{f' ({details})' if details else ''}  "
+          "(override: DIFFQUANT_KERNEL_BACKEND)")
     print(f"float dtype for unquantized work: {fastest_float_dtype()}")
     return 0
 
