@@ -297,14 +297,20 @@ static inline __m512 load_x(const Quant *q, int64_t m, int64_t k, __mmask16 mask
     return _mm512_maskz_loadu_ps(mask, (const float *)q->x + m * q->ldx + k);
 }
 
-static void quantize_group(const Quant *q, int64_t m, int64_t k0, int64_t k1, float *scale_out) {
+static float group_amax(const Quant *q, int64_t m, int64_t k0, int64_t k1) {
     __m512 amax = _mm512_setzero_ps();
     for (int64_t k = k0; k < k1; k += 16)
         amax = _mm512_max_ps(amax, _mm512_abs_ps(load_x(q, m, k, tail(k1 - k))));
-    float scale = _mm512_reduce_max_ps(amax) / q->qmax;
+    return _mm512_reduce_max_ps(amax);
+}
+
+static float scale_of(const Quant *q, float amax) {
+    float scale = amax / q->qmax;
     if (q->bf16) scale = bf16_round(scale);
-    if (scale < 1.17549435e-38f) scale = 1.17549435e-38f;  /* clamp(min=finfo(float32).tiny) */
-    *scale_out = scale;
+    return scale < 1.17549435e-38f ? 1.17549435e-38f : scale;  /* clamp(min=finfo(float32).tiny) */
+}
+
+static void quantize_group(const Quant *q, int64_t m, int64_t k0, int64_t k1, float scale) {
     const __m512 s = _mm512_set1_ps(scale), lo = _mm512_set1_ps(q->qmin), hi = _mm512_set1_ps(q->qmax);
     int8_t *out = q->codes + m * q->width;
     for (int64_t k = k0; k < k1; k += 16) {
@@ -316,15 +322,18 @@ static void quantize_group(const Quant *q, int64_t m, int64_t k0, int64_t k1, fl
     }
 }
 
+/* A row's group ranges first, then its codes: the reductions of consecutive groups overlap instead of
+ * each group's division waiting for its own reduction. */
 static void quantize_rows(void *ctx, int tid, int threads) {
     const Quant *q = ctx;
     const int64_t G = (q->C + q->L - 1) / q->L, rows = (q->M + threads - 1) / threads;
     const int64_t end = (tid + 1) * rows < q->M ? (tid + 1) * rows : q->M;
     for (int64_t m = tid * rows; m < end; m++) {
-        for (int64_t gi = 0; gi < G; gi++) {
-            int64_t k1 = (gi + 1) * q->L < q->C ? (gi + 1) * q->L : q->C;
-            quantize_group(q, m, gi * q->L, k1, q->scales + m * G + gi);
-        }
+        float *scales = q->scales + m * G;
+        for (int64_t gi = 0; gi < G; gi++)
+            scales[gi] = scale_of(q, group_amax(q, m, gi * q->L, (gi + 1) * q->L < q->C ? (gi + 1) * q->L : q->C));
+        for (int64_t gi = 0; gi < G; gi++)
+            quantize_group(q, m, gi * q->L, (gi + 1) * q->L < q->C ? (gi + 1) * q->L : q->C, scales[gi]);
         if (q->width > q->C) memset(q->codes + m * q->width + q->C, 0, (size_t)(q->width - q->C));
     }
 }
