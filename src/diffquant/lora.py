@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffquant.nn.layers import QConv2d
-from diffquant.nn.packed import ConvGeometry
+from diffquant.nn.packed_conv import ConvGeometry
 
 __all__ = ["LoraAttachedError", "LoraError", "LoraHandle", "attach", "attached", "detach", "parse_lora",
            "require_detached", "set_scale"]

@@ -33,7 +33,7 @@ from diffquant.formats.ops import sqnr_db
 from diffquant.freeze import freeze, packed_layers, save_frozen
 from diffquant.nn import QConv2d, QLinear
 from diffquant.nn.layers import low_rank_product
-from diffquant.nn.packed import PackedConv2d
+from diffquant.nn.packed_conv import PackedConv2d
 from diffquant.recipes import Override, Recipe, RecipeError, get_preset
 from tests.tiny_models import TINY_MODELS, run_dit_at_step0
 

@@ -27,7 +27,8 @@ from diffquant.formats import QuantSpec
 from diffquant.freeze import freeze, packed_layers, process_rss_bytes, resident_bytes, save_frozen, thawed
 from diffquant.kernels import active_backend, detect_cpu, fastest_float_dtype
 from diffquant.nn import wrap_layer
-from diffquant.nn.packed import PackedConv2d, PackedLinear
+from diffquant.nn.packed import PackedLinear
+from diffquant.nn.packed_conv import PackedConv2d
 from diffquant.recipes import Recipe
 from tests.tiny_models import TINY_MODELS
 

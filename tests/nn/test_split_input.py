@@ -15,7 +15,8 @@ from diffquant.formats.base import SpecError
 from diffquant.formats.ops import sqnr_db
 from diffquant.nn import wrap_layer
 from diffquant.nn.learnable import install_lsq
-from diffquant.nn.packed import PackedConv2d, PackedLinear
+from diffquant.nn.packed import PackedLinear
+from diffquant.nn.packed_conv import PackedConv2d
 from diffquant.nn.quantizers import ActivationQuantizer
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -8,7 +8,8 @@ from diffquant.nn.attention import (
     remove_attention_quantizers,
 )
 from diffquant.nn.layers import QConv2d, QLinear, QuantizedLayer, wrap_layer
-from diffquant.nn.packed import PackedConv2d, PackedLinear
+from diffquant.nn.packed import PackedLinear
+from diffquant.nn.packed_conv import PackedConv2d
 from diffquant.nn.quantizers import ActivationQuantizer, WeightQuantizer
 
 __all__ = [

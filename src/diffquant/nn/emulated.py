@@ -23,15 +23,8 @@ from torch import nn
 from diffquant.formats.ops import decode_codes
 from diffquant.formats.spec import QuantSpec
 from diffquant.nn.layers import QConv2d, QLinear, QuantizedLayer
-from diffquant.nn.packed import (
-    PACKED_TYPES,
-    PATHS,
-    ConvGeometry,
-    PackedConv2d,
-    PackedLayer,
-    PackedLinear,
-    integer_codes,
-)
+from diffquant.nn.packed import PACKED_TYPES, PATHS, PackedLayer, PackedLinear, integer_codes
+from diffquant.nn.packed_conv import ConvGeometry, PackedConv2d
 from diffquant.nn.quantizers import ActivationQuantizer, WeightQuantizer
 from diffquant.tensors.packing import pack_format_codes, unpack_format_codes
 

@@ -220,6 +220,11 @@ def low_rank_product(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return (down @ up).t()
 
 
+def linear_low_rank(xs: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The Linear branch (xs @ L1) @ L2 in xs's dtype: two thin GEMMs, never the [in, out] product."""
+    return (xs @ down.to(xs.dtype)) @ up.to(xs.dtype)
+
+
 def conv_low_rank(xs: torch.Tensor, down: torch.Tensor, up: torch.Tensor, conv) -> torch.Tensor:
     """A conv layer's branch on x̂ [B, c_in, H, W]: L1 [kh·kw·c_in, r] (K in (kh, kw, c_in) order) as a
     [r, c_in, kh, kw] kernel with `conv`'s stride / padding / dilation, then L2 [r, out] as a 1x1 conv.
@@ -248,7 +253,7 @@ class QLinear(QuantizedLayer):
         return self.in_features, self.out_features
 
     def low_rank_output(self, xs: torch.Tensor) -> torch.Tensor:
-        return (xs @ self.low_rank_down.to(xs.dtype)) @ self.low_rank_up.to(xs.dtype)
+        return linear_low_rank(xs, self.low_rank_down, self.low_rank_up)
 
     def matmul(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)

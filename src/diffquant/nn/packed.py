@@ -43,23 +43,7 @@ Paths (registry `PATHS`, chosen at construction, shown by repr):
            the machine's fastest: bf16 where native, else fp32) on the fake-quantized (or, weight-only,
            the plain) input. Weight-only W4A16 / W8A16 layers always use it.
 
-Conv2d decision (smoke scale; this 2-core AVX-512 VNNI machine while it trained models, so noisy;
-torch 2.13, 1 thread, min of 7 runs, ms; fp32 / bf16 = F.conv2d; int = im2col over int8 codes in
-(kh, kw, c_in) order + _int_mm, S segments; float = dequantized fp32 weight + fake-quantized input +
-F.conv2d; every column includes quantizing the input):
-
-    | conv, batch 2          | fp32 | bf16 | W8A8 tensor int / float | W8A8 token int / float | W4A4 g64 int / float |
-    |------------------------|------|------|-------------------------|------------------------|----------------------|
-    | 128->128 3x3 @ 32x32   | 10.8 |  7.2 |  8.3 / 12.9 (S=1)       | 10.8 / 11.2 (S=9)      | 17.2 / 11.7 (S=18)   |
-    | 320->320 3x3 @ 32x32   | 72.5 | 39.8 | 24.7 / 84.0 (S=1)       | 48.4 / 87.2 (S=9)      | 71.3 / 86.4 (S=45)   |
-    | 320->320 1x1 @ 32x32   |  6.2 |  2.6 |  4.3 /  9.8 (S=1)       |  8.2 / 16.3 (S=1)      |  9.4 / 16.0 (S=5)    |
-
-The integer path is used for every ungrouped convolution with integer activation codes: it beats or
-ties the float path and fp32 everywhere except small-channel group-wise W4A4 (many short segments;
-native bf16 is competitive at 128 channels), and its im2col copy is
-int8 (a quarter of an fp32 unfold); 1x1 convs need no copy at all (the patches are the pixels).
-Grouped / depthwise convolutions, "same"/"valid" string padding and per-channel static inputs use
-"float". Revisit with the full benchmark on an idle machine.
+Convolutions: nn/packed_conv.py (PackedConv2d, registered in PACKED_TYPES there).
 """
 
 from __future__ import annotations
@@ -85,7 +69,7 @@ from diffquant.kernels import (
     select_backend,
 )
 from diffquant.kernels.layouts import pack_int4_halves, unpack_int4_halves
-from diffquant.nn.layers import QConv2d, QLinear, conv_low_rank
+from diffquant.nn.layers import QConv2d, QLinear, linear_low_rank
 from diffquant.nn.quantizers import ActivationQuantizer, WeightQuantizer
 
 # -- codes ----------------------------------------------------------------------------------------
@@ -178,11 +162,11 @@ def _act_blocks(starts: torch.Tensor, period: int | None, group: int | None) -> 
     return (starts // period) * -(-period // group) + (starts % period) // group
 
 
-def _group_len(spec: QuantSpec | None) -> int | None:
+def group_len(spec: QuantSpec | None) -> int | None:
     return spec.group_size if spec is not None and spec.granularity == "group" else None
 
 
-def _per_row(spec: QuantSpec) -> bool:
+def per_row(spec: QuantSpec) -> bool:
     return spec.granularity in ("token", "group")
 
 
@@ -210,7 +194,7 @@ def quantize_activation(x2d: torch.Tensor, quantizer: ActivationQuantizer,
         return ActivationCodes(*fused, None)
     if spec.dynamic:
         codes, scale, zero = quantize_blocks(x2d, spec)
-        shape = (rows, -1) if _per_row(spec) else (1, 1)
+        shape = (rows, -1) if per_row(spec) else (1, 1)
         codes, scale = codes.reshape(rows, -1), scale.reshape(shape)
         zero = None if zero is None else zero.reshape(shape)
     else:  # per tensor: scale [1, 1]; a split quantizer's two ranges [1, 2] (expanded per channel here)
@@ -228,7 +212,7 @@ def _fused_quantize(x2d: torch.Tensor, spec: QuantSpec,
     dynamic per-token / per-group integer codes with float32 scales only; else None."""
     fused = None if backend is None else backend.fused
     fmt = spec.qformat
-    if (fused is None or not spec.dynamic or not spec.symmetric or not _per_row(spec) or not fmt.signed
+    if (fused is None or not spec.dynamic or not spec.symmetric or not per_row(spec) or not fmt.signed
             or not integer_codes(spec) or spec.scale_dtype != "float32"):
         return None
     length = spec.group_size if spec.granularity == "group" else x2d.shape[1]
@@ -462,19 +446,19 @@ class PackedLayer(nn.Module):
         return f"path={self.path}, {engine}, a={a}, smooth={self.smooth is not None}"
 
 
-def _needs_input_sums(input_quantizer: ActivationQuantizer | None) -> bool:
+def needs_input_sums(input_quantizer: ActivationQuantizer | None) -> bool:
     if input_quantizer is None:
         return False
     spec = input_quantizer.spec
     return not spec.symmetric or not spec.qformat.signed
 
 
-def _input_split(input_quantizer: ActivationQuantizer | None, path: str) -> int | None:
+def input_split(input_quantizer: ActivationQuantizer | None, path: str) -> int | None:
     """The channel where a split input quantizer's second range begins, on the integer path."""
     return None if input_quantizer is None or path != "int" else input_quantizer.split_at
 
 
-def _choose_path(input_quantizer: ActivationQuantizer | None, integer_ok: bool) -> str:
+def choose_path(input_quantizer: ActivationQuantizer | None, integer_ok: bool) -> str:
     if input_quantizer is None or not integer_ok:
         return "float"
     spec = input_quantizer.spec
@@ -492,18 +476,18 @@ class PackedLinear(PackedLayer):
         super().__init__()
         backend = select_backend(backend, device=codes.device)
         self.out_features, self.in_features = codes.shape
-        self.path = _choose_path(input_quantizer, integer_ok=True)
+        self.path = choose_path(input_quantizer, integer_ok=True)
         in_spec = input_quantizer.spec if self.path == "int" else None
-        split = _input_split(input_quantizer, self.path)
-        plan = plan_segments(self.in_features, _group_len(weight_quantizer.spec), None if split is None else
-                             self.in_features, _group_len(in_spec), split)
+        split = input_split(input_quantizer, self.path)
+        plan = plan_segments(self.in_features, group_len(weight_quantizer.spec), None if split is None else
+                             self.in_features, group_len(in_spec), split)
         weight = PackedWeight(codes, weight_quantizer, plan, backend if self.path == "int" else None, codes.shape,
-                              with_sums=self.path == "int" and _needs_input_sums(input_quantizer))
+                              with_sums=self.path == "int" and needs_input_sums(input_quantizer))
         self._setup(weight, input_quantizer, bias, smooth, backend, float_dtype)
         self._set_low_rank(low_rank)
 
     def _set_low_rank(self, low_rank: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        _register_low_rank(self, low_rank, self.in_features, self.out_features)
+        register_low_rank(self, low_rank, self.in_features, self.out_features)
 
     @classmethod
     def from_layer(cls, layer: QLinear, backend: str | IntGemmBackend | None = None,
@@ -511,14 +495,14 @@ class PackedLinear(PackedLayer):
                    low_rank: tuple[torch.Tensor, torch.Tensor] | None = None) -> PackedLinear:
         """low_rank: a branch to add; default the layer's own (QuantizedLayer.low_rank)."""
         low_rank = layer.low_rank if low_rank is None else low_rank
-        return cls(_layer_codes(layer), layer.weight_quantizer, layer.input_quantizer, layer.bias, layer.smooth,
+        return cls(layer_codes(layer), layer.weight_quantizer, layer.input_quantizer, layer.bias, layer.smooth,
                    low_rank, backend, float_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xs = self.smoothed(x)
         y = PATHS[self.path](self, xs, Epilogue(x.dtype, self.bias))
         if self.low_rank_down is not None:
-            y = y + (xs @ self.low_rank_down.to(x.dtype)) @ self.low_rank_up.to(x.dtype)
+            y = y + linear_low_rank(xs, self.low_rank_down, self.low_rank_up)
         return y
 
     def int_product(self, xs: torch.Tensor, epilogue: Epilogue) -> torch.Tensor:
@@ -536,161 +520,11 @@ class PackedLinear(PackedLayer):
     def to_quantized_layer(self) -> QLinear:
         """The QLinear holding this layer's codes (no float weight): what checkpoints save."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        return _thawed(QLinear(linear, self.weight.spec, None), self)
+        return thawed(QLinear(linear, self.weight.spec, None), self)
 
     def extra_repr(self) -> str:
         rank = "" if self.low_rank_down is None else f", low_rank={self.low_rank_down.shape[1]}"
         return f"{self.in_features} -> {self.out_features}, " + super().extra_repr() + rank
-
-
-@dataclass(frozen=True)
-class ConvGeometry:
-    in_channels: int
-    out_channels: int
-    kernel_size: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int] | str
-    dilation: tuple[int, int]
-    groups: int
-
-    @classmethod
-    def of(cls, conv: nn.Module) -> ConvGeometry:
-        return cls(conv.in_channels, conv.out_channels, tuple(conv.kernel_size), tuple(conv.stride),
-                   conv.padding if isinstance(conv.padding, str) else tuple(conv.padding), tuple(conv.dilation),
-                   conv.groups)
-
-    @property
-    def weight_shape(self) -> torch.Size:
-        return torch.Size((self.out_channels, self.in_channels // self.groups, *self.kernel_size))
-
-    @property
-    def im2col_ok(self) -> bool:
-        return self.groups == 1 and not isinstance(self.padding, str)
-
-
-def im2col(x: torch.Tensor, geometry: ConvGeometry, pad_value: float | torch.Tensor = 0) -> torch.Tensor:
-    """x [B, H, W, C] (any dtype) -> patches [B*Ho*Wo, kh*kw*C], K ordered (kh, kw, c) like QConv2d's
-    weight matrix; padding holds pad_value (a number, or one per channel [C]). A 1x1, stride-1,
-    unpadded conv returns a view (no copy)."""
-    (kh, kw), (sh, sw), (dh, dw) = geometry.kernel_size, geometry.stride, geometry.dilation
-    ph, pw = geometry.padding
-    if (ph or pw) and isinstance(pad_value, torch.Tensor):
-        padded = pad_value.to(x.dtype).expand(x.shape[0], x.shape[1] + 2 * ph, x.shape[2] + 2 * pw, -1).clone()
-        padded[:, ph:ph + x.shape[1], pw:pw + x.shape[2]] = x
-        x = padded
-    elif ph or pw:
-        x = F.pad(x, (0, 0, pw, pw, ph, ph), value=pad_value)
-    batch, height, width, channels = x.shape
-    out_h, out_w = (height - dh * (kh - 1) - 1) // sh + 1, (width - dw * (kw - 1) - 1) // sw + 1
-    sb, s_h, s_w, sc = x.stride()
-    view = x.as_strided((batch, out_h, out_w, kh, kw, channels), (sb, s_h * sh, s_w * sw, s_h * dh, s_w * dw, sc))
-    return view.reshape(batch * out_h * out_w, kh * kw * channels)
-
-
-class PackedConv2d(PackedLayer):
-    """Frozen nn.Conv2d. codes: [out, kh*kw*c_in/groups] integer codes in (kh, kw, c_in) order;
-    low_rank: optional (L1 [kh*kw*c_in, r], L2 [r, out]) float factors (ungrouped convs), adding the
-    branch conv_low_rank(x / smooth) as QConv2d does."""
-
-    def __init__(self, codes: torch.Tensor, weight_quantizer: WeightQuantizer, geometry: ConvGeometry,
-                 input_quantizer: ActivationQuantizer | None = None, bias: torch.Tensor | None = None,
-                 smooth: torch.Tensor | None = None, backend: str | IntGemmBackend | None = None,
-                 float_dtype: torch.dtype | None = None,
-                 low_rank: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        super().__init__()
-        backend = select_backend(backend, device=codes.device)
-        self.geometry = geometry
-        self.path = _choose_path(input_quantizer, integer_ok=geometry.im2col_ok)
-        in_spec = input_quantizer.spec if self.path == "int" else None
-        split = _input_split(input_quantizer, self.path)
-        period = geometry.in_channels if in_spec is not None and (_per_row(in_spec) or split is not None) else None
-        plan = plan_segments(codes.shape[1], _group_len(weight_quantizer.spec), period, _group_len(in_spec), split)
-        weight = PackedWeight(codes, weight_quantizer, plan, backend if self.path == "int" else None,
-                              geometry.weight_shape, with_sums=self.path == "int" and _needs_input_sums(input_quantizer))
-        self._setup(weight, input_quantizer, bias, smooth, backend, float_dtype)
-        self._set_low_rank(low_rank)
-
-    def _set_low_rank(self, low_rank: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        """The SVDQuant branch (QConv2d's GEMM view: L1 [kh*kw*c_in, r], L2 [r, out]), or none."""
-        g = self.geometry
-        if low_rank is not None and g.groups != 1:
-            raise NotImplementedError("a low-rank branch on a grouped convolution")
-        _register_low_rank(self, low_rank, g.kernel_size[0] * g.kernel_size[1] * g.in_channels, g.out_channels)
-
-    def add_low_rank(self, y: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
-        """y + the low-rank branch on the smoothed input xs [B, H, W, C] (nn.layers.conv_low_rank)."""
-        if self.low_rank_down is None:
-            return y
-        down, up = self.low_rank_down.to(y.dtype), self.low_rank_up.to(y.dtype)
-        return y + conv_low_rank(xs.movedim(-1, 1).to(y.dtype), down, up, self.geometry)
-
-    @classmethod
-    def from_layer(cls, layer: QConv2d, backend: str | IntGemmBackend | None = None,
-                   float_dtype: torch.dtype | None = None) -> PackedConv2d:
-        return cls(_layer_codes(layer), layer.weight_quantizer, ConvGeometry.of(layer), layer.input_quantizer,
-                   layer.bias, layer.smooth, backend, float_dtype, layer.low_rank)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xs = self.smoothed(x.movedim(1, -1))
-        y = PATHS[self.path](self, xs, Epilogue(x.dtype, self.bias))
-        return self.add_low_rank(y, xs)
-
-    def int_product(self, xs: torch.Tensor, epilogue: Epilogue) -> torch.Tensor:
-        """xs [B, H, W, C] -> [B, N, Ho, Wo] (channels-last strides)."""
-        self.check_device(xs)
-        batch, height, width, channels = xs.shape
-        act = quantize_activation(xs.reshape(-1, channels), self.input_quantizer, self.backend)
-        per_tensor = act.scale.shape[0] == 1
-        codes = act.codes[:, :channels].reshape(batch, height, width, channels)
-        patches = im2col(codes, self.geometry, self._pad_code(act, per_tensor, channels))
-        if not per_tensor:
-            act = ActivationCodes(patches, self._patch_map(act.scale, xs.shape),
-                                  None if act.zero is None else self._patch_map(act.zero, xs.shape))
-        a = fit_codes(patches, self.weight.plan.k_pad, act.zero)
-        y = self.integer_product(act, a, epilogue)
-        out_h, out_w = self._output_size(height, width)
-        return y.reshape(batch, out_h, out_w, -1).permute(0, 3, 1, 2)
-
-    def _pad_code(self, act: ActivationCodes, per_tensor: bool, channels: int) -> float | torch.Tensor:
-        """The code of zero in padding positions: the zero point of a per-tensor range, per channel for
-        a split quantizer's two ranges; 0 where per-pixel scales are 0 in the padding (_patch_map)."""
-        if act.zero is None or not per_tensor:
-            return 0
-        if act.zero.numel() == 1:
-            return float(act.zero)
-        return self.input_quantizer.per_channel(act.zero.reshape(-1), channels)
-
-    def _patch_map(self, per_pixel: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        """Per-pixel block values [B*H*W, blocks] -> per patch row [M, kh*kw*blocks]."""
-        return im2col(per_pixel.reshape(*shape[:3], -1), self.geometry, 0.0)
-
-    def _output_size(self, height: int, width: int) -> tuple[int, int]:
-        g = self.geometry
-        sizes = []
-        for size, k, s, p, d in zip((height, width), g.kernel_size, g.stride, g.padding, g.dilation, strict=True):
-            sizes.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
-        return sizes[0], sizes[1]
-
-    def float_product(self, xs: torch.Tensor, epilogue: Epilogue) -> torch.Tensor:
-        if self.input_quantizer is not None:
-            xs = self.input_quantizer(xs)
-        g, dtype = self.geometry, self.float_dtype
-        out, (kh, kw) = g.out_channels, g.kernel_size
-        weight = self.weight.dequantized(dtype).t().reshape(out, kh, kw, -1).permute(0, 3, 1, 2)
-        y = F.conv2d(xs.movedim(-1, 1).to(dtype), weight, None, g.stride, g.padding, g.dilation, g.groups)
-        return epilogue.apply(y, channel_dim=1)
-
-    def to_quantized_layer(self) -> QConv2d:
-        """The QConv2d holding this layer's codes (no float weight): what checkpoints save."""
-        g = self.geometry
-        conv = nn.Conv2d(g.in_channels, g.out_channels, g.kernel_size, g.stride, g.padding, g.dilation, g.groups,
-                         bias=self.bias is not None, device="meta")
-        return _thawed(QConv2d(conv, self.weight.spec, None), self)
-
-    def extra_repr(self) -> str:
-        g = self.geometry
-        rank = "" if self.low_rank_down is None else f", low_rank={self.low_rank_down.shape[1]}"
-        return f"{g.in_channels} -> {g.out_channels}, kernel={g.kernel_size}, " + super().extra_repr() + rank
 
 
 PATHS: dict[str, Callable[[PackedLayer, torch.Tensor, Epilogue], torch.Tensor]] = {
@@ -699,7 +533,7 @@ PATHS: dict[str, Callable[[PackedLayer, torch.Tensor, Epilogue], torch.Tensor]] 
 }
 
 
-def _register_low_rank(layer: PackedLayer, low_rank: tuple[torch.Tensor, torch.Tensor] | None, inputs: int,
+def register_low_rank(layer: PackedLayer, low_rank: tuple[torch.Tensor, torch.Tensor] | None, inputs: int,
                        outputs: int) -> None:
     """Register the branch buffers (None without a branch) after checking L1 [inputs, r], L2 [r, outputs].
     Kept in float16 where that is lossless (SVDQuant rounds them to 16 bits), else float32; they are cast
@@ -717,7 +551,7 @@ def _half_if_exact(factor: torch.Tensor) -> torch.Tensor:
     return _compact(factor, torch.float16).contiguous().clone()
 
 
-def _layer_codes(layer: QLinear | QConv2d) -> torch.Tensor:
+def layer_codes(layer: QLinear | QConv2d) -> torch.Tensor:
     """The layer's integer weight codes [out, K]: stored ones, or computed from its float weight."""
     if layer.weight_quantizer is None:
         raise ValueError("a layer without a weight quantizer has no integer weight to pack")
@@ -728,7 +562,7 @@ def _layer_codes(layer: QLinear | QConv2d) -> torch.Tensor:
         return layer.weight_quantizer.codes(layer.weight_matrix(layer.weight)).to(storage)
 
 
-def _thawed(layer: QLinear | QConv2d, packed: PackedLayer) -> QLinear | QConv2d:
+def thawed(layer: QLinear | QConv2d, packed: PackedLayer) -> QLinear | QConv2d:
     layer.weight_quantizer = packed.weight.quantizer()
     layer.input_quantizer = packed.input_quantizer
     layer.hold_codes(packed.weight.layer_codes())
@@ -739,7 +573,7 @@ def _thawed(layer: QLinear | QConv2d, packed: PackedLayer) -> QLinear | QConv2d:
     return layer.eval()
 
 
+# The packed module of each quantized layer type (nn/packed_conv.py adds QConv2d).
 PACKED_TYPES: dict[type[nn.Module], Callable[..., PackedLayer]] = {
     QLinear: PackedLinear.from_layer,
-    QConv2d: PackedConv2d.from_layer,
 }
