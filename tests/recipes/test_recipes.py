@@ -411,3 +411,23 @@ def test_path_glob_over_a_block_patches_only_its_quantized_layers(dit):
     assert set(plans) == DEFAULT_QUANTIZED
     changed = {p for p, plan in plans.items() if plan.weight.format == "int4"}
     assert changed and all(p.startswith("transformer_blocks.0.") for p in changed)
+
+
+# -- cache keys ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_cache_key_of_revision_1_stages_is_the_serialised_recipe(name):
+    """Report folders made before stages had revisions stay valid: their key is to_dict() as before."""
+    preset = PRESETS[name]
+    assert preset.cache_key() == json.dumps(preset.to_dict(), sort_keys=True)
+
+
+def test_a_stage_revision_changes_the_cache_key_but_not_the_recipe():
+    preset = PRESETS["svdquant-w4a4"]
+    stage = preset.stages[0]
+    revised_type = type("RevisedSVDQuant", (type(stage),), {"revision": 2})
+    revised = dataclasses.replace(preset, stages=(revised_type(**dataclasses.asdict(stage)),))
+    assert revised.to_dict() == preset.to_dict()
+    assert revised.cache_key() != preset.cache_key()
+    assert json.loads(revised.cache_key())["stages"][0]["revision"] == 2

@@ -41,7 +41,7 @@ def stage_checkpointer(stage, layers: dict[str, QuantizedLayer]) -> Checkpointer
     recipe around the same stage included) starts afresh; "" disables checkpoints."""
     if stage.checkpoint_dir == "":
         return None
-    digest = hashlib.sha256(json.dumps(stage.to_dict(), sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps(stage.cache_key(), sort_keys=True).encode())
     for name, layer in sorted(layers.items()):
         digest.update(f"{name}|{layer.extra_repr()}".encode())
         for key, tensor in sorted(layer.state_dict().items()):

@@ -86,7 +86,7 @@ def quantized_folder(model: str, fingerprint: str, recipe: Recipe, work: Path) -
     """The quantized zoo folder for (FP weights, recipe), made once and reused (written atomically)."""
     from diffquant.workflows import quantize_zoo_model
 
-    digest = hashlib.sha256((fingerprint + json.dumps(recipe.to_dict(), sort_keys=True)).encode()).hexdigest()
+    digest = hashlib.sha256((fingerprint + recipe.cache_key()).encode()).hexdigest()
     folder = work / model / f"{recipe.name}-{digest[:16]}"
     if not folder.exists():
         quantize_zoo_model(model, recipe, folder, overwrite=True)

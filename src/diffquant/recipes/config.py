@@ -47,6 +47,10 @@ class StageConfig:
     type: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
     needs_training_data: ClassVar[bool] = False  # reads job.training (e.g. QAT on the diffusion loss)
+    # The stage's algorithm revision: bump it when the same config starts to give another model (a new
+    # default behaviour), so results cached under the recipe's key (report folders, training
+    # checkpoints) are not reused. Revision 1 is left out of the key: older keys stay valid.
+    revision: ClassVar[int] = 1
 
     def prepare(self, job) -> None:
         """Runs on the full-precision model before calibration statistics are gathered and the layers
@@ -61,6 +65,11 @@ class StageConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.type, **dataclasses.asdict(self)}
+
+    def cache_key(self) -> dict[str, Any]:
+        """What identifies the stage's result: its config, and its revision from 2 on."""
+        data = self.to_dict()
+        return data if self.revision == 1 else {**data, "revision": self.revision}
 
 
 def check_int(stage: StageConfig, name: str, minimum: int = 1) -> None:
@@ -252,6 +261,12 @@ class Recipe:
             data["attention"] = self.attention.to_dict()
         return {**data, "stages": [s.to_dict() for s in self.stages],
                 "overrides": [dataclasses.asdict(o) for o in self.overrides]}
+
+    def cache_key(self) -> str:
+        """JSON identifying the model this recipe makes (to_dict, with the stages' revisions from 2 on):
+        what caches of quantized results are keyed by."""
+        data = {**self.to_dict(), "stages": [s.cache_key() for s in self.stages]}
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
