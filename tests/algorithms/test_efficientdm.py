@@ -3,7 +3,8 @@ zero points get gradients and round on write-back, and on a tiny DiT data-free d
 W4A4 (per-step static) model closer to full precision than round-to-nearest, reads no training data,
 leaves no adapter behind, saves / reloads / freezes, and resumes an interrupted run to the same result;
 progress callbacks see the model the stage leaves (round-to-nearest before the first round, the merged
-model after the last), never trigger a distillation step and do not change the result."""
+model after the last), never trigger a distillation step and do not change the result; on top of
+SVDQuant it keeps the branch and smoothing and trains the residual weights."""
 
 from __future__ import annotations
 
