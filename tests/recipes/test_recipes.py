@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -431,3 +432,24 @@ def test_a_stage_revision_changes_the_cache_key_but_not_the_recipe():
     assert revised.to_dict() == preset.to_dict()
     assert revised.cache_key() != preset.cache_key()
     assert json.loads(revised.cache_key())["stages"][0]["revision"] == 2
+
+
+# -- the benchmarks' recipe files ------------------------------------------------------------------------
+
+BENCHMARK_RECIPES = sorted((Path(__file__).parents[2] / "benchmarks").glob("*/recipes/*.yaml"))
+
+
+@pytest.mark.parametrize("path", BENCHMARK_RECIPES, ids=lambda p: f"{p.parent.parent.name}/{p.stem}")
+def test_benchmark_recipe_files_load_under_their_file_name(path):
+    """The scoreboard rows they make are named by the recipe: a file that stopped parsing (a renamed stage
+    option) or names another recipe would only show up hours into a report."""
+    loaded = Recipe.from_file(path)
+    assert loaded.name == path.stem
+    assert Recipe.from_dict(loaded.to_dict()) == loaded
+
+
+def test_the_composed_recipe_is_svdquant_w4a4_then_efficientdm_w4a4s_training():
+    composed = Recipe.from_file(Path(__file__).parents[2] / "benchmarks/efficientdm/recipes/svdquant-efficientdm-w4a4.yaml")
+    svd, edm = get_preset("svdquant-w4a4"), get_preset("efficientdm-w4a4")
+    assert (composed.weight, composed.input) == (svd.weight, svd.input)
+    assert composed.stages == (*svd.stages, edm.stages[-1])
