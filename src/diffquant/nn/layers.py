@@ -228,7 +228,9 @@ def linear_low_rank(xs: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> t
 def conv_low_rank(xs: torch.Tensor, down: torch.Tensor, up: torch.Tensor, conv) -> torch.Tensor:
     """A conv layer's branch on x̂ [B, c_in, H, W]: L1 [kh·kw·c_in, r] (K in (kh, kw, c_in) order) as a
     [r, c_in, kh, kw] kernel with `conv`'s stride / padding / dilation, then L2 [r, out] as a 1x1 conv.
-    Equal to patches(x̂) · L1 · L2 at every output pixel. conv: a QConv2d or ConvGeometry."""
+    Equal to patches(x̂) · L1 · L2 at every output pixel, in x̂'s dtype (as linear_low_rank). conv: a
+    QConv2d or ConvGeometry."""
+    down, up = down.to(xs.dtype), up.to(xs.dtype)
     rank = down.shape[1]
     kernel = down.t().reshape(rank, *conv.kernel_size, -1).permute(0, 3, 1, 2)
     hidden = F.conv2d(xs, kernel, None, conv.stride, conv.padding, conv.dilation)
@@ -294,7 +296,7 @@ class QConv2d(QuantizedLayer):
         return self.taps * self.in_channels, self.out_channels
 
     def low_rank_output(self, xs: torch.Tensor) -> torch.Tensor:
-        return conv_low_rank(xs, self.low_rank_down.to(xs.dtype), self.low_rank_up.to(xs.dtype), self)
+        return conv_low_rank(xs, self.low_rank_down, self.low_rank_up, self)
 
     def matmul(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)

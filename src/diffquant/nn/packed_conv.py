@@ -132,8 +132,7 @@ class PackedConv2d(PackedLayer):
         """y + the low-rank branch on the smoothed input xs [B, H, W, C] (nn.layers.conv_low_rank)."""
         if self.low_rank_down is None:
             return y
-        down, up = self.low_rank_down.to(y.dtype), self.low_rank_up.to(y.dtype)
-        return y + conv_low_rank(xs.movedim(-1, 1).to(y.dtype), down, up, self.geometry)
+        return y + conv_low_rank(xs.movedim(-1, 1).to(y.dtype), self.low_rank_down, self.low_rank_up, self.geometry)
 
     @classmethod
     def from_layer(cls, layer: QConv2d, backend: str | IntGemmBackend | None = None,
