@@ -91,16 +91,23 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=d.samples, help=f"samples per evaluation (default {d.samples})")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own)")
     parser.add_argument("--out", type=Path, default=d.out, help=f"output folder (default {d.out})")
+    parser.add_argument("--speed-samples", type=int, default=d.speed_samples,
+                        help=f"samples per timed frozen-vs-FP generation, 0 to skip (default {d.speed_samples})")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
 
 @command("demo", "the main job: quantize the shipped zoo model with w8a8 and w4a4 and evaluate vs FP", _demo_args)
 def _demo(args: argparse.Namespace) -> int:
-    from diffquant.demo import DemoConfig, format_demo, run_demo
+    from diffquant.demo import DemoConfig, format_demo, run_demo, run_speed
+    from diffquant.eval.speed import format_speed
 
-    config = DemoConfig(args.model, tuple(args.recipes), args.samples, args.steps, args.out, not args.quiet)
+    config = DemoConfig(args.model, tuple(args.recipes), args.samples, args.steps, args.out, not args.quiet,
+                        args.speed_samples)
     results = run_demo(config)
     print(format_demo(results))
+    speed = run_speed(config)
+    if speed is not None:
+        print("\n" + format_speed(speed))
     print(f"quantized folders, metrics JSON and FP-over-quantized grids in {config.out}/")
     return 0
 

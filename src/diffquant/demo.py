@@ -3,8 +3,10 @@
 For each recipe it writes a quantized pipeline folder (`diffquant quantize ZOO_NAME`), evaluates it
 against the full-precision model from the same noise (`diffquant eval`: FID, class accuracy,
 PSNR/SSIM vs FP, eps SQNR, bytes) and writes the metrics JSON and an FP-over-quantized sample grid
-next to the folder. It ends with one table. The defaults take about two minutes on 2 CPU cores;
-`--samples 1000` gives the figures of the quality report (`benchmarks/quality/`).
+next to the folder. It ends with one table, then times generation of the frozen (packed-kernel) models
+against FP side by side on this machine (eval/speed.py; `<model>-speed.json`) and says for each recipe
+whether it is smaller and faster, or why not. The defaults take about two and a half minutes on 2 CPU
+cores; `--samples 1000` gives the figures of the quality report (`benchmarks/quality/`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class DemoConfig:
     steps: int | None = None  # the model's own sampler
     out: Path = field(default_factory=lambda: Path("runs") / "demo")
     progress: bool = True
+    speed_samples: int = 64  # samples per timed generation (0: no speed measurement)
 
 
 def demo_paths(config: DemoConfig, recipe: str) -> tuple[Path, Path, Path]:
@@ -51,6 +54,22 @@ def run_demo(config: DemoConfig) -> list[dict[str, Any]]:
         results.append(evaluate(folder, config.samples, config.steps, json_path=metrics, grid_path=grid,
                                 progress=config.progress))
     return results
+
+
+def run_speed(config: DemoConfig) -> Any:
+    """Frozen generation time of the demo's folders against FP (eval/speed.py), written to
+    `<model>-speed.json`; None when `speed_samples` is 0."""
+    from diffquant.eval.runner import write_json_atomic
+    from diffquant.eval.speed import time_frozen_against_fp
+
+    if config.speed_samples <= 0:
+        return None
+    if config.progress:
+        print(f"[{config.model}] timing frozen models against FP ({config.speed_samples} samples)", flush=True)
+    report = time_frozen_against_fp([demo_paths(config, name)[0] for name in config.recipes], config.speed_samples,
+                                    config.steps)
+    write_json_atomic(config.out / f"{config.model}-speed.json", report.to_dict())
+    return report
 
 
 def format_demo(results: Sequence[dict[str, Any]]) -> str:

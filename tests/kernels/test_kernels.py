@@ -164,9 +164,13 @@ def test_cpus_without_avx512_int8_never_get_int_mm_or_bf16(cpu, no_env):
     assert fastest_float_dtype(cpu) == torch.float32
 
 
-def test_avx2_gets_fbgemm_and_a_cpu_without_avx2_the_float_fallback(no_env):
-    expected = "fbgemm" if "fbgemm" in torch.backends.quantized.supported_engines else "float"
-    assert select_backend(cpu=AVX2_ONLY).name == expected
+def test_avx2_gets_its_own_kernels_or_fbgemm_and_a_cpu_without_avx2_the_float_fallback(no_env, monkeypatch):
+    fallback = "fbgemm" if "fbgemm" in torch.backends.quantized.supported_engines else "float"
+    builds = not isinstance(get_backend("avx2").fused.library.load(), str)
+    assert select_backend(cpu=AVX2_ONLY).name == ("avx2" if builds else fallback)
+    monkeypatch.setattr(type(get_backend("avx2")), "available", lambda self, cpu: False)  # e.g. no C compiler
+    monkeypatch.setattr(type(get_backend("avx_vnni")), "available", lambda self, cpu: False)
+    assert select_backend(cpu=AVX2_ONLY).name == fallback
     assert select_backend(cpu=NO_SIMD).name == "float"
 
 

@@ -27,7 +27,7 @@ from diffquant.kernels import (
     reference_segmented_matmul,
 )
 from diffquant.kernels.gpu_triton import TritonKernels, pack_weight, unpack_weight
-from tests.kernels.test_vnni import assert_matches_the_float_path
+from tests.kernels.test_native import assert_matches_the_float_path
 
 CUDA = torch.cuda.is_available()
 HAS_TRITON = importlib.util.find_spec("triton") is not None

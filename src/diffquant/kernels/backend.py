@@ -40,10 +40,12 @@ class FusedKernels(Protocol):
     """A backend's fused group-wise product on its own resident weight layout (kernels/vnni.py has the
     notation): y = sum_s a_scales[:, s] * b_scales[s] * (a_s @ b_s) without per-segment passes over y,
     with `+ bias` and the cast to `out_dtype` as its epilogue (float32 accumulation, one rounding), and
-    symmetric dynamic activation quantization. Packed modules use them where `supports` says so
-    and neither side has a zero point; everything else goes through `matmul` (kernels/segmented.py)."""
+    symmetric dynamic activation quantization. Packed modules use them where `supports` says so of the
+    shape and `accepts` of the codes (int8 [K, N]), and neither side has a zero point; everything else goes through `matmul` (kernels/segmented.py)."""
 
     def supports(self, bits: int, length: int, k: int) -> bool: ...
+
+    def accepts(self, b: torch.Tensor, bits: int) -> bool: ...
 
     def pack(self, b: torch.Tensor, bits: int) -> torch.Tensor: ...
 

@@ -106,6 +106,11 @@ class TritonKernels:
             return False
         return length == k or length in FOLD_DEPTHS
 
+    @staticmethod
+    def accepts(b: torch.Tensor, bits: int) -> bool:
+        """Every signed code fits the layout."""
+        return True
+
     pack = staticmethod(pack_weight)
     unpack = staticmethod(unpack_weight)
 

@@ -25,17 +25,11 @@
  * so that a micro-tile's MR rows are one stream. */
 
 #include <immintrin.h>
-#include <pthread.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+
+#include "dq_runtime.h"
 
 #define MR 4                   /* rows per micro-tile: MR*NR int32 + MR*NR float accumulators in zmm registers */
 #define NR 3                   /* strips of 16 outputs per micro-tile */
-#define A_BLOCK (2 << 20)      /* bytes of A one M block reuses across all of N: stays in L3, not in DRAM */
-#define ITEMS_PER_THREAD 4     /* work items per thread, taken dynamically: a thread that finishes early takes more */
-#define MIN_ROWS 64            /* rows per M block at least (a 4-bit item unpacks its weight panel once) */
-#define MAX_THREADS 64
 
 typedef struct {
     const int8_t *a; int64_t lda;
@@ -47,17 +41,8 @@ typedef struct {
     int8_t *ap;               /* a repacked per tile: [ceil(M/MR)][K/4][MR][4], rows past M zero */
     int32_t *corr;            /* [M, G]: -offset * group sums of a */
     uint8_t *panels;          /* one unpacked NR-strip panel (K/4 x 64 bytes per strip) per thread */
-    int64_t mc, mblocks, nparts;  /* work items: M blocks of mc rows x parts of N */
-    int64_t next;             /* the next work item to take (threads take items as they finish) */
+    WorkPlan plan;            /* work items: M blocks x parts of N, taken as threads finish */
 } Gemm;
-
-static inline float bf16_round(float f) {  /* to the nearest bf16, ties to even (finite f), as torch */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
-    memcpy(&f, &u, 4);
-    return f;
-}
 
 static inline __m512 bf16_round_v(__m512 x) {
     __m512i u = _mm512_castps_si512(x);
@@ -65,8 +50,6 @@ static inline __m512 bf16_round_v(__m512 x) {
     u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
     return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int32_t)0xFFFF0000u)));
 }
-
-static inline int32_t load4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
 
 static inline __mmask16 tail(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
 
@@ -147,9 +130,9 @@ static const uint8_t *panel_of(const Gemm *g, int64_t s0, int nr, uint8_t *buf) 
 /* One work item: an M block x a range of NR-strip blocks. */
 static void run_item(const Gemm *g, int64_t item, uint8_t *buf) {
     const int64_t strips = (g->N + 15) / 16, blocks = (strips + NR - 1) / NR;
-    const int64_t mb = item / g->nparts, part = item % g->nparts;
-    const int64_t m_begin = mb * g->mc, m_end = m_begin + g->mc < g->M ? m_begin + g->mc : g->M;
-    for (int64_t j = part * blocks / g->nparts; j < (part + 1) * blocks / g->nparts; j++) {
+    const int64_t mb = item / g->plan.nparts, part = item % g->plan.nparts;
+    const int64_t m_begin = mb * g->plan.mc, m_end = m_begin + g->plan.mc < g->M ? m_begin + g->plan.mc : g->M;
+    for (int64_t j = part * blocks / g->plan.nparts; j < (part + 1) * blocks / g->plan.nparts; j++) {
         const int64_t s0 = j * NR;
         const int nr = (int)(strips - s0 < NR ? strips - s0 : NR);
         const uint8_t *panel = panel_of(g, s0, nr, buf);
@@ -157,47 +140,6 @@ static void run_item(const Gemm *g, int64_t item, uint8_t *buf) {
             tile_any(g, (int)(m_end - m0 < MR ? m_end - m0 : MR), nr, m0, s0, panel);
     }
 }
-
-/* Run fn(ctx, tid, threads) on `threads` threads (this one included). Built with OpenMP (the default), the
- * threads are the process's OpenMP pool, the one torch's own CPU operators use (libgomp is loaded once per
- * process): its workers keep spinning for a while after each torch operator, and threads of our own would
- * share the cores with them (measured: a 2-thread W8A8 layer 49 ms instead of 43). Without OpenMP: pthreads,
- * and a thread that cannot be started has its share run here, so the result never depends on it. */
-typedef void (*Job)(void *ctx, int tid, int threads);
-
-#ifdef _OPENMP
-#include <omp.h>
-
-static void parallel(Job fn, void *ctx, int threads) {
-    if (threads <= 1) {
-        fn(ctx, 0, 1);
-        return;
-    }
-#pragma omp parallel num_threads(threads)
-    fn(ctx, omp_get_thread_num(), omp_get_num_threads());
-}
-#else
-typedef struct { Job fn; void *ctx; int tid, threads; } Task;
-
-static void *run_task(void *arg) { Task *t = arg; t->fn(t->ctx, t->tid, t->threads); return NULL; }
-
-static void parallel(Job fn, void *ctx, int threads) {
-    pthread_t ids[MAX_THREADS];
-    Task tasks[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    for (int t = 1; t < threads; t++) {
-        tasks[t] = (Task){fn, ctx, t, threads};
-        started[t] = pthread_create(&ids[t], NULL, run_task, &tasks[t]) == 0;
-    }
-    fn(ctx, 0, threads);
-    for (int t = 1; t < threads; t++) {
-        if (started[t]) pthread_join(ids[t], NULL);
-        else fn(ctx, t, threads);
-    }
-}
-#endif
-
-static int clamp_threads(int threads) { return threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads; }
 
 /* Repack A so that a micro-tile's rows are one stream (4 bytes of each of MR rows per K quad), and take
  * the group sums for the zero-point correction on the way. */
@@ -226,28 +168,8 @@ static void gemm_items(void *ctx, int tid, int threads) {
     Gemm *g = ctx;
     (void)threads;
     uint8_t *buf = g->bits4 ? g->panels + (size_t)tid * (size_t)(g->K / 4 * 64 * NR) : NULL;
-    const int64_t items = g->mblocks * g->nparts;
-    for (int64_t item = __atomic_fetch_add(&g->next, 1, __ATOMIC_RELAXED); item < items;
-         item = __atomic_fetch_add(&g->next, 1, __ATOMIC_RELAXED))
-        run_item(g, item, buf);
-}
-
-/* M blocks of about A_BLOCK bytes of A, cut into parts of N, and M blocks halved (down to MIN_ROWS rows)
- * until there are ITEMS_PER_THREAD items per thread. Two items per thread handed out statically left a
- * thread idle whenever the strip blocks did not split evenly (e.g. 2048 x 640 x 640: 14% faster with 4
- * items per thread taken dynamically); 8 per thread was slower on DiT-XL's 512 x 1152 x 1152 (-15%). */
-static void plan_items(Gemm *g, int threads) {
-    const int64_t blocks = ((g->N + 15) / 16 + NR - 1) / NR, want = threads > 1 ? ITEMS_PER_THREAD * threads : 1;
-    g->mc = A_BLOCK / g->K / MR * MR;
-    if (g->mc < MR) g->mc = MR;
-    for (;;) {
-        g->mblocks = (g->M + g->mc - 1) / g->mc;
-        g->nparts = (want + g->mblocks - 1) / g->mblocks;
-        if (g->nparts > blocks) g->nparts = blocks;
-        if (g->mblocks * g->nparts >= want || g->mc <= MIN_ROWS) break;
-        g->mc = g->mc / 2 / MR * MR < MIN_ROWS ? MIN_ROWS : g->mc / 2 / MR * MR;
-    }
-    g->next = 0;
+    const int64_t items = g->plan.mblocks * g->plan.nparts;
+    for (int64_t item = take_item(&g->plan); item < items; item = take_item(&g->plan)) run_item(g, item, buf);
 }
 
 /* Returns 0 on success, -1 on bad arguments or allocation failure. */
@@ -258,7 +180,7 @@ int dq_vnni_gemm(const int8_t *a, int64_t lda, const uint8_t *w, int32_t bits4, 
     const int t = clamp_threads(threads);
     Gemm g = {.a = a, .lda = lda, .w = w, .bits4 = bits4, .offset = offset, .sa = sa, .sa_rs = sa_rs, .sw = sw,
               .ldsw = ldsw, .bias = bias, .y = y, .ldy = ldy, .out_bf16 = out_bf16, .M = M, .N = N, .K = K, .L = L};
-    plan_items(&g, t);
+    plan_work(&g.plan, M, K, ((N + 15) / 16 + NR - 1) / NR, t, MR);
     g.corr = malloc(sizeof(int32_t) * (size_t)(M * (K / L)));
     g.ap = malloc((size_t)((M + MR - 1) / MR * MR * K));
     g.panels = bits4 ? aligned_alloc(64, (size_t)t * (size_t)(K / 4 * 64 * NR)) : NULL;
@@ -273,20 +195,7 @@ int dq_vnni_gemm(const int8_t *a, int64_t lda, const uint8_t *w, int32_t bits4, 
     return status;
 }
 
-/* -- symmetric dynamic activation quantization ------------------------------------------------------
- * x [M, C] (f32, or bf16 when bf16 != 0; row stride ldx elements) -> codes int8 [M, width] (columns >= C
- * are 0) and scales f32 [M, G], G = ceil(C / L), with the expression of formats/ops.py for a signed
- * symmetric format and float32 scales, in x's dtype as torch computes it:
- *   scale = max(max_k |x[m, k]| / qmax, FLT_MIN)        (bf16 x: the quotient rounded to bf16)
- *   code  = clamp(round_half_even(x / scale), qmin, qmax)   (bf16 x: x / scale rounded to bf16 first)
- * Division, not multiplication by a reciprocal, so the codes equal torch's bit for bit. */
-
-typedef struct {
-    const void *x; int64_t ldx; int32_t bf16;
-    int64_t M, C, L, width;
-    float qmin, qmax;
-    int8_t *codes; float *scales;
-} Quant;
+/* -- symmetric dynamic activation quantization: the AVX-512 half (notation: dq_runtime.h) ---------------- */
 
 static inline __m512 load_x(const Quant *q, int64_t m, int64_t k, __mmask16 mask) {
     if (q->bf16) {
@@ -304,12 +213,6 @@ static float group_amax(const Quant *q, int64_t m, int64_t k0, int64_t k1) {
     return _mm512_reduce_max_ps(amax);
 }
 
-static float scale_of(const Quant *q, float amax) {
-    float scale = amax / q->qmax;
-    if (q->bf16) scale = bf16_round(scale);
-    return scale < 1.17549435e-38f ? 1.17549435e-38f : scale;  /* clamp(min=finfo(float32).tiny) */
-}
-
 static void quantize_group(const Quant *q, int64_t m, int64_t k0, int64_t k1, float scale) {
     const __m512 s = _mm512_set1_ps(scale), lo = _mm512_set1_ps(q->qmin), hi = _mm512_set1_ps(q->qmax);
     int8_t *out = q->codes + m * q->width;
@@ -322,26 +225,4 @@ static void quantize_group(const Quant *q, int64_t m, int64_t k0, int64_t k1, fl
     }
 }
 
-/* A row's group ranges first, then its codes: the reductions of consecutive groups overlap instead of
- * each group's division waiting for its own reduction. */
-static void quantize_rows(void *ctx, int tid, int threads) {
-    const Quant *q = ctx;
-    const int64_t G = (q->C + q->L - 1) / q->L, rows = (q->M + threads - 1) / threads;
-    const int64_t end = (tid + 1) * rows < q->M ? (tid + 1) * rows : q->M;
-    for (int64_t m = tid * rows; m < end; m++) {
-        float *scales = q->scales + m * G;
-        for (int64_t gi = 0; gi < G; gi++)
-            scales[gi] = scale_of(q, group_amax(q, m, gi * q->L, (gi + 1) * q->L < q->C ? (gi + 1) * q->L : q->C));
-        for (int64_t gi = 0; gi < G; gi++)
-            quantize_group(q, m, gi * q->L, (gi + 1) * q->L < q->C ? (gi + 1) * q->L : q->C, scales[gi]);
-        if (q->width > q->C) memset(q->codes + m * q->width + q->C, 0, (size_t)(q->width - q->C));
-    }
-}
-
-int dq_quantize_symmetric(const void *x, int64_t ldx, int32_t bf16, int64_t M, int64_t C, int64_t L,
-                          int64_t width, float qmin, float qmax, int8_t *codes, float *scales, int32_t threads) {
-    if (M < 0 || C <= 0 || L <= 0 || width < C || ldx < C || qmax <= 0) return -1;
-    Quant q = {x, ldx, bf16, M, C, L, width, qmin, qmax, codes, scales};
-    parallel(quantize_rows, &q, M * C >= (1 << 16) ? clamp_threads(threads) : 1);
-    return 0;
-}
+#include "dq_quantize.h"

@@ -278,8 +278,8 @@ class PackedWeight(nn.Module):
         b[:plan.k] = (codes.t().to(torch.int16) - self.offset).to(torch.int8)
         self._store_qparams(quantizer)
         self.register_buffer("segment_sums", self._sums(b) if with_sums else None)
-        keep_codes = backend is None or backend.prepare_free
-        self.fused = self._fused_kernels(backend, with_sums)
+        self.fused = self._fused_kernels(backend, with_sums, b[:plan.k_pad])
+        keep_codes = backend is None or backend.prepare_free or self.fused is not None
         self.nibbles = spec.bits <= 4 and keep_codes and self.fused is None
         if self.fused is not None:
             self.register_buffer("codes", self.fused.pack(b[:plan.k_pad], spec.bits))
@@ -287,12 +287,14 @@ class PackedWeight(nn.Module):
             self.register_buffer("codes", (pack_int4_halves(b) if self.nibbles else b) if keep_codes else None)
         self.prepared = None if keep_codes else backend.prepare_segments(b[:plan.k_pad], plan.length)
 
-    def _fused_kernels(self, backend: IntGemmBackend | None, with_sums: bool) -> FusedKernels | None:
+    def _fused_kernels(self, backend: IntGemmBackend | None, with_sums: bool, b: torch.Tensor) -> FusedKernels | None:
         """The backend's fused kernels where they take this weight: no zero point on either side."""
         fused = None if backend is None else backend.fused
         if fused is None or with_sums or self.zero_point is not None:
             return None
-        return fused if fused.supports(self.spec.bits, self.plan.length, self.plan.k_pad) else None
+        if not fused.supports(self.spec.bits, self.plan.length, self.plan.k_pad):
+            return None
+        return fused if fused.accepts(b, self.spec.bits) else None
 
     def _store_qparams(self, quantizer: WeightQuantizer) -> None:
         spec, n = quantizer.spec, self.out_features

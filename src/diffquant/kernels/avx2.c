@@ -1,0 +1,495 @@
+/* diffquant's own int8 kernels for x86 CPUs with AVX2 + FMA and no AVX-512 (most desktop and laptop CPUs): a
+ * group-wise integer GEMM with the per-group rescale fused into its inner loop, an exact int32 GEMM, and
+ * symmetric dynamic activation quantization. Built and loaded by kernels/avx2.py (ctypes); every function
+ * has a plain-torch oracle in the tests. One source, two builds:
+ *   maddubs  (-mavx2 -mfma): the products come from vpmaddubsw (u8 x s8 -> pairs summed in saturating int16)
+ *   dpbusd   (+ -mavxvnni, or -mavx512vnni -mavx512vl): AVX-VNNI's vpdpbusd on ymm registers (u8 x s8 ->
+ *            quads summed straight into int32), VEX-encoded on Intel client CPUs, EVEX on AVX-512 ones.
+ *
+ * Notation (as kernels/backend.py, kernels/segmented.py, vnni.c):
+ *   M rows (tokens), K = G*L reduction length cut into G groups of L (L % 4 == 0), N outputs,
+ *   NB = ceil(N/8) strips of 8 outputs (one ymm of int32), K4 = K/4, K8 = K/8.
+ *   a      int8  [M, lda]     signed activation codes (the first ka <= K columns are read, the rest are 0)
+ *   w      uint8 weight codes plus `offset`, in strips:
+ *            bytes:   [NB][K4][8][4]   byte = u(4q + j, 8s + c)                                  (K*NB*8 bytes)
+ *            nibbles: [NB][K8][8][4]   byte = u(8p + j, 8s + c) | u(8p + 4 + j, 8s + c) << 4     (half that)
+ *          offset: 8 for nibbles (<= 4-bit formats); for bytes 128 in the dpbusd build and 0 in the maddubs
+ *          build, whose byte codes must lie in [-127, 127] (below)
+ *   sa     f32 [M, G] activation scales (row stride sa_rs; 0 = one row shared by all)
+ *   sw     f32 [G, ldsw] weight scales, ldsw >= 8*NB (padded)
+ *   bias   f32 [N] or NULL
+ *   y      f32 [M, ldy], or bf16 [M, ldy] when out_bf16 (rounded to nearest even, as torch's .to(bfloat16)),
+ *          or int32 [M, ldy] (dq_int_gemm: G = 1, no scales)
+ *   y[m, n] = bias[n] + sum_g sa[m, g] * sw[g, n] * acc_g[m, n],  acc_g = sum_{k in g} a[m, k] * (u[k, n] - offset)
+ *
+ * Exact int32 sums without VNNI. vpmaddubsw multiplies unsigned by signed bytes and adds adjacent products in
+ * saturating int16, so each kind of weight takes the products whose pair sums cannot saturate:
+ *   nibbles (u = w + 8 in [0, 15]) x a in [-128, 127]: a pair is at most 2*15*128 = 3840, so the int16 sums
+ *     of `chunk` = 32767 / (2*15*max|a|) consecutive quads are exact (8 quads for 8-bit activations, all of
+ *     a 64-input group for 4-bit ones); vpmaddwd with ones then widens them into int32. Each group's int32
+ *     accumulator starts at -8 * sum_{k in g} a[m, k], as in vnni.c.
+ *   bytes (w in [-127, 127]) x a in [-128, 127]: sign transfer, |a| (u8, up to 128) times sign(a)*w (s8, in
+ *     [-127, 127]): a pair is at most 2*128*127 = 32512 < 32767, exact with no split into two GEMMs; |a| is
+ *     written beside a when A is packed, so the inner loop spends no instruction on it. A weight code of
+ *     -128 has no negation in int8: the fused path refuses such weights (kernels/avx2.py) and the plain
+ *     GEMM splits them off.
+ * Work items, the repacked A and the 4-bit weight panels (unpacked per item, L2-resident, so nibbles stay
+ * the resident form) are as in vnni.c. */
+
+#include <immintrin.h>
+
+#include "dq_runtime.h"
+
+#if defined(__AVXVNNI__)
+#define HAVE_DPBUSD 1
+#define DPBUSD(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define HAVE_DPBUSD 1
+#define DPBUSD(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
+#else
+#define HAVE_DPBUSD 0
+#endif
+
+#define MR 4                   /* rows per micro-tile */
+#define NR 2                   /* strips of 8 outputs per micro-tile: MR*NR int32 accumulators in ymm registers */
+#define STRIP_BYTES 32         /* one quad of K for one strip: 8 outputs x 4 codes */
+
+enum { DOT_SIGN, DOT_NIBBLE16, DOT_DPBUSD };
+enum { OUT_F32, OUT_BF16, OUT_I32 };
+
+typedef struct {
+    const int8_t *a; int64_t lda, ka;
+    const uint8_t *w; int32_t bits4; int32_t offset;
+    const float *sa; int64_t sa_rs;
+    const float *sw; int64_t ldsw;
+    const float *bias; void *y; int64_t ldy; int32_t out;
+    int64_t M, N, K, L;
+    int32_t mode;             /* DOT_*: how the products are summed */
+    int64_t arow;             /* bytes per row and quad in ap: 4 (a), or 8 (a, then |a|: DOT_SIGN) */
+    int8_t *ap;               /* a repacked per tile: [ceil(M/MR)][K4][MR][arow], rows past M zero */
+    int32_t *corr;            /* [M, G]: -offset * group sums of a (offset modes) */
+    int64_t chunk;            /* quads whose int16 sums are exact (DOT_NIBBLE16) */
+    int32_t amax[MAX_THREADS];/* max |a| seen by each thread while packing */
+    uint8_t *panels;          /* one unpacked NR-strip panel (K4 x 32 bytes per strip) per thread */
+    WorkPlan plan;
+} Gemm;
+
+static inline __m256i tail_mask(int64_t left) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int32_t)(left < 8 ? left : 8)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+static inline __m256 bf16_round_v(__m256 x) {
+    __m256i u = _mm256_castps_si256(x);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    u = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+    return _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int32_t)0xFFFF0000u)));
+}
+
+/* y[m, 8s : 8s + 8] = v (+ bias), in the output's dtype. */
+static inline void store8(const Gemm *g, int64_t m, int64_t s, __m256 v) {
+    const int64_t left = g->N - s * 8;
+    const __m256i mask = tail_mask(left);
+    if (g->bias) v = _mm256_add_ps(v, _mm256_maskload_ps(g->bias + s * 8, mask));
+    if (g->out == OUT_F32) {
+        _mm256_maskstore_ps((float *)g->y + m * g->ldy + s * 8, mask, v);
+        return;
+    }
+    __m256i u = _mm256_srli_epi32(_mm256_castps_si256(bf16_round_v(v)), 16);
+    u = _mm256_blendv_epi8(u, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+    uint16_t *dst = (uint16_t *)g->y + m * g->ldy + s * 8;
+    if (left >= 8) {
+        _mm_storeu_si128((__m128i *)dst, h);
+    } else {
+        uint16_t tmp[8];
+        _mm_storeu_si128((__m128i *)tmp, h);
+        memcpy(dst, tmp, (size_t)left * 2);
+    }
+}
+
+static inline void store8_int(const Gemm *g, int64_t m, int64_t s, __m256i v) {
+    _mm256_maskstore_epi32((int32_t *)g->y + m * g->ldy + s * 8, tail_mask(g->N - s * 8), v);
+}
+
+/* One quad of a full MR x NR = 4 x 2 micro-tile, scheduled by hand: gcc 12 hoists the four broadcasts of
+ * the intrinsics version ahead of their products and spills an accumulator to the stack (measured, one
+ * thread, 4096 x 4096 x 512: nibbles 76 -> 130 GMAC/s, sign transfer 68 -> 75). AT&T operand order:
+ * `op src2, src1, dst`. c: the 8 accumulators; a: the quad's MR rows in packed A; w0, w1: the two strips. */
+#define NIBBLE_ROW(r) \
+    "vpbroadcastd " #r "*4(%[a]), %[x]\n\t" \
+    "vpmaddubsw %[x], %[w0], %[t]\n\t"   /* pairs of (u = w + 8) * a, exact in int16 */ \
+    "vpaddw %[t], %[c" #r "0], %[c" #r "0]\n\t" \
+    "vpmaddubsw %[x], %[w1], %[t]\n\t" \
+    "vpaddw %[t], %[c" #r "1], %[c" #r "1]\n\t"
+#define SIGN_PRODUCT(r, v) \
+    "vpsignb %[x], %[w" #v "], %[t]\n\t"   /* t = w * sign(a) */ \
+    "vpmaddubsw %[t], %[ax], %[t]\n\t"     /* pairs of |a| * t: exact in int16 */ \
+    "vpmaddwd %[ones], %[t], %[t]\n\t" \
+    "vpaddd %[t], %[c" #r #v "], %[c" #r #v "]\n\t"
+#define SIGN_ROW(r) \
+    "vpbroadcastd " #r "*8(%[a]), %[x]\n\t" \
+    "vpbroadcastd " #r "*8+4(%[a]), %[ax]\n\t" \
+    SIGN_PRODUCT(r, 0) SIGN_PRODUCT(r, 1)
+#define TILE_ACCUMULATORS \
+    [c00] "+x"(c00), [c01] "+x"(c01), [c10] "+x"(c10), [c11] "+x"(c11), \
+    [c20] "+x"(c20), [c21] "+x"(c21), [c30] "+x"(c30), [c31] "+x"(c31)
+#define TILE_LOOP(...)                                                                                       \
+    __m256i c00 = c[0][0], c01 = c[0][1], c10 = c[1][0], c11 = c[1][1], c20 = c[2][0], c21 = c[2][1],         \
+            c30 = c[3][0], c31 = c[3][1];                                                                     \
+    for (int64_t q = q0; q < q1; q++) {                                                                       \
+        const uint8_t *b0 = pg + q * STRIP_BYTES, *b1 = b0 + strip;                                           \
+        __VA_ARGS__                                                                                           \
+    }                                                                                                         \
+    c[0][0] = c00; c[0][1] = c01; c[1][0] = c10; c[1][1] = c11; c[2][0] = c20; c[2][1] = c21; c[3][0] = c30; \
+    c[3][1] = c31;
+
+/* c += quads [q0, q1) of a full tile in int16 (DOT_NIBBLE16). pg: the group's panel, ag: its packed A. */
+static inline __attribute__((always_inline)) void nibble_loop(const uint8_t *pg, int64_t strip, const int8_t *ag,
+                                                              int64_t q0, int64_t q1, __m256i c[MR][NR]) {
+    TILE_LOOP(
+        __m256i w0, w1, x, t;
+        const int8_t *a = ag + q * MR * 4;
+        __asm__("vmovdqu %[m0], %[w0]\n\t"
+                "vmovdqu %[m1], %[w1]\n\t"
+                NIBBLE_ROW(0) NIBBLE_ROW(1) NIBBLE_ROW(2) NIBBLE_ROW(3)
+                : TILE_ACCUMULATORS, [w0] "=&x"(w0), [w1] "=&x"(w1), [x] "=&x"(x), [t] "=&x"(t)
+                : [m0] "m"(*(const __m256i *)b0), [m1] "m"(*(const __m256i *)b1), [a] "r"(a),
+                  "m"(*(const int8_t (*)[4 * MR])a));
+    )
+}
+
+/* c += quads [q0, q1) of a full tile by sign transfer (DOT_SIGN). */
+static inline __attribute__((always_inline)) void sign_loop(const uint8_t *pg, int64_t strip, const int8_t *ag,
+                                                            int64_t q0, int64_t q1, __m256i ones, __m256i c[MR][NR]) {
+    TILE_LOOP(
+        __m256i w0, w1, x, ax, t;
+        const int8_t *a = ag + q * MR * 8;
+        __asm__("vmovdqu %[m0], %[w0]\n\t"
+                "vmovdqu %[m1], %[w1]\n\t"
+                SIGN_ROW(0) SIGN_ROW(1) SIGN_ROW(2) SIGN_ROW(3)
+                : TILE_ACCUMULATORS, [w0] "=&x"(w0), [w1] "=&x"(w1), [x] "=&x"(x), [ax] "=&x"(ax), [t] "=&x"(t)
+                : [m0] "m"(*(const __m256i *)b0), [m1] "m"(*(const __m256i *)b1), [a] "r"(a), [ones] "x"(ones),
+                  "m"(*(const int8_t (*)[8 * MR])a));
+    )
+}
+
+/* a16[r][v] += the products of quads [q0, q1) of a micro-tile in int16 (DOT_NIBBLE16; exact while
+ * q1 - q0 <= chunk). ag: the group's packed A, pg: its panel. */
+static inline __attribute__((always_inline)) void dot16(const Gemm *g, const int mr, const int nr, const int8_t *ag,
+                                                        const uint8_t *pg, int64_t q0, int64_t q1, __m256i a16[MR][NR]) {
+    const int64_t strip = g->K / 4 * STRIP_BYTES;
+if (mr == MR && nr == NR) {
+        nibble_loop(pg, strip, ag, q0, q1, a16);
+        return;
+    }
+    for (int64_t q = q0; q < q1; q++) {
+        __m256i b[NR];
+        for (int v = 0; v < nr; v++) b[v] = _mm256_loadu_si256((const __m256i *)(pg + v * strip + q * STRIP_BYTES));
+        for (int r = 0; r < mr; r++) {
+            const __m256i x = _mm256_set1_epi32(load4(ag + (q * MR + r) * 4));
+            for (int v = 0; v < nr; v++) a16[r][v] = _mm256_add_epi16(a16[r][v], _mm256_maddubs_epi16(b[v], x));
+        }
+    }
+}
+
+/* acc[r][v] = the exact int32 sums of quads [0, quads) of a micro-tile. */
+static inline __attribute__((always_inline)) void dot(const Gemm *g, const int mr, const int nr, const int mode,
+                                                      const int8_t *ag, const uint8_t *pg, int64_t quads,
+                                                      __m256i acc[MR][NR]) {
+    const int64_t strip = g->K / 4 * STRIP_BYTES, arow = mode == DOT_SIGN ? 8 : 4;
+    const __m256i ones = _mm256_set1_epi16(1);
+    if (mode == DOT_NIBBLE16) {
+        /* One chunk (4-bit activations: a whole group): the int32 sums exist only after the loop, so the
+         * int16 ones have the registers to themselves. */
+        const int single = quads <= g->chunk;
+        for (int64_t c0 = 0; c0 < quads; c0 += g->chunk) {
+            __m256i a16[MR][NR];
+            for (int r = 0; r < mr; r++) for (int v = 0; v < nr; v++) a16[r][v] = _mm256_setzero_si256();
+            dot16(g, mr, nr, ag, pg, c0, c0 + g->chunk < quads ? c0 + g->chunk : quads, a16);
+            for (int r = 0; r < mr; r++)
+                for (int v = 0; v < nr; v++) {
+                    const __m256i wide = _mm256_madd_epi16(a16[r][v], ones);
+                    acc[r][v] = single || c0 == 0 ? wide : _mm256_add_epi32(acc[r][v], wide);
+                }
+        }
+        return;
+    }
+    for (int r = 0; r < mr; r++) for (int v = 0; v < nr; v++) acc[r][v] = _mm256_setzero_si256();
+#if !HAVE_DPBUSD
+    if (mr == MR && nr == NR) {
+        sign_loop(pg, strip, ag, 0, quads, ones, acc);
+        return;
+    }
+#endif
+    for (int64_t q = 0; q < quads; q++) {
+        __m256i b[NR];
+        for (int v = 0; v < nr; v++) b[v] = _mm256_loadu_si256((const __m256i *)(pg + v * strip + q * STRIP_BYTES));
+        for (int r = 0; r < mr; r++) {
+            const __m256i x = _mm256_set1_epi32(load4(ag + (q * MR + r) * arow));
+#if HAVE_DPBUSD
+            for (int v = 0; v < nr; v++) acc[r][v] = DPBUSD(acc[r][v], b[v], x);
+#else
+            const __m256i ax = _mm256_set1_epi32(load4(ag + (q * MR + r) * arow + 4));
+            for (int v = 0; v < nr; v++)
+                acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(b[v], x)), ones));
+#endif
+        }
+    }
+}
+
+/* One micro-tile: mr rows from m0 x nr strips from s0 over all of K. grouped = 0: one group (L = K), so no
+ * float accumulators stay live across the K loop. panel: nr strips of K4*32 bytes. */
+static inline __attribute__((always_inline)) void tile(const Gemm *g, const int mr, const int nr, const int mode,
+                                                       const int grouped, int64_t m0, int64_t s0, const uint8_t *panel) {
+    const int64_t G = grouped ? g->K / g->L : 1, groups = g->K / g->L, quads = (grouped ? g->L : g->K) / 4;
+    const int64_t arow = mode == DOT_SIGN ? 8 : 4;
+    __m256 yf[MR][NR];
+    for (int r = 0; r < MR; r++) for (int v = 0; v < NR; v++) yf[r][v] = _mm256_setzero_ps();
+    for (int64_t gi = 0; gi < G; gi++) {
+        __m256i acc[MR][NR];
+        dot(g, mr, nr, mode, g->ap + m0 * (g->K / 4) * arow + gi * quads * MR * arow, panel + gi * quads * STRIP_BYTES,
+            quads, acc);
+        for (int r = 0; r < mr && mode != DOT_SIGN; r++) {  /* the offset's correction */
+            const __m256i c = _mm256_set1_epi32(g->corr[(m0 + r) * groups + gi]);
+            for (int v = 0; v < nr; v++) acc[r][v] = _mm256_add_epi32(acc[r][v], c);
+        }
+        if (g->out == OUT_I32) {
+            for (int r = 0; r < mr; r++) for (int v = 0; v < nr; v++) store8_int(g, m0 + r, s0 + v, acc[r][v]);
+            return;
+        }
+        for (int r = 0; r < mr; r++) {
+            const __m256 s = _mm256_set1_ps(g->sa[(m0 + r) * g->sa_rs + gi]);
+            for (int v = 0; v < nr; v++) {
+                const __m256 w = _mm256_mul_ps(_mm256_loadu_ps(g->sw + gi * g->ldsw + (s0 + v) * 8), s);
+                yf[r][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][v]), w, yf[r][v]);
+            }
+        }
+    }
+    for (int v = 0; v < nr; v++)
+        for (int r = 0; r < mr; r++) store8(g, m0 + r, s0 + v, yf[r][v]);
+}
+
+/* Specialise tile() for every (mode, grouped, mr, nr) so the accumulators live in registers. */
+#define TILE_NR(mode, grouped, mr) \
+    if (nr == 1) tile(g, mr, 1, mode, grouped, m0, s0, panel); else tile(g, mr, 2, mode, grouped, m0, s0, panel)
+#define TILE_MR(mode, grouped) \
+    switch (mr) { case 1: TILE_NR(mode, grouped, 1); break; case 2: TILE_NR(mode, grouped, 2); break; \
+                  case 3: TILE_NR(mode, grouped, 3); break; default: TILE_NR(mode, grouped, 4); }
+#define TILE_GROUPED(mode) if (g->L < g->K) { TILE_MR(mode, 1) } else { TILE_MR(mode, 0) }
+
+static void tile_any(const Gemm *g, int mr, int nr, int64_t m0, int64_t s0, const uint8_t *panel) {
+#if HAVE_DPBUSD
+    TILE_GROUPED(DOT_DPBUSD)
+#else
+    if (g->mode == DOT_SIGN) { TILE_GROUPED(DOT_SIGN) } else { TILE_GROUPED(DOT_NIBBLE16) }
+#endif
+}
+
+/* The nr strips from s0 over all of K: a view of byte weights, or nibbles unpacked into `buf`. */
+static const uint8_t *panel_of(const Gemm *g, int64_t s0, int nr, uint8_t *buf) {
+    const int64_t k4 = g->K / 4, k8 = g->K / 8;
+    if (!g->bits4) return g->w + s0 * k4 * STRIP_BYTES;
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    for (int v = 0; v < nr; v++) {
+        const uint8_t *src = g->w + (s0 + v) * k8 * STRIP_BYTES;
+        uint8_t *dst = buf + v * k4 * STRIP_BYTES;
+        for (int64_t p = 0; p < k8; p++) {
+            const __m256i x = _mm256_loadu_si256((const __m256i *)(src + p * STRIP_BYTES));
+            _mm256_store_si256((__m256i *)(dst + 2 * p * STRIP_BYTES), _mm256_and_si256(x, low));
+            _mm256_store_si256((__m256i *)(dst + (2 * p + 1) * STRIP_BYTES), _mm256_and_si256(_mm256_srli_epi16(x, 4), low));
+        }
+    }
+    return buf;
+}
+
+/* One work item: an M block x a range of NR-strip blocks. */
+static void run_item(const Gemm *g, int64_t item, uint8_t *buf) {
+    const int64_t strips = (g->N + 7) / 8, blocks = (strips + NR - 1) / NR;
+    const int64_t mb = item / g->plan.nparts, part = item % g->plan.nparts;
+    const int64_t m_begin = mb * g->plan.mc, m_end = m_begin + g->plan.mc < g->M ? m_begin + g->plan.mc : g->M;
+    for (int64_t j = part * blocks / g->plan.nparts; j < (part + 1) * blocks / g->plan.nparts; j++) {
+        const int64_t s0 = j * NR;
+        const int nr = (int)(strips - s0 < NR ? strips - s0 : NR);
+        const uint8_t *panel = panel_of(g, s0, nr, buf);
+        for (int64_t m0 = m_begin; m0 < m_end; m0 += MR)
+            tile_any(g, (int)(m_end - m0 < MR ? m_end - m0 : MR), nr, m0, s0, panel);
+    }
+}
+
+static void gemm_items(void *ctx, int tid, int threads) {
+    Gemm *g = ctx;
+    (void)threads;
+    uint8_t *buf = g->bits4 ? g->panels + (size_t)tid * (size_t)(g->K / 4 * STRIP_BYTES * NR) : NULL;
+    const int64_t items = g->plan.mblocks * g->plan.nparts;
+    for (int64_t item = take_item(&g->plan); item < items; item = take_item(&g->plan)) run_item(g, item, buf);
+}
+
+/* -- packing A -------------------------------------------------------------------------------------------- */
+
+static int32_t byte_sum(const int8_t *p, int64_t n) {
+    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    __m256i acc = _mm256_setzero_si256();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32)
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, _mm256_loadu_si256((const __m256i *)(p + i))), ones16));
+    int32_t lanes[8], sum = 0;
+    _mm256_storeu_si256((__m256i *)lanes, acc);
+    for (int j = 0; j < 8; j++) sum += lanes[j];
+    for (; i < n; i++) sum += p[i];
+    return sum;
+}
+
+/* Row m of A into its tile (a, and |a| beside it for DOT_SIGN), columns ka..K-1 as 0; returns max |a|. */
+static int32_t pack_row(const Gemm *g, int64_t m, int8_t *dst) {
+    const int8_t *src = g->a + m * g->lda;
+    const int64_t stride = MR * g->arow;  /* bytes between consecutive quads of one row */
+    __m256i amax = _mm256_setzero_si256();
+    int64_t k = 0;
+    for (; k + 32 <= g->ka; k += 32) {
+        const __m256i x = _mm256_loadu_si256((const __m256i *)(src + k)), ax = _mm256_abs_epi8(x);
+        amax = _mm256_max_epu8(amax, ax);
+        int32_t xs[8], axs[8];
+        _mm256_storeu_si256((__m256i *)xs, x);
+        _mm256_storeu_si256((__m256i *)axs, ax);
+        for (int j = 0; j < 8; j++) {
+            memcpy(dst + (k / 4 + j) * stride, &xs[j], 4);
+            if (g->arow == 8) memcpy(dst + (k / 4 + j) * stride + 4, &axs[j], 4);
+        }
+    }
+    uint8_t lanes[32];
+    _mm256_storeu_si256((__m256i *)lanes, amax);
+    int32_t best = 0;
+    for (int j = 0; j < 32; j++) best = lanes[j] > best ? lanes[j] : best;
+    for (; k < g->K; k += 4) {  /* the tail, and the zero columns past ka */
+        int8_t x[4], ax[4];
+        for (int j = 0; j < 4; j++) {
+            x[j] = k + j < g->ka ? src[k + j] : 0;
+            const int32_t magnitude = x[j] < 0 ? -x[j] : x[j];
+            ax[j] = (int8_t)(uint8_t)magnitude;  /* |-128| = 128 as an unsigned byte */
+            best = magnitude > best ? magnitude : best;
+        }
+        memcpy(dst + k / 4 * stride, x, 4);
+        if (g->arow == 8) memcpy(dst + k / 4 * stride + 4, ax, 4);
+    }
+    return best;
+}
+
+/* Repack A so that a micro-tile's rows are one stream, and take the group sums of the offset modes. */
+static void pack_a(void *ctx, int tid, int threads) {
+    Gemm *g = ctx;
+    const int64_t G = g->K / g->L, tiles = (g->M + MR - 1) / MR, per = (tiles + threads - 1) / threads;
+    int32_t amax = 0;
+    for (int64_t tl = tid * per; tl < (tid + 1) * per && tl < tiles; tl++) {
+        int8_t *dst = g->ap + tl * MR * (g->K / 4) * g->arow;
+        for (int r = 0; r < MR; r++) {
+            const int64_t m = tl * MR + r;
+            if (m >= g->M) {
+                for (int64_t q = 0; q < g->K / 4; q++) memset(dst + (q * MR + r) * g->arow, 0, (size_t)g->arow);
+                continue;
+            }
+            const int32_t best = pack_row(g, m, dst + r * g->arow);
+            amax = best > amax ? best : amax;
+            for (int64_t gi = 0; gi < G && g->mode != DOT_SIGN; gi++) {
+                const int64_t k0 = gi * g->L, k1 = k0 + g->L < g->ka ? k0 + g->L : g->ka;
+                g->corr[m * G + gi] = k1 > k0 ? -g->offset * byte_sum(g->a + m * g->lda + k0, k1 - k0) : 0;
+            }
+        }
+    }
+    g->amax[tid] = amax;
+}
+
+static int32_t packed_amax(const Gemm *g, int threads) {
+    int32_t amax = 0;
+    for (int t = 0; t < threads; t++) amax = g->amax[t] > amax ? g->amax[t] : amax;
+    return amax;
+}
+
+/* Validate, pack A, run the items. Returns 0 on success, -1 on bad arguments or allocation failure. */
+static int run_gemm(Gemm *g, int32_t threads) {
+    if (g->M <= 0 || g->N <= 0 || g->L <= 0 || g->L % 4 || g->K % g->L || (g->bits4 && g->K % 8) || g->lda < g->ka ||
+        g->ka > g->K || g->ka < 0 || g->ldy < g->N)
+        return -1;
+    g->mode = HAVE_DPBUSD ? DOT_DPBUSD : g->bits4 ? DOT_NIBBLE16 : DOT_SIGN;
+    if (g->mode == DOT_SIGN ? g->offset != 0 : g->offset != (g->bits4 ? 8 : 128)) return -1;
+    g->arow = g->mode == DOT_SIGN ? 8 : 4;
+    const int t = clamp_threads(threads), packers = g->M >= 64 ? t : 1;
+    plan_work(&g->plan, g->M, g->K * g->arow / 4, ((g->N + 7) / 8 + NR - 1) / NR, t, MR);
+    g->corr = malloc(sizeof(int32_t) * (size_t)(g->M * (g->K / g->L)));
+    g->ap = malloc((size_t)((g->M + MR - 1) / MR * MR * (g->K / 4) * g->arow));
+    g->panels = g->bits4 ? aligned_alloc(32, (size_t)t * (size_t)(g->K / 4 * STRIP_BYTES * NR)) : NULL;
+    const int ok = g->corr && g->ap && (!g->bits4 || g->panels);
+    if (ok) {
+        parallel(pack_a, g, packers);
+        const int32_t amax = packed_amax(g, packers);
+        g->chunk = amax ? 32767 / (2 * 15 * amax) : g->K;  /* quads whose int16 pair sums stay exact */
+        parallel(gemm_items, g, t);
+    }
+    free(g->corr);
+    free(g->ap);
+    free(g->panels);
+    return ok ? 0 : -1;
+}
+
+int dq_gemm(const int8_t *a, int64_t lda, const uint8_t *w, int32_t bits4, int32_t offset, const float *sa,
+            int64_t sa_rs, const float *sw, int64_t ldsw, const float *bias, void *y, int64_t ldy, int32_t out_bf16,
+            int64_t M, int64_t N, int64_t K, int64_t L, int32_t threads) {
+    Gemm g = {.a = a, .lda = lda, .ka = K, .w = w, .bits4 = bits4, .offset = offset, .sa = sa, .sa_rs = sa_rs,
+              .sw = sw, .ldsw = ldsw, .bias = bias, .y = y, .ldy = ldy, .out = out_bf16 ? OUT_BF16 : OUT_F32,
+              .M = M, .N = N, .K = K, .L = L};
+    return run_gemm(&g, threads);
+}
+
+/* y int32 [M, ldy] = a[:, :ka] @ (u - offset), exactly (one group, no scales). */
+int dq_int_gemm(const int8_t *a, int64_t lda, int64_t ka, const uint8_t *w, int32_t bits4, int32_t offset,
+                int32_t *y, int64_t ldy, int64_t M, int64_t N, int64_t K, int32_t threads) {
+    Gemm g = {.a = a, .lda = lda, .ka = ka, .w = w, .bits4 = bits4, .offset = offset, .y = y, .ldy = ldy,
+              .out = OUT_I32, .M = M, .N = N, .K = K, .L = K};
+    return run_gemm(&g, threads);
+}
+
+/* -- symmetric dynamic activation quantization: the AVX2 half (notation: dq_runtime.h) -------------------- */
+
+static inline __m256 load_x(const Quant *q, int64_t m, int64_t k, int64_t left) {
+    if (q->bf16) {
+        const uint16_t *row = (const uint16_t *)q->x + m * q->ldx + k;
+        uint16_t tmp[8] = {0};
+        memcpy(tmp, row, (size_t)(left < 8 ? left : 8) * 2);
+        const __m128i h = _mm_loadu_si128((const __m128i *)tmp);
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    const float *row = (const float *)q->x + m * q->ldx + k;
+    return left >= 8 ? _mm256_loadu_ps(row) : _mm256_maskload_ps(row, tail_mask(left));
+}
+
+static float group_amax(const Quant *q, int64_t m, int64_t k0, int64_t k1) {
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    __m256 amax = _mm256_setzero_ps();
+    for (int64_t k = k0; k < k1; k += 8) amax = _mm256_max_ps(amax, _mm256_and_ps(load_x(q, m, k, k1 - k), magnitude));
+    float lanes[8], best = 0.0f;
+    _mm256_storeu_ps(lanes, amax);
+    for (int j = 0; j < 8; j++) best = lanes[j] > best ? lanes[j] : best;
+    return best;
+}
+
+static void quantize_group(const Quant *q, int64_t m, int64_t k0, int64_t k1, float scale) {
+    const __m256 s = _mm256_set1_ps(scale), lo = _mm256_set1_ps(q->qmin), hi = _mm256_set1_ps(q->qmax);
+    int8_t *out = q->codes + m * q->width;
+    for (int64_t k = k0; k < k1; k += 8) {
+        __m256 v = _mm256_div_ps(load_x(q, m, k, k1 - k), s);
+        if (q->bf16) v = bf16_round_v(v);
+        v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+        const __m256i i = _mm256_cvtps_epi32(v);
+        const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+        const __m128i i8 = _mm_packs_epi16(i16, i16);
+        if (k1 - k >= 8) {
+            _mm_storel_epi64((__m128i *)(out + k), i8);
+        } else {
+            int8_t tmp[16];
+            _mm_storeu_si128((__m128i *)tmp, i8);
+            memcpy(out + k, tmp, (size_t)(k1 - k));
+        }
+    }
+}
+
+#include "dq_quantize.h"
