@@ -38,4 +38,5 @@ def test_readme_main_job_runs(tmp_path):
                           text=True, timeout=600, cwd=ROOT, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| `fp` |" in done.stdout and "| `w8a8` |" in done.stdout
+    assert "frozen (packed kernels) vs FP" in done.stdout and "w8a8: smaller" in done.stdout
     assert (tmp_path / "demo" / "fmnist-dit-w8a8.json").is_file()

@@ -13,8 +13,9 @@ and every shipped zoo model (diffquant.zoo) at its own latent size, batch 2 x `-
 Quantized models: diffquant.quantize(model, preset) then diffquant.freeze(model), on the model cast to
 the machine's fastest float dtype first, so attention, norms and the layers a recipe keeps in full
 precision run in that dtype as in the bf16 baseline. Ratios are to the fastest float path of the
-machine (min of fp32 and bf16). A profile of the SD UNet step (time per module type, exclusive of child
-modules, and torch.profiler's top operators by self CPU time) shows where the time goes.
+machine (min of fp32 and bf16). Profiles of the SD UNet step in the fastest float dtype and quantized
+(time per module type, exclusive of child modules, and torch.profiler's top operators by self CPU time)
+show where the time goes.
 Every case runs under a time limit (harness.py); JSON + markdown go to --out.
 """
 
@@ -36,6 +37,7 @@ from harness import (
     CLOCKS,
     Skip,
     Timing,
+    beside,
     cpu_slug,
     guarded,
     load_average,
@@ -152,6 +154,11 @@ class Variant:
     dtype: torch.dtype
     recipe: str | None = None  # a diffquant preset, frozen after quantizing
 
+    @property
+    def profiled(self) -> bool:
+        """Profiled where a profile case runs: the fastest float path and the quantized variants."""
+        return self.recipe is not None or self.dtype == FAST
+
     def make(self, model: nn.Module) -> nn.Module:
         if self.dtype == torch.bfloat16 and not detect_cpu().native_bf16:
             raise Skip("bf16 is emulated on this CPU (0.15-0.2x fp32)")
@@ -259,7 +266,7 @@ class Bench:
             x = cast_inputs(inputs, variant.dtype)
             result = time_case(lambda: forward(model, x), None, 1.0, self.timing)
             kept["output"] = result.pop("output").float()
-            if case.name in self.profile_cases and variant.name in ("bf16", "diffquant W8A8"):
+            if case.name in self.profile_cases and variant.profiled:
                 self.profiles[f"{case.name} / {variant.name}"] = guarded(lambda: profile(model, x, self.timing.clock),
                                                                          self.timing.limit)
             return result
@@ -329,6 +336,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
                         help="thread: this thread's CPU time, for --threads 1 on a shared machine")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
+    parser.add_argument("--beside", type=int, default=0,
+                        help="other single-thread fp32 matmul processes running for the whole run (contention)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent, help="output folder")
     return parser.parse_args(argv)
 
@@ -346,9 +355,10 @@ def main(argv: list[str] | None = None) -> int:
     variants = [v for v in VARIANTS if args.variants is None or v.name in args.variants]
     bench = Bench(selected, Timing(args.runs, args.limit or (20 if args.quick else 180), args.clock),
                   ("tiny-unet", "sd15-unet"), variants)
-    info, command = {**machine(), "clock": args.clock}, " ".join(["python", *sys.argv])
-    bench.run()
-    info["load_average_at_end"] = load_average()
+    info, command = {**machine(), "clock": args.clock, "jobs_beside": args.beside}, " ".join(["python", *sys.argv])
+    with beside(args.beside):
+        bench.run()
+        info["load_average_at_end"] = load_average()
     add_ratios(bench.results)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"denoiser{'-quick' if args.quick else ''}-{cpu_slug()}{'-' + args.tag if args.tag else ''}"

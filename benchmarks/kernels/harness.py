@@ -7,6 +7,13 @@ several runs, measured in wall-clock time (the other threads of a multi-threaded
 
 Peak memory: the process's peak resident set (VmHWM) is reset before a case (/proc/self/clear_refs) and
 read after it; the figure is the peak above what was resident when the case started.
+
+Contention (`beside`): N other single-thread processes multiplying fp32 matrices for the whole run, the
+"one other job on the machine" a user's laptop or a shared server has; recorded with the results.
+
+Machine: the CPU, its dot-product flags, and the environment variables that restrict torch's, MKL's, oneDNN's
+and fbgemm's kernels to an instruction set (an AVX-512 machine standing in for an AVX2 one), so a table
+says which code paths its figures came from.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ import os
 import platform
 import re
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -173,12 +182,38 @@ def load_average() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else []
 
 
+ISA_ENVIRONMENT = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS",
+                   "DIFFQUANT_KERNEL_BACKEND")
+DOT_PRODUCT_FLAGS = ("avx2", "fma", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8")
+
+
 def machine() -> dict[str, Any]:
-    cpu = detect_cpu()
+    cpu, backend = detect_cpu(), active_backend()
     return {"cpu": cpu.model, "instruction_set": cpu.instruction_set, "cores": cpu.cores,
+            "cpu_flags": [f for f in DOT_PRODUCT_FLAGS if f in cpu.flags],
+            "isa_environment": {k: os.environ[k] for k in ISA_ENVIRONMENT if k in os.environ},
             "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
-            "kernel_backend": active_backend().name, "load_average_at_start": load_average(), "clock": "wall",
+            "kernel_backend": backend.name, "kernel_backend_details": backend.details(),
+            "load_average_at_start": load_average(), "clock": "wall",
             "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+BUSY_LOOP = "import torch\ntorch.set_num_threads(1)\na = torch.randn(1024, 1024)\nwhile True:\n    a @ a\n"
+
+
+@contextlib.contextmanager
+def beside(jobs: int) -> Iterator[None]:
+    """Run the block with `jobs` single-thread fp32 matmul loops in other processes (module docstring)."""
+    procs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for _ in range(jobs)]
+    try:
+        if procs:
+            time.sleep(3)  # past their imports: the contention is on when the first case starts
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 def cpu_slug() -> str:
@@ -194,5 +229,19 @@ def machine_lines(info: dict[str, Any], command: str) -> list[str]:
     return [f"`{command}`", "",
             f"CPU: {info['cpu']}, {info['instruction_set']}, {info['cores']} cores, {info['threads']} torch threads "
             f"(times in {clock}); "
-            f"torch {info['torch']}; diffquant kernel backend: {info['kernel_backend']}; {info['date']}; "
-            f"load average (1, 5, 15 min) at start {load}, at end {end}", ""]
+            f"torch {info['torch']}; diffquant kernel backend: {info['kernel_backend']}"
+            f"{' (' + info['kernel_backend_details'] + ')' if info.get('kernel_backend_details') else ''}; "
+            f"{info['date']}; load average (1, 5, 15 min) at start {load}, at end {end}", "",
+            *_conditions(info)]
+
+
+def _conditions(info: dict[str, Any]) -> list[str]:
+    lines = []
+    if info.get("cpu_flags"):
+        lines.append(f"CPU flags: {' '.join(info['cpu_flags'])}.")
+    if info.get("isa_environment"):
+        lines.append("Instruction sets restricted by " + ", ".join(f"`{k}={v}`" for k, v in info["isa_environment"].items())
+                     + ".")
+    if info.get("jobs_beside"):
+        lines.append(f"{info['jobs_beside']} other single-thread fp32 matmul process(es) ran beside the whole run.")
+    return [*lines, ""] if lines else []
