@@ -52,7 +52,8 @@
 
 #define MR 4                   /* rows per micro-tile */
 #define NR 2                   /* strips of 8 outputs per micro-tile: MR*NR int32 accumulators in ymm registers */
-#define STRIP_BYTES 32         /* one quad of K for one strip: 8 outputs x 4 codes */
+#define STRIP 8                /* outputs per strip: one ymm of int32 */
+#define QUAD_BYTES 32          /* one quad of K for one strip: 8 outputs x 4 codes */
 
 enum { DOT_SIGN, DOT_NIBBLE16, DOT_DPBUSD };
 enum { OUT_F32, OUT_BF16, OUT_I32 };
@@ -137,7 +138,7 @@ static inline void store8_int(const Gemm *g, int64_t m, int64_t s, __m256i v) {
     __m256i c00 = c[0][0], c01 = c[0][1], c10 = c[1][0], c11 = c[1][1], c20 = c[2][0], c21 = c[2][1],         \
             c30 = c[3][0], c31 = c[3][1];                                                                     \
     for (int64_t q = q0; q < q1; q++) {                                                                       \
-        const uint8_t *b0 = pg + q * STRIP_BYTES, *b1 = b0 + strip;                                           \
+        const uint8_t *b0 = pg + q * QUAD_BYTES, *b1 = b0 + strip;                                           \
         __VA_ARGS__                                                                                           \
     }                                                                                                         \
     c[0][0] = c00; c[0][1] = c01; c[1][0] = c10; c[1][1] = c11; c[2][0] = c20; c[2][1] = c21; c[3][0] = c30; \
@@ -177,14 +178,14 @@ static inline __attribute__((always_inline)) void sign_loop(const uint8_t *pg, i
  * q1 - q0 <= chunk). ag: the group's packed A, pg: its panel. */
 static inline __attribute__((always_inline)) void dot16(const Gemm *g, const int mr, const int nr, const int8_t *ag,
                                                         const uint8_t *pg, int64_t q0, int64_t q1, __m256i a16[MR][NR]) {
-    const int64_t strip = g->K / 4 * STRIP_BYTES;
+    const int64_t strip = g->K / 4 * QUAD_BYTES;
 if (mr == MR && nr == NR) {
         nibble_loop(pg, strip, ag, q0, q1, a16);
         return;
     }
     for (int64_t q = q0; q < q1; q++) {
         __m256i b[NR];
-        for (int v = 0; v < nr; v++) b[v] = _mm256_loadu_si256((const __m256i *)(pg + v * strip + q * STRIP_BYTES));
+        for (int v = 0; v < nr; v++) b[v] = _mm256_loadu_si256((const __m256i *)(pg + v * strip + q * QUAD_BYTES));
         for (int r = 0; r < mr; r++) {
             const __m256i x = _mm256_set1_epi32(load4(ag + (q * MR + r) * 4));
             for (int v = 0; v < nr; v++) a16[r][v] = _mm256_add_epi16(a16[r][v], _mm256_maddubs_epi16(b[v], x));
@@ -196,8 +197,9 @@ if (mr == MR && nr == NR) {
 static inline __attribute__((always_inline)) void dot(const Gemm *g, const int mr, const int nr, const int mode,
                                                       const int8_t *ag, const uint8_t *pg, int64_t quads,
                                                       __m256i acc[MR][NR]) {
-    const int64_t strip = g->K / 4 * STRIP_BYTES, arow = mode == DOT_SIGN ? 8 : 4;
+    const int64_t strip = g->K / 4 * QUAD_BYTES, arow = mode == DOT_SIGN ? 8 : 4;
     const __m256i ones = _mm256_set1_epi16(1);
+    for (int r = 0; r < mr; r++) for (int v = 0; v < nr; v++) acc[r][v] = _mm256_setzero_si256();
     if (mode == DOT_NIBBLE16) {
         /* One chunk (4-bit activations: a whole group): the int32 sums exist only after the loop, so the
          * int16 ones have the registers to themselves. */
@@ -214,7 +216,6 @@ static inline __attribute__((always_inline)) void dot(const Gemm *g, const int m
         }
         return;
     }
-    for (int r = 0; r < mr; r++) for (int v = 0; v < nr; v++) acc[r][v] = _mm256_setzero_si256();
 #if !HAVE_DPBUSD
     if (mr == MR && nr == NR) {
         sign_loop(pg, strip, ag, 0, quads, ones, acc);
@@ -223,7 +224,7 @@ static inline __attribute__((always_inline)) void dot(const Gemm *g, const int m
 #endif
     for (int64_t q = 0; q < quads; q++) {
         __m256i b[NR];
-        for (int v = 0; v < nr; v++) b[v] = _mm256_loadu_si256((const __m256i *)(pg + v * strip + q * STRIP_BYTES));
+        for (int v = 0; v < nr; v++) b[v] = _mm256_loadu_si256((const __m256i *)(pg + v * strip + q * QUAD_BYTES));
         for (int r = 0; r < mr; r++) {
             const __m256i x = _mm256_set1_epi32(load4(ag + (q * MR + r) * arow));
 #if HAVE_DPBUSD
@@ -247,7 +248,7 @@ static inline __attribute__((always_inline)) void tile(const Gemm *g, const int 
     for (int r = 0; r < MR; r++) for (int v = 0; v < NR; v++) yf[r][v] = _mm256_setzero_ps();
     for (int64_t gi = 0; gi < G; gi++) {
         __m256i acc[MR][NR];
-        dot(g, mr, nr, mode, g->ap + m0 * (g->K / 4) * arow + gi * quads * MR * arow, panel + gi * quads * STRIP_BYTES,
+        dot(g, mr, nr, mode, g->ap + m0 * (g->K / 4) * arow + gi * quads * MR * arow, panel + gi * quads * QUAD_BYTES,
             quads, acc);
         for (int r = 0; r < mr && mode != DOT_SIGN; r++) {  /* the offset's correction */
             const __m256i c = _mm256_set1_epi32(g->corr[(m0 + r) * groups + gi]);
@@ -288,41 +289,21 @@ static void tile_any(const Gemm *g, int mr, int nr, int64_t m0, int64_t s0, cons
 /* The nr strips from s0 over all of K: a view of byte weights, or nibbles unpacked into `buf`. */
 static const uint8_t *panel_of(const Gemm *g, int64_t s0, int nr, uint8_t *buf) {
     const int64_t k4 = g->K / 4, k8 = g->K / 8;
-    if (!g->bits4) return g->w + s0 * k4 * STRIP_BYTES;
+    if (!g->bits4) return g->w + s0 * k4 * QUAD_BYTES;
     const __m256i low = _mm256_set1_epi8(0x0F);
     for (int v = 0; v < nr; v++) {
-        const uint8_t *src = g->w + (s0 + v) * k8 * STRIP_BYTES;
-        uint8_t *dst = buf + v * k4 * STRIP_BYTES;
+        const uint8_t *src = g->w + (s0 + v) * k8 * QUAD_BYTES;
+        uint8_t *dst = buf + v * k4 * QUAD_BYTES;
         for (int64_t p = 0; p < k8; p++) {
-            const __m256i x = _mm256_loadu_si256((const __m256i *)(src + p * STRIP_BYTES));
-            _mm256_store_si256((__m256i *)(dst + 2 * p * STRIP_BYTES), _mm256_and_si256(x, low));
-            _mm256_store_si256((__m256i *)(dst + (2 * p + 1) * STRIP_BYTES), _mm256_and_si256(_mm256_srli_epi16(x, 4), low));
+            const __m256i x = _mm256_loadu_si256((const __m256i *)(src + p * QUAD_BYTES));
+            _mm256_store_si256((__m256i *)(dst + 2 * p * QUAD_BYTES), _mm256_and_si256(x, low));
+            _mm256_store_si256((__m256i *)(dst + (2 * p + 1) * QUAD_BYTES), _mm256_and_si256(_mm256_srli_epi16(x, 4), low));
         }
     }
     return buf;
 }
 
-/* One work item: an M block x a range of NR-strip blocks. */
-static void run_item(const Gemm *g, int64_t item, uint8_t *buf) {
-    const int64_t strips = (g->N + 7) / 8, blocks = (strips + NR - 1) / NR;
-    const int64_t mb = item / g->plan.nparts, part = item % g->plan.nparts;
-    const int64_t m_begin = mb * g->plan.mc, m_end = m_begin + g->plan.mc < g->M ? m_begin + g->plan.mc : g->M;
-    for (int64_t j = part * blocks / g->plan.nparts; j < (part + 1) * blocks / g->plan.nparts; j++) {
-        const int64_t s0 = j * NR;
-        const int nr = (int)(strips - s0 < NR ? strips - s0 : NR);
-        const uint8_t *panel = panel_of(g, s0, nr, buf);
-        for (int64_t m0 = m_begin; m0 < m_end; m0 += MR)
-            tile_any(g, (int)(m_end - m0 < MR ? m_end - m0 : MR), nr, m0, s0, panel);
-    }
-}
-
-static void gemm_items(void *ctx, int tid, int threads) {
-    Gemm *g = ctx;
-    (void)threads;
-    uint8_t *buf = g->bits4 ? g->panels + (size_t)tid * (size_t)(g->K / 4 * STRIP_BYTES * NR) : NULL;
-    const int64_t items = g->plan.mblocks * g->plan.nparts;
-    for (int64_t item = take_item(&g->plan); item < items; item = take_item(&g->plan)) run_item(g, item, buf);
-}
+#include "dq_items.h"
 
 /* -- packing A -------------------------------------------------------------------------------------------- */
 
@@ -416,7 +397,7 @@ static int run_gemm(Gemm *g, int32_t threads) {
     plan_work(&g->plan, g->M, g->K * g->arow / 4, ((g->N + 7) / 8 + NR - 1) / NR, t, MR);
     g->corr = malloc(sizeof(int32_t) * (size_t)(g->M * (g->K / g->L)));
     g->ap = malloc((size_t)((g->M + MR - 1) / MR * MR * (g->K / 4) * g->arow));
-    g->panels = g->bits4 ? aligned_alloc(32, (size_t)t * (size_t)(g->K / 4 * STRIP_BYTES * NR)) : NULL;
+    g->panels = g->bits4 ? aligned_alloc(32, (size_t)t * panel_bytes(g)) : NULL;
     const int ok = g->corr && g->ap && (!g->bits4 || g->panels);
     if (ok) {
         parallel(pack_a, g, packers);

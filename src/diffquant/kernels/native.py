@@ -3,7 +3,7 @@ their resident weight layout, and the fused-kernel interface they share (FusedKe
 
 Build: the system C compiler ($CC, default `cc`) compiles a source with its build's flags into
 $DIFFQUANT_CACHE_DIR/kernels (default ~/.cache/diffquant/kernels), keyed by a hash of the source, the
-headers it includes (dq_runtime.h, dq_quantize.h) and the flags, into a temporary file renamed into place
+headers it includes (dq_runtime.h, dq_items.h, dq_quantize.h) and the flags, into a temporary file renamed into place
 (concurrent builds never see half a file), then loads it with ctypes. First with OpenMP, so the kernels'
 threads are torch's own pool (dq_runtime.h, parallel()), then without it (pthreads). Without a compiler,
 or when every build fails, the library is a sentence saying why (logged, and shown by `diffquant kernels`)
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 HERE = Path(__file__).parent
-HEADERS = ("dq_runtime.h", "dq_quantize.h")
+HEADERS = ("dq_runtime.h", "dq_items.h", "dq_quantize.h")
 CACHE_ENV = "DIFFQUANT_CACHE_DIR"
 # Threads from torch's OpenMP pool; a compiler without OpenMP gets the pthread build.
 THREADING = (("openmp", ("-fopenmp",)), ("pthreads", ()))

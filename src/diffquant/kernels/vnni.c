@@ -30,6 +30,8 @@
 
 #define MR 4                   /* rows per micro-tile: MR*NR int32 + MR*NR float accumulators in zmm registers */
 #define NR 3                   /* strips of 16 outputs per micro-tile */
+#define STRIP 16               /* outputs per strip: one zmm of int32 */
+#define QUAD_BYTES 64          /* one quad of K for one strip: 16 outputs x 4 codes */
 
 typedef struct {
     const int8_t *a; int64_t lda;
@@ -69,7 +71,7 @@ static inline void store16(const Gemm *g, int64_t m, int64_t s, __m512 v) {
 /* One micro-tile: mr rows from m0 x nr strips from s0 over all of K. panel: nr strips of K/4*64 bytes. */
 static inline __attribute__((always_inline)) void tile(const Gemm *g, int mr, int nr, int64_t m0, int64_t s0,
                                                        const uint8_t *panel) {
-    const int64_t G = g->K / g->L, quads = g->L / 4, strip = g->K / 4 * 64;
+    const int64_t G = g->K / g->L, quads = g->L / 4, strip = g->K / 4 * QUAD_BYTES;
     __m512 yf[MR][NR];
     for (int r = 0; r < MR; r++) for (int v = 0; v < NR; v++) yf[r][v] = _mm512_setzero_ps();
     for (int64_t gi = 0; gi < G; gi++) {
@@ -79,10 +81,10 @@ static inline __attribute__((always_inline)) void tile(const Gemm *g, int mr, in
             for (int v = 0; v < nr; v++) acc[r][v] = c;
         }
         const int8_t *ag = g->ap + m0 * g->K + gi * g->L * MR;  /* m0 % MR == 0 */
-        const uint8_t *pg = panel + gi * quads * 64;
+        const uint8_t *pg = panel + gi * quads * QUAD_BYTES;
         for (int64_t q = 0; q < quads; q++) {
             __m512i b[NR];
-            for (int v = 0; v < nr; v++) b[v] = _mm512_loadu_si512(pg + v * strip + q * 64);
+            for (int v = 0; v < nr; v++) b[v] = _mm512_loadu_si512(pg + v * strip + q * QUAD_BYTES);
             for (int r = 0; r < mr; r++) {
                 __m512i x = _mm512_set1_epi32(load4(ag + (q * MR + r) * 4));
                 for (int v = 0; v < nr; v++) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], b[v], x);
@@ -113,33 +115,21 @@ static void tile_any(const Gemm *g, int mr, int nr, int64_t m0, int64_t s0, cons
  * (an L2-resident panel, so nibbles stay the resident form and unpacking costs one pass per M block). */
 static const uint8_t *panel_of(const Gemm *g, int64_t s0, int nr, uint8_t *buf) {
     const int64_t k4 = g->K / 4, k8 = g->K / 8;
-    if (!g->bits4) return g->w + s0 * k4 * 64;
+    if (!g->bits4) return g->w + s0 * k4 * QUAD_BYTES;
     const __m512i low = _mm512_set1_epi8(0x0F);
     for (int v = 0; v < nr; v++) {
-        const uint8_t *src = g->w + (s0 + v) * k8 * 64;
-        uint8_t *dst = buf + v * k4 * 64;
+        const uint8_t *src = g->w + (s0 + v) * k8 * QUAD_BYTES;
+        uint8_t *dst = buf + v * k4 * QUAD_BYTES;
         for (int64_t p = 0; p < k8; p++) {
-            __m512i x = _mm512_loadu_si512(src + p * 64);
-            _mm512_storeu_si512(dst + 2 * p * 64, _mm512_and_si512(x, low));
-            _mm512_storeu_si512(dst + (2 * p + 1) * 64, _mm512_and_si512(_mm512_srli_epi16(x, 4), low));
+            __m512i x = _mm512_loadu_si512(src + p * QUAD_BYTES);
+            _mm512_storeu_si512(dst + 2 * p * QUAD_BYTES, _mm512_and_si512(x, low));
+            _mm512_storeu_si512(dst + (2 * p + 1) * QUAD_BYTES, _mm512_and_si512(_mm512_srli_epi16(x, 4), low));
         }
     }
     return buf;
 }
 
-/* One work item: an M block x a range of NR-strip blocks. */
-static void run_item(const Gemm *g, int64_t item, uint8_t *buf) {
-    const int64_t strips = (g->N + 15) / 16, blocks = (strips + NR - 1) / NR;
-    const int64_t mb = item / g->plan.nparts, part = item % g->plan.nparts;
-    const int64_t m_begin = mb * g->plan.mc, m_end = m_begin + g->plan.mc < g->M ? m_begin + g->plan.mc : g->M;
-    for (int64_t j = part * blocks / g->plan.nparts; j < (part + 1) * blocks / g->plan.nparts; j++) {
-        const int64_t s0 = j * NR;
-        const int nr = (int)(strips - s0 < NR ? strips - s0 : NR);
-        const uint8_t *panel = panel_of(g, s0, nr, buf);
-        for (int64_t m0 = m_begin; m0 < m_end; m0 += MR)
-            tile_any(g, (int)(m_end - m0 < MR ? m_end - m0 : MR), nr, m0, s0, panel);
-    }
-}
+#include "dq_items.h"
 
 /* Repack A so that a micro-tile's rows are one stream (4 bytes of each of MR rows per K quad), and take
  * the group sums for the zero-point correction on the way. */
@@ -164,14 +154,6 @@ static void pack_a(void *ctx, int tid, int threads) {
     }
 }
 
-static void gemm_items(void *ctx, int tid, int threads) {
-    Gemm *g = ctx;
-    (void)threads;
-    uint8_t *buf = g->bits4 ? g->panels + (size_t)tid * (size_t)(g->K / 4 * 64 * NR) : NULL;
-    const int64_t items = g->plan.mblocks * g->plan.nparts;
-    for (int64_t item = take_item(&g->plan); item < items; item = take_item(&g->plan)) run_item(g, item, buf);
-}
-
 /* Returns 0 on success, -1 on bad arguments or allocation failure. */
 int dq_vnni_gemm(const int8_t *a, int64_t lda, const uint8_t *w, int32_t bits4, int32_t offset,
                  const float *sa, int64_t sa_rs, const float *sw, int64_t ldsw, const float *bias, void *y,
@@ -183,7 +165,7 @@ int dq_vnni_gemm(const int8_t *a, int64_t lda, const uint8_t *w, int32_t bits4, 
     plan_work(&g.plan, M, K, ((N + 15) / 16 + NR - 1) / NR, t, MR);
     g.corr = malloc(sizeof(int32_t) * (size_t)(M * (K / L)));
     g.ap = malloc((size_t)((M + MR - 1) / MR * MR * K));
-    g.panels = bits4 ? aligned_alloc(64, (size_t)t * (size_t)(K / 4 * 64 * NR)) : NULL;
+    g.panels = bits4 ? aligned_alloc(64, (size_t)t * panel_bytes(&g)) : NULL;
     if (g.corr && g.ap && (!bits4 || g.panels)) {
         parallel(pack_a, &g, M >= 64 ? t : 1);
         parallel(gemm_items, &g, t);
