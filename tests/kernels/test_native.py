@@ -53,6 +53,7 @@ CASES = [
     (33, 256, 70, 4, 64, 2),
     (7, 520, 33, 8, 520, 2),
     (70, 192, 100, 3, 64, 4),
+    (37, 384, 40, 8, 128, 2),  # avx2's sign transfer: two variant tables per group, three groups, tails
 ]
 
 

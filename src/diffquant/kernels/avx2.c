@@ -29,10 +29,14 @@
  *     a 64-input group for 4-bit ones); vpmaddwd with ones then widens them into int32. Each group's int32
  *     accumulator starts at -8 * sum_{k in g} a[m, k], as in vnni.c.
  *   bytes (w in [-127, 127]) x a in [-128, 127]: sign transfer, |a| (u8, up to 128) times sign(a)*w (s8, in
- *     [-127, 127]): a pair is at most 2*128*127 = 32512 < 32767, exact with no split into two GEMMs; |a| is
- *     written beside a when A is packed, so the inner loop spends no instruction on it. A weight code of
- *     -128 has no negation in int8: the fused path refuses such weights (kernels/avx2.py) and the plain
- *     GEMM splits them off.
+ *     [-127, 127]): a pair is at most 2*128*127 = 32512 < 32767, exact with no split into two GEMMs. The signs
+ *     of a quad's four activations are one of 16 patterns, so instead of negating weights per product
+ *     (vpsignb: a fourth instruction per 32 products, and the one that bound the loop) the kernel writes all
+ *     16 sign variants of a few quads of its weight strips into an L1-resident table (`variants`, KC quads
+ *     at a time) and each row reads the variant its pattern names: vpmaddubsw straight from memory, then
+ *     vpmaddwd and vpaddd. A is packed as |a| and the pattern's byte offset. A weight code of -128 has no
+ *     negation in int8: the fused path refuses such weights (kernels/avx2.py) and the plain GEMM splits
+ *     them off.
  * Work items, the repacked A and the 4-bit weight panels (unpacked per item, L2-resident, so nibbles stay
  * the resident form) are as in vnni.c. */
 
@@ -54,6 +58,9 @@
 #define NR 2                   /* strips of 8 outputs per micro-tile: MR*NR int32 accumulators in ymm registers */
 #define STRIP 8                /* outputs per strip: one ymm of int32 */
 #define QUAD_BYTES 32          /* one quad of K for one strip: 8 outputs x 4 codes */
+#define VARIANTS 16            /* sign patterns of a quad's four activations */
+#define VARIANT_BYTES (VARIANTS * QUAD_BYTES)  /* the 16 sign variants of one strip's quad */
+#define KC 16                  /* quads per variant table: NR x KC x 512 bytes = 16 KB, in L1 (8 KB: 81, 16: 85, 32: 80 GMAC/s) */
 
 enum { DOT_SIGN, DOT_NIBBLE16, DOT_DPBUSD };
 enum { OUT_F32, OUT_BF16, OUT_I32 };
@@ -66,12 +73,15 @@ typedef struct {
     const float *bias; void *y; int64_t ldy; int32_t out;
     int64_t M, N, K, L;
     int32_t mode;             /* DOT_*: how the products are summed */
-    int64_t arow;             /* bytes per row and quad in ap: 4 (a), or 8 (a, then |a|: DOT_SIGN) */
+    int64_t arow;             /* bytes per row and quad in ap: 4 (a), or 8 (|a|, then the uint16 byte offset of
+                                 its sign pattern's variant: DOT_SIGN) */
     int8_t *ap;               /* a repacked per tile: [ceil(M/MR)][K4][MR][arow], rows past M zero */
     int32_t *corr;            /* [M, G]: -offset * group sums of a (offset modes) */
     int64_t chunk;            /* quads whose int16 sums are exact (DOT_NIBBLE16) */
+    int64_t kc;               /* quads per variant table (DOT_SIGN): KC, or less where it must divide L/4 */
     int32_t amax[MAX_THREADS];/* max |a| seen by each thread while packing */
-    uint8_t *panels;          /* one unpacked NR-strip panel (K4 x 32 bytes per strip) per thread */
+    uint8_t *scratch;         /* per thread: an unpacked NR-strip panel (K4 x 32 bytes per strip, nibbles), or
+                                 the variant table and the M block's accumulators (DOT_SIGN) */
     WorkPlan plan;
 } Gemm;
 
@@ -112,66 +122,77 @@ static inline void store8_int(const Gemm *g, int64_t m, int64_t s, __m256i v) {
     _mm256_maskstore_epi32((int32_t *)g->y + m * g->ldy + s * 8, tail_mask(g->N - s * 8), v);
 }
 
+/* Where row r of micro-tile tl keeps quad q of packed A: tile-major [tile][K4][MR][4] in the offset modes (a
+ * micro-tile streams its rows over all of K), table-major [K4 / kc][tile][kc][MR][8] for DOT_SIGN (the pass
+ * of all of an M block's micro-tiles over one variant table reads one contiguous run; tile-major, each tile's
+ * part sat 2K bytes from the next and the W8A8 GEMM ran 25% slower). */
+static inline int8_t *a_slot(const Gemm *g, int64_t tl, int64_t q, int r) {
+    if (g->mode != DOT_SIGN) return g->ap + ((tl * (g->K / 4) + q) * MR + r) * 4;
+    const int64_t tiles = (g->M + MR - 1) / MR;
+    return g->ap + (((q / g->kc) * tiles + tl) * g->kc + q % g->kc) * MR * 8 + r * 8;
+}
+
+/* The byte offset of a packed row-quad's sign variant (DOT_SIGN: the uint16 after |a|). */
+static inline int64_t variant_offset(const int8_t *row) { uint16_t v; memcpy(&v, row + 4, 2); return v; }
+
 /* One quad of a full MR x NR = 4 x 2 micro-tile, scheduled by hand: gcc 12 hoists the four broadcasts of
  * the intrinsics version ahead of their products and spills an accumulator to the stack (measured, one
- * thread, 4096 x 4096 x 512: nibbles 76 -> 130 GMAC/s, sign transfer 68 -> 75). AT&T operand order:
- * `op src2, src1, dst`. c: the 8 accumulators; a: the quad's MR rows in packed A; w0, w1: the two strips. */
+ * thread, 4096 x 4096 x 512: nibbles 76 -> 130 GMAC/s). AT&T operand order: `op src2, src1, dst`. c: the 8
+ * accumulators; a: the quad's MR rows in packed A; w0, w1: the two strips; p0..p3: each row's variants. */
 #define NIBBLE_ROW(r) \
     "vpbroadcastd " #r "*4(%[a]), %[x]\n\t" \
     "vpmaddubsw %[x], %[w0], %[t]\n\t"   /* pairs of (u = w + 8) * a, exact in int16 */ \
     "vpaddw %[t], %[c" #r "0], %[c" #r "0]\n\t" \
     "vpmaddubsw %[x], %[w1], %[t]\n\t" \
     "vpaddw %[t], %[c" #r "1], %[c" #r "1]\n\t"
-#define SIGN_PRODUCT(r, v) \
-    "vpsignb %[x], %[w" #v "], %[t]\n\t"   /* t = w * sign(a) */ \
-    "vpmaddubsw %[t], %[ax], %[t]\n\t"     /* pairs of |a| * t: exact in int16 */ \
+#define VARIANT_PRODUCT(r, v) \
+    "vpmaddubsw " #v "*512(%[p" #r "]), %[ax], %[t]\n\t"   /* pairs of |a| * sign(a)w: exact in int16 */ \
     "vpmaddwd %[ones], %[t], %[t]\n\t" \
     "vpaddd %[t], %[c" #r #v "], %[c" #r #v "]\n\t"
-#define SIGN_ROW(r) \
-    "vpbroadcastd " #r "*8(%[a]), %[x]\n\t" \
-    "vpbroadcastd " #r "*8+4(%[a]), %[ax]\n\t" \
-    SIGN_PRODUCT(r, 0) SIGN_PRODUCT(r, 1)
+#define VARIANT_ROW(r) \
+    "vpbroadcastd " #r "*8(%[a]), %[ax]\n\t" VARIANT_PRODUCT(r, 0) VARIANT_PRODUCT(r, 1)
 #define TILE_ACCUMULATORS \
     [c00] "+x"(c00), [c01] "+x"(c01), [c10] "+x"(c10), [c11] "+x"(c11), \
     [c20] "+x"(c20), [c21] "+x"(c21), [c30] "+x"(c30), [c31] "+x"(c31)
-#define TILE_LOOP(...)                                                                                       \
-    __m256i c00 = c[0][0], c01 = c[0][1], c10 = c[1][0], c11 = c[1][1], c20 = c[2][0], c21 = c[2][1],         \
-            c30 = c[3][0], c31 = c[3][1];                                                                     \
-    for (int64_t q = q0; q < q1; q++) {                                                                       \
-        const uint8_t *b0 = pg + q * QUAD_BYTES, *b1 = b0 + strip;                                           \
-        __VA_ARGS__                                                                                           \
-    }                                                                                                         \
-    c[0][0] = c00; c[0][1] = c01; c[1][0] = c10; c[1][1] = c11; c[2][0] = c20; c[2][1] = c21; c[3][0] = c30; \
-    c[3][1] = c31;
-
 /* c += quads [q0, q1) of a full tile in int16 (DOT_NIBBLE16). pg: the group's panel, ag: its packed A. */
 static inline __attribute__((always_inline)) void nibble_loop(const uint8_t *pg, int64_t strip, const int8_t *ag,
                                                               int64_t q0, int64_t q1, __m256i c[MR][NR]) {
-    TILE_LOOP(
-        __m256i w0, w1, x, t;
+    __m256i c00 = c[0][0], c01 = c[0][1], c10 = c[1][0], c11 = c[1][1], c20 = c[2][0], c21 = c[2][1],
+            c30 = c[3][0], c31 = c[3][1];
+    for (int64_t q = q0; q < q1; q++) {
+        const uint8_t *b0 = pg + q * QUAD_BYTES, *b1 = b0 + strip;
         const int8_t *a = ag + q * MR * 4;
+        __m256i w0, w1, x, t;
         __asm__("vmovdqu %[m0], %[w0]\n\t"
                 "vmovdqu %[m1], %[w1]\n\t"
                 NIBBLE_ROW(0) NIBBLE_ROW(1) NIBBLE_ROW(2) NIBBLE_ROW(3)
                 : TILE_ACCUMULATORS, [w0] "=&x"(w0), [w1] "=&x"(w1), [x] "=&x"(x), [t] "=&x"(t)
                 : [m0] "m"(*(const __m256i *)b0), [m1] "m"(*(const __m256i *)b1), [a] "r"(a),
                   "m"(*(const int8_t (*)[4 * MR])a));
-    )
+    }
+    c[0][0] = c00; c[0][1] = c01; c[1][0] = c10; c[1][1] = c11; c[2][0] = c20; c[2][1] = c21; c[3][0] = c30;
+    c[3][1] = c31;
 }
 
-/* c += quads [q0, q1) of a full tile by sign transfer (DOT_SIGN). */
-static inline __attribute__((always_inline)) void sign_loop(const uint8_t *pg, int64_t strip, const int8_t *ag,
-                                                            int64_t q0, int64_t q1, __m256i ones, __m256i c[MR][NR]) {
-    TILE_LOOP(
-        __m256i w0, w1, x, ax, t;
+/* c += the kc quads of a full tile against a variant table (DOT_SIGN). a: the tile's packed A at the table's
+ * first quad: per row |a| and its pattern's byte offset in the quad's table entry. */
+static inline __attribute__((always_inline)) void variant_loop(const uint8_t *table, const int8_t *ag, int64_t kc,
+                                                               __m256i ones, __m256i c[MR][NR]) {
+    __m256i c00 = c[0][0], c01 = c[0][1], c10 = c[1][0], c11 = c[1][1], c20 = c[2][0], c21 = c[2][1],
+            c30 = c[3][0], c31 = c[3][1];
+    for (int64_t q = 0; q < kc; q++) {
         const int8_t *a = ag + q * MR * 8;
-        __asm__("vmovdqu %[m0], %[w0]\n\t"
-                "vmovdqu %[m1], %[w1]\n\t"
-                SIGN_ROW(0) SIGN_ROW(1) SIGN_ROW(2) SIGN_ROW(3)
-                : TILE_ACCUMULATORS, [w0] "=&x"(w0), [w1] "=&x"(w1), [x] "=&x"(x), [ax] "=&x"(ax), [t] "=&x"(t)
-                : [m0] "m"(*(const __m256i *)b0), [m1] "m"(*(const __m256i *)b1), [a] "r"(a), [ones] "x"(ones),
-                  "m"(*(const int8_t (*)[8 * MR])a));
-    )
+        const uint8_t *entry = table + q * NR * VARIANT_BYTES;
+        const uint8_t *p0 = entry + variant_offset(a), *p1 = entry + variant_offset(a + 8),
+                      *p2 = entry + variant_offset(a + 16), *p3 = entry + variant_offset(a + 24);
+        __m256i ax, t;
+        __asm__(VARIANT_ROW(0) VARIANT_ROW(1) VARIANT_ROW(2) VARIANT_ROW(3)
+                : TILE_ACCUMULATORS, [ax] "=&x"(ax), [t] "=&x"(t)
+                : [a] "r"(a), [p0] "r"(p0), [p1] "r"(p1), [p2] "r"(p2), [p3] "r"(p3), [ones] "x"(ones),
+                  "m"(*(const int8_t (*)[8 * MR])a), "m"(*(const uint8_t (*)[NR * VARIANT_BYTES])entry));
+    }
+    c[0][0] = c00; c[0][1] = c01; c[1][0] = c10; c[1][1] = c11; c[2][0] = c20; c[2][1] = c21; c[3][0] = c30;
+    c[3][1] = c31;
 }
 
 /* a16[r][v] += the products of quads [q0, q1) of a micro-tile in int16 (DOT_NIBBLE16; exact while
@@ -193,11 +214,11 @@ if (mr == MR && nr == NR) {
     }
 }
 
-/* acc[r][v] = the exact int32 sums of quads [0, quads) of a micro-tile. */
+/* acc[r][v] = the exact int32 sums of quads [0, quads) of a micro-tile (offset modes: without the offset's
+ * correction). */
 static inline __attribute__((always_inline)) void dot(const Gemm *g, const int mr, const int nr, const int mode,
                                                       const int8_t *ag, const uint8_t *pg, int64_t quads,
                                                       __m256i acc[MR][NR]) {
-    const int64_t strip = g->K / 4 * QUAD_BYTES, arow = mode == DOT_SIGN ? 8 : 4;
     const __m256i ones = _mm256_set1_epi16(1);
     for (int r = 0; r < mr; r++) for (int v = 0; v < nr; v++) acc[r][v] = _mm256_setzero_si256();
     if (mode == DOT_NIBBLE16) {
@@ -216,58 +237,55 @@ static inline __attribute__((always_inline)) void dot(const Gemm *g, const int m
         }
         return;
     }
-#if !HAVE_DPBUSD
-    if (mr == MR && nr == NR) {
-        sign_loop(pg, strip, ag, 0, quads, ones, acc);
-        return;
-    }
-#endif
+#if HAVE_DPBUSD
+    const int64_t strip = g->K / 4 * QUAD_BYTES;
     for (int64_t q = 0; q < quads; q++) {
         __m256i b[NR];
         for (int v = 0; v < nr; v++) b[v] = _mm256_loadu_si256((const __m256i *)(pg + v * strip + q * QUAD_BYTES));
         for (int r = 0; r < mr; r++) {
-            const __m256i x = _mm256_set1_epi32(load4(ag + (q * MR + r) * arow));
-#if HAVE_DPBUSD
+            const __m256i x = _mm256_set1_epi32(load4(ag + (q * MR + r) * 4));
             for (int v = 0; v < nr; v++) acc[r][v] = DPBUSD(acc[r][v], b[v], x);
-#else
-            const __m256i ax = _mm256_set1_epi32(load4(ag + (q * MR + r) * arow + 4));
-            for (int v = 0; v < nr; v++)
-                acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(b[v], x)), ones));
-#endif
         }
     }
+#endif
 }
 
-/* One micro-tile: mr rows from m0 x nr strips from s0 over all of K. grouped = 0: one group (L = K), so no
- * float accumulators stay live across the K loop. panel: nr strips of K4*32 bytes. */
+/* y[m0 + r, 8(s0 + v) ...] (+)= sa * sw * acc for group gi: the fold of a group's exact sums into the float
+ * accumulators yf, and the epilogue after the last group (or the int32 output, one group). */
+static inline __attribute__((always_inline)) void fold(const Gemm *g, const int mr, const int nr, int64_t m0, int64_t s0,
+                                                       int64_t gi, __m256i acc[MR][NR], __m256 yf[MR][NR]) {
+    if (g->out == OUT_I32) {
+        for (int r = 0; r < mr; r++) for (int v = 0; v < nr; v++) store8_int(g, m0 + r, s0 + v, acc[r][v]);
+        return;
+    }
+    for (int r = 0; r < mr; r++) {
+        const __m256 s = _mm256_set1_ps(g->sa[(m0 + r) * g->sa_rs + gi]);
+        for (int v = 0; v < nr; v++) {
+            const __m256 w = _mm256_mul_ps(_mm256_loadu_ps(g->sw + gi * g->ldsw + (s0 + v) * 8), s);
+            yf[r][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][v]), w, yf[r][v]);
+        }
+    }
+    if (gi + 1 < g->K / g->L) return;
+    for (int v = 0; v < nr; v++)
+        for (int r = 0; r < mr; r++) store8(g, m0 + r, s0 + v, yf[r][v]);
+}
+
+/* One micro-tile of an offset mode: mr rows from m0 x nr strips from s0 over all of K. grouped = 0: one
+ * group (L = K), so no float accumulators stay live across the K loop. panel: nr strips of K4*32 bytes. */
 static inline __attribute__((always_inline)) void tile(const Gemm *g, const int mr, const int nr, const int mode,
                                                        const int grouped, int64_t m0, int64_t s0, const uint8_t *panel) {
     const int64_t G = grouped ? g->K / g->L : 1, groups = g->K / g->L, quads = (grouped ? g->L : g->K) / 4;
-    const int64_t arow = mode == DOT_SIGN ? 8 : 4;
     __m256 yf[MR][NR];
     for (int r = 0; r < MR; r++) for (int v = 0; v < NR; v++) yf[r][v] = _mm256_setzero_ps();
     for (int64_t gi = 0; gi < G; gi++) {
         __m256i acc[MR][NR];
-        dot(g, mr, nr, mode, g->ap + m0 * (g->K / 4) * arow + gi * quads * MR * arow, panel + gi * quads * QUAD_BYTES,
-            quads, acc);
-        for (int r = 0; r < mr && mode != DOT_SIGN; r++) {  /* the offset's correction */
+        dot(g, mr, nr, mode, a_slot(g, m0 / MR, gi * quads, 0), panel + gi * quads * QUAD_BYTES, quads, acc);
+        for (int r = 0; r < mr; r++) {  /* the offset's correction */
             const __m256i c = _mm256_set1_epi32(g->corr[(m0 + r) * groups + gi]);
             for (int v = 0; v < nr; v++) acc[r][v] = _mm256_add_epi32(acc[r][v], c);
         }
-        if (g->out == OUT_I32) {
-            for (int r = 0; r < mr; r++) for (int v = 0; v < nr; v++) store8_int(g, m0 + r, s0 + v, acc[r][v]);
-            return;
-        }
-        for (int r = 0; r < mr; r++) {
-            const __m256 s = _mm256_set1_ps(g->sa[(m0 + r) * g->sa_rs + gi]);
-            for (int v = 0; v < nr; v++) {
-                const __m256 w = _mm256_mul_ps(_mm256_loadu_ps(g->sw + gi * g->ldsw + (s0 + v) * 8), s);
-                yf[r][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][v]), w, yf[r][v]);
-            }
-        }
+        fold(g, mr, nr, m0, s0, gi, acc, yf);
     }
-    for (int v = 0; v < nr; v++)
-        for (int r = 0; r < mr; r++) store8(g, m0 + r, s0 + v, yf[r][v]);
 }
 
 /* Specialise tile() for every (mode, grouped, mr, nr) so the accumulators live in registers. */
@@ -282,7 +300,7 @@ static void tile_any(const Gemm *g, int mr, int nr, int64_t m0, int64_t s0, cons
 #if HAVE_DPBUSD
     TILE_GROUPED(DOT_DPBUSD)
 #else
-    if (g->mode == DOT_SIGN) { TILE_GROUPED(DOT_SIGN) } else { TILE_GROUPED(DOT_NIBBLE16) }
+    TILE_GROUPED(DOT_NIBBLE16)
 #endif
 }
 
@@ -305,6 +323,110 @@ static const uint8_t *panel_of(const Gemm *g, int64_t s0, int nr, uint8_t *buf) 
 
 #include "dq_items.h"
 
+/* -- sign transfer by variant tables (DOT_SIGN) ------------------------------------------------------------ */
+
+/* The 16 sign variants of quads [q0, q0 + kc) of nr byte-weight strips: table[q][v][p] = w with byte j of each
+ * lane negated where bit j of p is set. */
+static void build_variants(const uint8_t *panel, int64_t strip, int nr, int64_t q0, int64_t kc, uint8_t *table) {
+    __m256i signs[VARIANTS];
+    for (int p = 0; p < VARIANTS; p++) {
+        uint32_t lane = 0;
+        for (int j = 0; j < 4; j++) lane |= (uint32_t)((p >> j) & 1 ? 0xFF : 0x01) << (8 * j);
+        signs[p] = _mm256_set1_epi32((int32_t)lane);
+    }
+    for (int64_t q = 0; q < kc; q++)
+        for (int v = 0; v < nr; v++) {
+            const __m256i w = _mm256_loadu_si256((const __m256i *)(panel + v * strip + (q0 + q) * QUAD_BYTES));
+            uint8_t *entry = table + (q * NR + v) * VARIANT_BYTES;
+            for (int p = 0; p < VARIANTS; p++)
+                _mm256_store_si256((__m256i *)(entry + p * QUAD_BYTES), _mm256_sign_epi8(w, signs[p]));
+        }
+}
+
+/* The kc quads from q0 of a micro-tile against the variant table. The int32 sums carry over in `sums` (this
+ * tile's part of the M block's accumulators, NR * 8 per row) from table to table; after the last table of
+ * group gi they are folded into the float ones (`floats`, likewise) or, after the last group, stored by
+ * the epilogue. */
+static inline __attribute__((always_inline)) void variant_tile(const Gemm *g, const int mr, const int nr, int64_t m0,
+                                                               int64_t s0, int64_t q0, const uint8_t *table,
+                                                               const int8_t *ag, int32_t *sums, float *floats) {
+    const int64_t lq = g->L / 4, gi = q0 / lq;
+    const int first = q0 % lq == 0, last = (q0 + g->kc) % lq == 0;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[MR][NR];
+    for (int r = 0; r < mr; r++)
+        for (int v = 0; v < nr; v++)
+            acc[r][v] = first ? _mm256_setzero_si256() : _mm256_load_si256((const __m256i *)(sums + (r * NR + v) * 8));
+    if (mr == MR && nr == NR) {
+        variant_loop(table, ag, g->kc, ones, acc);
+    } else {
+        for (int64_t q = 0; q < g->kc; q++)
+            for (int r = 0; r < mr; r++) {
+                const int8_t *a = ag + (q * MR + r) * 8;
+                const __m256i ax = _mm256_set1_epi32(load4(a));
+                const uint8_t *variant = table + q * NR * VARIANT_BYTES + variant_offset(a);
+                for (int v = 0; v < nr; v++) {
+                    const __m256i w = _mm256_load_si256((const __m256i *)(variant + v * VARIANT_BYTES));
+                    acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, w), ones));
+                }
+            }
+    }
+    if (!last) {
+        for (int r = 0; r < mr; r++)
+            for (int v = 0; v < nr; v++) _mm256_store_si256((__m256i *)(sums + (r * NR + v) * 8), acc[r][v]);
+        return;
+    }
+    __m256 yf[MR][NR];
+    for (int r = 0; r < mr; r++)
+        for (int v = 0; v < nr; v++) yf[r][v] = gi ? _mm256_load_ps(floats + (r * NR + v) * 8) : _mm256_setzero_ps();
+    fold(g, mr, nr, m0, s0, gi, acc, yf);
+    for (int r = 0; r < mr && gi + 1 < g->K / g->L; r++)
+        for (int v = 0; v < nr; v++) _mm256_store_ps(floats + (r * NR + v) * 8, yf[r][v]);
+}
+
+#define VARIANT_NR(mr) \
+    if (nr == 1) variant_tile(g, mr, 1, m0, s0, q0, table, ag, sums, floats); \
+    else variant_tile(g, mr, 2, m0, s0, q0, table, ag, sums, floats)
+
+static void variant_tile_any(const Gemm *g, int mr, int nr, int64_t m0, int64_t s0, int64_t q0, const uint8_t *table,
+                             const int8_t *ag, int32_t *sums, float *floats) {
+    switch (mr) { case 1: VARIANT_NR(1); break; case 2: VARIANT_NR(2); break; case 3: VARIANT_NR(3); break;
+                  default: VARIANT_NR(4); }
+}
+
+/* A thread's DOT_SIGN scratch: the variant table, then the M block's int32 and float accumulators. */
+static inline size_t variant_table_bytes(void) { return (size_t)(NR * KC * VARIANT_BYTES); }
+static inline size_t block_sums_bytes(const Gemm *g) { return (size_t)((g->plan.mc + MR) * NR * 8 * 4); }
+
+/* Rows [m_begin, m_end) x nr strips from s0 by sign transfer: for each table of kc quads, every micro-tile. */
+static void sign_block(const Gemm *g, int64_t m_begin, int64_t m_end, int64_t s0, int nr, uint8_t *scratch) {
+    const int64_t strip = g->K / 4 * QUAD_BYTES;
+    int32_t *sums = (int32_t *)(scratch + variant_table_bytes());
+    float *floats = (float *)(scratch + variant_table_bytes() + block_sums_bytes(g));
+    const int64_t full = nr == NR ? m_begin + (m_end - m_begin) / MR * MR : m_begin;  /* the MR x NR tiles end */
+    for (int64_t q0 = 0; q0 < g->K / 4; q0 += g->kc) {
+        build_variants(g->w + s0 * strip, strip, nr, q0, g->kc, scratch);
+        const int8_t *ag = a_slot(g, m_begin / MR, q0, 0);  /* the M block's run of this table's quads */
+        const int64_t tile_bytes = g->kc * MR * 8;
+        for (int64_t m0 = m_begin; m0 < full; m0 += MR, ag += tile_bytes)  /* specialised: no dispatch per tile */
+            variant_tile(g, MR, NR, m0, s0, q0, scratch, ag, sums + (m0 - m_begin) * NR * 8,
+                         floats + (m0 - m_begin) * NR * 8);
+        for (int64_t m0 = full; m0 < m_end; m0 += MR, ag += tile_bytes)
+            variant_tile_any(g, (int)(m_end - m0 < MR ? m_end - m0 : MR), nr, m0, s0, q0, scratch, ag,
+                             sums + (m0 - m_begin) * NR * 8, floats + (m0 - m_begin) * NR * 8);
+    }
+}
+
+static size_t scratch_bytes(const Gemm *g) {
+    if (g->mode == DOT_SIGN) return variant_table_bytes() + 2 * block_sums_bytes(g);
+    return g->bits4 ? panel_bytes(g) : 0;
+}
+
+static void strip_block(const Gemm *g, int64_t m_begin, int64_t m_end, int64_t s0, int nr, uint8_t *scratch) {
+    if (g->mode == DOT_SIGN) sign_block(g, m_begin, m_end, s0, nr, scratch);
+    else tiles(g, m_begin, m_end, s0, nr, panel_of(g, s0, nr, scratch));
+}
+
 /* -- packing A -------------------------------------------------------------------------------------------- */
 
 static int32_t byte_sum(const int8_t *p, int64_t n) {
@@ -320,22 +442,34 @@ static int32_t byte_sum(const int8_t *p, int64_t n) {
     return sum;
 }
 
-/* Row m of A into its tile (a, and |a| beside it for DOT_SIGN), columns ka..K-1 as 0; returns max |a|. */
-static int32_t pack_row(const Gemm *g, int64_t m, int8_t *dst) {
-    const int8_t *src = g->a + m * g->lda;
-    const int64_t stride = MR * g->arow;  /* bytes between consecutive quads of one row */
+/* The byte offset of the sign variant for a quad whose negative activations are the set bits of `pattern`. */
+static inline uint16_t pattern_offset(uint32_t pattern) { return (uint16_t)((pattern & 0xF) * QUAD_BYTES); }
+
+/* One packed row-quad: a (offset modes), or |a| and its sign variant's offset (DOT_SIGN). */
+static inline void put_quad(const Gemm *g, int8_t *dst, int32_t x, int32_t ax, uint32_t pattern) {
+    if (g->arow == 4) {
+        memcpy(dst, &x, 4);
+        return;
+    }
+    const uint16_t offset = pattern_offset(pattern), pad = 0;
+    memcpy(dst, &ax, 4);
+    memcpy(dst + 4, &offset, 2);
+    memcpy(dst + 6, &pad, 2);
+}
+
+/* Row r of micro-tile tl (row m of A) into packed A, columns ka..K-1 as 0; returns max |a|. */
+static int32_t pack_row(const Gemm *g, int64_t tl, int r) {
+    const int8_t *src = g->a + (tl * MR + r) * g->lda;
     __m256i amax = _mm256_setzero_si256();
     int64_t k = 0;
     for (; k + 32 <= g->ka; k += 32) {
         const __m256i x = _mm256_loadu_si256((const __m256i *)(src + k)), ax = _mm256_abs_epi8(x);
+        const uint32_t negative = (uint32_t)_mm256_movemask_epi8(x);  /* bit 4q + j: byte j of quad q is < 0 */
         amax = _mm256_max_epu8(amax, ax);
         int32_t xs[8], axs[8];
         _mm256_storeu_si256((__m256i *)xs, x);
         _mm256_storeu_si256((__m256i *)axs, ax);
-        for (int j = 0; j < 8; j++) {
-            memcpy(dst + (k / 4 + j) * stride, &xs[j], 4);
-            if (g->arow == 8) memcpy(dst + (k / 4 + j) * stride + 4, &axs[j], 4);
-        }
+        for (int j = 0; j < 8; j++) put_quad(g, a_slot(g, tl, k / 4 + j, r), xs[j], axs[j], negative >> (4 * j));
     }
     uint8_t lanes[32];
     _mm256_storeu_si256((__m256i *)lanes, amax);
@@ -343,14 +477,15 @@ static int32_t pack_row(const Gemm *g, int64_t m, int8_t *dst) {
     for (int j = 0; j < 32; j++) best = lanes[j] > best ? lanes[j] : best;
     for (; k < g->K; k += 4) {  /* the tail, and the zero columns past ka */
         int8_t x[4], ax[4];
+        uint32_t negative = 0;
         for (int j = 0; j < 4; j++) {
             x[j] = k + j < g->ka ? src[k + j] : 0;
             const int32_t magnitude = x[j] < 0 ? -x[j] : x[j];
             ax[j] = (int8_t)(uint8_t)magnitude;  /* |-128| = 128 as an unsigned byte */
+            negative |= (uint32_t)(x[j] < 0) << j;
             best = magnitude > best ? magnitude : best;
         }
-        memcpy(dst + k / 4 * stride, x, 4);
-        if (g->arow == 8) memcpy(dst + k / 4 * stride + 4, ax, 4);
+        put_quad(g, a_slot(g, tl, k / 4, r), load4(x), load4(ax), negative);
     }
     return best;
 }
@@ -361,14 +496,13 @@ static void pack_a(void *ctx, int tid, int threads) {
     const int64_t G = g->K / g->L, tiles = (g->M + MR - 1) / MR, per = (tiles + threads - 1) / threads;
     int32_t amax = 0;
     for (int64_t tl = tid * per; tl < (tid + 1) * per && tl < tiles; tl++) {
-        int8_t *dst = g->ap + tl * MR * (g->K / 4) * g->arow;
         for (int r = 0; r < MR; r++) {
             const int64_t m = tl * MR + r;
             if (m >= g->M) {
-                for (int64_t q = 0; q < g->K / 4; q++) memset(dst + (q * MR + r) * g->arow, 0, (size_t)g->arow);
+                for (int64_t q = 0; q < g->K / 4; q++) memset(a_slot(g, tl, q, r), 0, (size_t)g->arow);
                 continue;
             }
-            const int32_t best = pack_row(g, m, dst + r * g->arow);
+            const int32_t best = pack_row(g, tl, r);
             amax = best > amax ? best : amax;
             for (int64_t gi = 0; gi < G && g->mode != DOT_SIGN; gi++) {
                 const int64_t k0 = gi * g->L, k1 = k0 + g->L < g->ka ? k0 + g->L : g->ka;
@@ -395,10 +529,11 @@ static int run_gemm(Gemm *g, int32_t threads) {
     g->arow = g->mode == DOT_SIGN ? 8 : 4;
     const int t = clamp_threads(threads), packers = g->M >= 64 ? t : 1;
     plan_work(&g->plan, g->M, g->K * g->arow / 4, ((g->N + 7) / 8 + NR - 1) / NR, t, MR);
+    for (g->kc = KC; (g->L / 4) % g->kc; g->kc /= 2) {}  /* tables never straddle a group */
     g->corr = malloc(sizeof(int32_t) * (size_t)(g->M * (g->K / g->L)));
     g->ap = malloc((size_t)((g->M + MR - 1) / MR * MR * (g->K / 4) * g->arow));
-    g->panels = g->bits4 ? aligned_alloc(32, (size_t)t * panel_bytes(g)) : NULL;
-    const int ok = g->corr && g->ap && (!g->bits4 || g->panels);
+    g->scratch = scratch_bytes(g) ? aligned_alloc(32, (size_t)t * scratch_bytes(g)) : NULL;
+    const int ok = g->corr && g->ap && (!scratch_bytes(g) || g->scratch);
     if (ok) {
         parallel(pack_a, g, packers);
         const int32_t amax = packed_amax(g, packers);
@@ -407,7 +542,7 @@ static int run_gemm(Gemm *g, int32_t threads) {
     }
     free(g->corr);
     free(g->ap);
-    free(g->panels);
+    free(g->scratch);
     return ok ? 0 : -1;
 }
 

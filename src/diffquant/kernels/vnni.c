@@ -42,7 +42,7 @@ typedef struct {
     int64_t M, N, K, L;
     int8_t *ap;               /* a repacked per tile: [ceil(M/MR)][K/4][MR][4], rows past M zero */
     int32_t *corr;            /* [M, G]: -offset * group sums of a */
-    uint8_t *panels;          /* one unpacked NR-strip panel (K/4 x 64 bytes per strip) per thread */
+    uint8_t *scratch;         /* one unpacked NR-strip panel (K/4 x 64 bytes per strip) per thread */
     WorkPlan plan;            /* work items: M blocks x parts of N, taken as threads finish */
 } Gemm;
 
@@ -131,6 +131,12 @@ static const uint8_t *panel_of(const Gemm *g, int64_t s0, int nr, uint8_t *buf) 
 
 #include "dq_items.h"
 
+static size_t scratch_bytes(const Gemm *g) { return g->bits4 ? panel_bytes(g) : 0; }
+
+static void strip_block(const Gemm *g, int64_t m_begin, int64_t m_end, int64_t s0, int nr, uint8_t *scratch) {
+    tiles(g, m_begin, m_end, s0, nr, panel_of(g, s0, nr, scratch));
+}
+
 /* Repack A so that a micro-tile's rows are one stream (4 bytes of each of MR rows per K quad), and take
  * the group sums for the zero-point correction on the way. */
 static void pack_a(void *ctx, int tid, int threads) {
@@ -165,15 +171,15 @@ int dq_vnni_gemm(const int8_t *a, int64_t lda, const uint8_t *w, int32_t bits4, 
     plan_work(&g.plan, M, K, ((N + 15) / 16 + NR - 1) / NR, t, MR);
     g.corr = malloc(sizeof(int32_t) * (size_t)(M * (K / L)));
     g.ap = malloc((size_t)((M + MR - 1) / MR * MR * K));
-    g.panels = bits4 ? aligned_alloc(64, (size_t)t * panel_bytes(&g)) : NULL;
-    if (g.corr && g.ap && (!bits4 || g.panels)) {
+    g.scratch = bits4 ? aligned_alloc(64, (size_t)t * scratch_bytes(&g)) : NULL;
+    if (g.corr && g.ap && (!bits4 || g.scratch)) {
         parallel(pack_a, &g, M >= 64 ? t : 1);
         parallel(gemm_items, &g, t);
     }
-    const int status = g.corr && g.ap && (!bits4 || g.panels) ? 0 : -1;
+    const int status = g.corr && g.ap && (!bits4 || g.scratch) ? 0 : -1;
     free(g.corr);
     free(g.ap);
-    free(g.panels);
+    free(g.scratch);
     return status;
 }
 
