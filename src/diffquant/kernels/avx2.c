@@ -32,11 +32,12 @@
  *     [-127, 127]): a pair is at most 2*128*127 = 32512 < 32767, exact with no split into two GEMMs. The signs
  *     of a quad's four activations are one of 16 patterns, so instead of negating weights per product
  *     (vpsignb: a fourth instruction per 32 products, and the one that bound the loop) the kernel writes all
- *     16 sign variants of a few quads of its weight strips into an L1-resident table (`variants`, KC quads
- *     at a time) and each row reads the variant its pattern names: vpmaddubsw straight from memory, then
- *     vpmaddwd and vpaddd. A is packed as |a| and the pattern's byte offset. A weight code of -128 has no
- *     negation in int8: the fused path refuses such weights (kernels/avx2.py) and the plain GEMM splits
- *     them off.
+ *     16 sign variants of a few quads of its weight strips into an L1-resident table (build_variants, KC
+ *     quads at a time, shared by all micro-tiles of an M block) and each row reads the variant its pattern
+ *     names: vpmaddubsw straight from memory, then vpmaddwd and vpaddd (3 instructions per 32 products
+ *     instead of 4: W8A8 4096 x 4096 x 1024 at 2 threads 125 -> 96 ms). A is packed as |a| and the
+ *     pattern's byte offset. A weight code of -128 has no negation in int8: the fused path refuses such
+ *     weights (kernels/avx2.py) and the plain GEMM splits them off.
  * Work items, the repacked A and the 4-bit weight panels (unpacked per item, L2-resident, so nibbles stay
  * the resident form) are as in vnni.c. */
 
@@ -60,7 +61,8 @@
 #define QUAD_BYTES 32          /* one quad of K for one strip: 8 outputs x 4 codes */
 #define VARIANTS 16            /* sign patterns of a quad's four activations */
 #define VARIANT_BYTES (VARIANTS * QUAD_BYTES)  /* the 16 sign variants of one strip's quad */
-#define KC 16                  /* quads per variant table: NR x KC x 512 bytes = 16 KB, in L1 (8 KB: 81, 16: 85, 32: 80 GMAC/s) */
+#define KC 16                  /* quads per variant table: NR x KC x 512 bytes = 16 KB, in L1 (measured, one thread,
+                                  W8A8 512 x 4096 x 4096: KC 8: 81, 16: 85, 32: 80 GMAC/s) */
 
 enum { DOT_SIGN, DOT_NIBBLE16, DOT_DPBUSD };
 enum { OUT_F32, OUT_BF16, OUT_I32 };
@@ -75,10 +77,11 @@ typedef struct {
     int32_t mode;             /* DOT_*: how the products are summed */
     int64_t arow;             /* bytes per row and quad in ap: 4 (a), or 8 (|a|, then the uint16 byte offset of
                                  its sign pattern's variant: DOT_SIGN) */
-    int8_t *ap;               /* a repacked per tile: [ceil(M/MR)][K4][MR][arow], rows past M zero */
+    int8_t *ap;               /* a repacked (a_slot: per tile, or per variant table for DOT_SIGN), rows past M zero */
     int32_t *corr;            /* [M, G]: -offset * group sums of a (offset modes) */
     int64_t chunk;            /* quads whose int16 sums are exact (DOT_NIBBLE16) */
-    int64_t kc;               /* quads per variant table (DOT_SIGN): KC, or less where it must divide L/4 */
+    int64_t kc, kc_shift;     /* quads per variant table (DOT_SIGN): KC, or a smaller power of two dividing L/4;
+                                 kc == 1 << kc_shift (packing A divides by it once per quad) */
     int32_t amax[MAX_THREADS];/* max |a| seen by each thread while packing */
     uint8_t *scratch;         /* per thread: an unpacked NR-strip panel (K4 x 32 bytes per strip, nibbles), or
                                  the variant table and the M block's accumulators (DOT_SIGN) */
@@ -129,7 +132,7 @@ static inline void store8_int(const Gemm *g, int64_t m, int64_t s, __m256i v) {
 static inline int8_t *a_slot(const Gemm *g, int64_t tl, int64_t q, int r) {
     if (g->mode != DOT_SIGN) return g->ap + ((tl * (g->K / 4) + q) * MR + r) * 4;
     const int64_t tiles = (g->M + MR - 1) / MR;
-    return g->ap + (((q / g->kc) * tiles + tl) * g->kc + q % g->kc) * MR * 8 + r * 8;
+    return g->ap + ((((q >> g->kc_shift) * tiles + tl) << g->kc_shift) + (q & (g->kc - 1))) * MR * 8 + r * 8;
 }
 
 /* The byte offset of a packed row-quad's sign variant (DOT_SIGN: the uint16 after |a|). */
@@ -457,36 +460,90 @@ static inline void put_quad(const Gemm *g, int8_t *dst, int32_t x, int32_t ax, u
     memcpy(dst + 6, &pad, 2);
 }
 
-/* Row r of micro-tile tl (row m of A) into packed A, columns ka..K-1 as 0; returns max |a|. */
-static int32_t pack_row(const Gemm *g, int64_t tl, int r) {
-    const int8_t *src = g->a + (tl * MR + r) * g->lda;
+/* Quads [k/4, k/4 + 8) of the MR rows of micro-tile tl (x[r]: 32 bytes of row r; zero past M) into packed A
+ * in one 4 x 8 transpose: those quads of the tile are one contiguous run in both layouts (a_slot; DOT_SIGN
+ * needs kc >= 8). Unit = a row-quad: 32 bits (a), or 64 bits (|a|, offset) for DOT_SIGN. */
+static inline void pack_eight_quads(const Gemm *g, int64_t tl, int64_t k, const __m256i x[MR], __m256i *amax) {
+    __m256i unit[2][MR];  /* per row: units of quads 0, 1, 4, 5 | 2, 3, 6, 7 (64-bit), or all 8 (32-bit) */
+    for (int r = 0; r < MR; r++) {
+        const __m256i ax = _mm256_abs_epi8(x[r]);
+        *amax = _mm256_max_epu8(*amax, ax);
+        if (g->mode != DOT_SIGN) {
+            unit[0][r] = x[r];
+            continue;
+        }
+        const __m256i negative = _mm256_set1_epi32(_mm256_movemask_epi8(x[r]));  /* bit 4q + j: byte j of quad q < 0 */
+        const __m256i pattern = _mm256_and_si256(_mm256_srlv_epi32(negative, _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
+                                                 _mm256_set1_epi32(0xF));
+        const __m256i offset = _mm256_slli_epi32(pattern, 5);  /* * QUAD_BYTES */
+        unit[0][r] = _mm256_unpacklo_epi32(ax, offset);
+        unit[1][r] = _mm256_unpackhi_epi32(ax, offset);
+    }
+    int8_t *dst = a_slot(g, tl, k / 4, 0);
+    __m256i out[8];
+    if (g->mode == DOT_SIGN) {  /* 64-bit units: out[j] = quad j of rows 0..3 */
+        for (int h = 0; h < 2; h++) {
+            const __m256i lo01 = _mm256_unpacklo_epi64(unit[h][0], unit[h][1]), lo23 = _mm256_unpacklo_epi64(unit[h][2], unit[h][3]);
+            const __m256i hi01 = _mm256_unpackhi_epi64(unit[h][0], unit[h][1]), hi23 = _mm256_unpackhi_epi64(unit[h][2], unit[h][3]);
+            out[2 * h] = _mm256_permute2x128_si256(lo01, lo23, 0x20);
+            out[2 * h + 1] = _mm256_permute2x128_si256(hi01, hi23, 0x20);
+            out[2 * h + 4] = _mm256_permute2x128_si256(lo01, lo23, 0x31);
+            out[2 * h + 5] = _mm256_permute2x128_si256(hi01, hi23, 0x31);
+        }
+        for (int j = 0; j < 8; j++) _mm256_storeu_si256((__m256i *)(dst + j * MR * 8), out[j]);
+        return;
+    }
+    /* 32-bit units: out[j] = quads 2j, 2j + 1 of rows 0..3 */
+    const __m256i lo01 = _mm256_unpacklo_epi32(unit[0][0], unit[0][1]), lo23 = _mm256_unpacklo_epi32(unit[0][2], unit[0][3]);
+    const __m256i hi01 = _mm256_unpackhi_epi32(unit[0][0], unit[0][1]), hi23 = _mm256_unpackhi_epi32(unit[0][2], unit[0][3]);
+    const __m256i q04 = _mm256_unpacklo_epi64(lo01, lo23), q15 = _mm256_unpackhi_epi64(lo01, lo23);
+    const __m256i q26 = _mm256_unpacklo_epi64(hi01, hi23), q37 = _mm256_unpackhi_epi64(hi01, hi23);
+    out[0] = _mm256_permute2x128_si256(q04, q15, 0x20);
+    out[1] = _mm256_permute2x128_si256(q26, q37, 0x20);
+    out[2] = _mm256_permute2x128_si256(q04, q15, 0x31);
+    out[3] = _mm256_permute2x128_si256(q26, q37, 0x31);
+    for (int j = 0; j < 4; j++) _mm256_storeu_si256((__m256i *)(dst + j * 32), out[j]);
+}
+
+/* Quad k/4 of row r of micro-tile tl, one byte at a time (the tail past the last whole 32 columns, and the
+ * zero columns past ka); returns max |a| of the quad. */
+static int32_t pack_quad(const Gemm *g, int64_t tl, int r, int64_t k) {
+    const int64_t m = tl * MR + r;
+    int8_t x[4], ax[4];
+    uint32_t negative = 0;
+    int32_t best = 0;
+    for (int j = 0; j < 4; j++) {
+        x[j] = m < g->M && k + j < g->ka ? g->a[m * g->lda + k + j] : 0;
+        const int32_t magnitude = x[j] < 0 ? -x[j] : x[j];
+        ax[j] = (int8_t)(uint8_t)magnitude;  /* |-128| = 128 as an unsigned byte */
+        negative |= (uint32_t)(x[j] < 0) << j;
+        best = magnitude > best ? magnitude : best;
+    }
+    put_quad(g, a_slot(g, tl, k / 4, r), load4(x), load4(ax), negative);
+    return best;
+}
+
+/* Micro-tile tl of A into packed A, columns ka..K-1 and rows past M as 0; returns max |a|. */
+static int32_t pack_tile(const Gemm *g, int64_t tl) {
     __m256i amax = _mm256_setzero_si256();
     int64_t k = 0;
-    for (; k + 32 <= g->ka; k += 32) {
-        const __m256i x = _mm256_loadu_si256((const __m256i *)(src + k)), ax = _mm256_abs_epi8(x);
-        const uint32_t negative = (uint32_t)_mm256_movemask_epi8(x);  /* bit 4q + j: byte j of quad q is < 0 */
-        amax = _mm256_max_epu8(amax, ax);
-        int32_t xs[8], axs[8];
-        _mm256_storeu_si256((__m256i *)xs, x);
-        _mm256_storeu_si256((__m256i *)axs, ax);
-        for (int j = 0; j < 8; j++) put_quad(g, a_slot(g, tl, k / 4 + j, r), xs[j], axs[j], negative >> (4 * j));
-    }
+    if (g->mode != DOT_SIGN || g->kc % 8 == 0)
+        for (; k + 32 <= g->ka; k += 32) {
+            __m256i x[MR];
+            for (int r = 0; r < MR; r++)
+                x[r] = tl * MR + r < g->M ? _mm256_loadu_si256((const __m256i *)(g->a + (tl * MR + r) * g->lda + k))
+                                          : _mm256_setzero_si256();
+            pack_eight_quads(g, tl, k, x, &amax);
+        }
     uint8_t lanes[32];
     _mm256_storeu_si256((__m256i *)lanes, amax);
     int32_t best = 0;
     for (int j = 0; j < 32; j++) best = lanes[j] > best ? lanes[j] : best;
-    for (; k < g->K; k += 4) {  /* the tail, and the zero columns past ka */
-        int8_t x[4], ax[4];
-        uint32_t negative = 0;
-        for (int j = 0; j < 4; j++) {
-            x[j] = k + j < g->ka ? src[k + j] : 0;
-            const int32_t magnitude = x[j] < 0 ? -x[j] : x[j];
-            ax[j] = (int8_t)(uint8_t)magnitude;  /* |-128| = 128 as an unsigned byte */
-            negative |= (uint32_t)(x[j] < 0) << j;
-            best = magnitude > best ? magnitude : best;
+    for (; k < g->K; k += 4)
+        for (int r = 0; r < MR; r++) {
+            const int32_t quad = pack_quad(g, tl, r, k);
+            best = quad > best ? quad : best;
         }
-        put_quad(g, a_slot(g, tl, k / 4, r), load4(x), load4(ax), negative);
-    }
     return best;
 }
 
@@ -496,19 +553,13 @@ static void pack_a(void *ctx, int tid, int threads) {
     const int64_t G = g->K / g->L, tiles = (g->M + MR - 1) / MR, per = (tiles + threads - 1) / threads;
     int32_t amax = 0;
     for (int64_t tl = tid * per; tl < (tid + 1) * per && tl < tiles; tl++) {
-        for (int r = 0; r < MR; r++) {
-            const int64_t m = tl * MR + r;
-            if (m >= g->M) {
-                for (int64_t q = 0; q < g->K / 4; q++) memset(a_slot(g, tl, q, r), 0, (size_t)g->arow);
-                continue;
-            }
-            const int32_t best = pack_row(g, tl, r);
-            amax = best > amax ? best : amax;
-            for (int64_t gi = 0; gi < G && g->mode != DOT_SIGN; gi++) {
+        const int32_t best = pack_tile(g, tl);
+        amax = best > amax ? best : amax;
+        for (int64_t m = tl * MR; m < (tl + 1) * MR && m < g->M && g->mode != DOT_SIGN; m++)
+            for (int64_t gi = 0; gi < G; gi++) {
                 const int64_t k0 = gi * g->L, k1 = k0 + g->L < g->ka ? k0 + g->L : g->ka;
                 g->corr[m * G + gi] = k1 > k0 ? -g->offset * byte_sum(g->a + m * g->lda + k0, k1 - k0) : 0;
             }
-        }
     }
     g->amax[tid] = amax;
 }
@@ -529,7 +580,8 @@ static int run_gemm(Gemm *g, int32_t threads) {
     g->arow = g->mode == DOT_SIGN ? 8 : 4;
     const int t = clamp_threads(threads), packers = g->M >= 64 ? t : 1;
     plan_work(&g->plan, g->M, g->K * g->arow / 4, ((g->N + 7) / 8 + NR - 1) / NR, t, MR);
-    for (g->kc = KC; (g->L / 4) % g->kc; g->kc /= 2) {}  /* tables never straddle a group */
+    for (g->kc = KC, g->kc_shift = 0; 1 << g->kc_shift < KC; g->kc_shift++) {}
+    for (; (g->L / 4) % g->kc; g->kc /= 2, g->kc_shift--) {}  /* tables never straddle a group */
     g->corr = malloc(sizeof(int32_t) * (size_t)(g->M * (g->K / g->L)));
     g->ap = malloc((size_t)((g->M + MR - 1) / MR * MR * (g->K / 4) * g->arow));
     g->scratch = scratch_bytes(g) ? aligned_alloc(32, (size_t)t * scratch_bytes(g)) : NULL;

@@ -4,8 +4,8 @@ rescale, bias and output cast fused in, an exact int32 GEMM, and symmetric dynam
 Backends (kernels/backend.py; both prefer no split, no copy and no float pass per segment):
     avx2      AVX2 + FMA (every x86 CPU since Haswell / Zen 1). Products from vpmaddubsw: <= 4-bit weights
               as unsigned nibbles with int16 sums of as many quads as cannot saturate; 8-bit weights by sign
-              transfer, |a| x sign(a)*w, exact in one GEMM (avx2.c says why). Chosen on AVX2 CPUs without
-              AVX-VNNI.
+              transfer, |a| x sign(a)*w, exact in one GEMM, with sign(a)*w read from small tables of each
+              weight quad's 16 sign variants (avx2.c says why). Chosen on AVX2 CPUs without AVX-VNNI.
     avx_vnni  The same kernels with vpdpbusd on ymm registers: VEX-encoded on CPUs with AVX-VNNI (flag
               `avx_vnni`: Intel client cores since Alder Lake, AMD Zen 5), chosen there. AVX-512 VNNI CPUs
               can run the EVEX encoding of the same instruction; there `vnni` (zmm) wins the selection, and
@@ -161,7 +161,7 @@ class Avx2Backend(Avx2Family):
     required = frozenset({"avx2", "fma"})
     fused = NativeFusedKernels("avx2", NativeLibrary("avx2.c", AVX2_FLAGS, SIGNATURES), "dq_gemm", STRIP,
                                sign_transfer_offset)
-    dot_product = "vpmaddubsw, sign transfer"
+    dot_product = "vpmaddubsw, sign transfer by variant tables"
 
 
 def _dpbusd_encoding(cpu: CpuFeatures) -> tuple[str, ...]:
