@@ -171,6 +171,26 @@ def test_the_epilogue_adds_the_bias_and_rounds_once_like_torch(name, case, out_d
 
 
 @native_kernels
+@pytest.mark.parametrize("case", CASES[:4], ids=case_id)
+def test_the_epilogue_adds_an_addend_before_the_bias(name, case, threads):
+    """A low-rank branch's output joins the epilogue: (acc * scale + addend) + bias in float32, exactly as
+    torch orders it; a strided addend (a column slice) is read with its row stride."""
+    m, k, n, bits, _, t = case
+    threads(t)
+    g = torch.Generator().manual_seed(15)
+    a, b = codes((m, k), 8, seed=16), weights(name, (k, n), bits, seed=17)
+    b_scales, bias = torch.rand(1, n, generator=g) + 0.1, torch.randn(n, generator=g)
+    addend = torch.randn(m, n + 3, generator=g)[:, 1:n + 1]
+    acc = reference_segment_accumulations(a, b, k)[0].float()
+    y = fused(name).matmul(a, fused(name).pack(b, bits), n, bits, k, torch.ones(m, 1), b_scales, bias,
+                           torch.float32, addend)
+    assert torch.equal(y, (acc * b_scales + addend) + bias)
+    with pytest.raises(ValueError, match="addend"):
+        fused(name).matmul(a, fused(name).pack(b, bits), n, bits, k, torch.ones(m, 1), b_scales, bias,
+                           torch.float32, addend.bfloat16())
+
+
+@native_kernels
 def test_fused_matmul_rejects_segments_it_cannot_cut(name):
     f = fused(name)
     a, b = codes((2, 12), 8, seed=7), weights(name, (12, 3), 8, seed=8)

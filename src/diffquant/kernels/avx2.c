@@ -18,9 +18,11 @@
  *   sa     f32 [M, G] activation scales (row stride sa_rs; 0 = one row shared by all)
  *   sw     f32 [G, ldsw] weight scales, ldsw >= 8*NB (padded)
  *   bias   f32 [N] or NULL
+ *   addend f32 [M, ld_addend] or NULL (a low-rank branch's output, added in the epilogue)
  *   y      f32 [M, ldy], or bf16 [M, ldy] when out_bf16 (rounded to nearest even, as torch's .to(bfloat16)),
  *          or int32 [M, ldy] (dq_int_gemm: G = 1, no scales)
- *   y[m, n] = bias[n] + sum_g sa[m, g] * sw[g, n] * acc_g[m, n],  acc_g = sum_{k in g} a[m, k] * (u[k, n] - offset)
+ *   y[m, n] = sum_g sa[m, g] * sw[g, n] * acc_g[m, n] + addend[m, n] + bias[n],
+ *             acc_g = sum_{k in g} a[m, k] * (u[k, n] - offset)
  *
  * Exact int32 sums without VNNI. vpmaddubsw multiplies unsigned by signed bytes and adds adjacent products in
  * saturating int16, so each kind of weight takes the products whose pair sums cannot saturate:
@@ -72,7 +74,7 @@ typedef struct {
     const uint8_t *w; int32_t bits4; int32_t offset;
     const float *sa; int64_t sa_rs;
     const float *sw; int64_t ldsw;
-    const float *bias; void *y; int64_t ldy; int32_t out;
+    const float *bias; const float *addend; int64_t ld_addend; void *y; int64_t ldy; int32_t out;
     int64_t M, N, K, L;
     int32_t mode;             /* DOT_*: how the products are summed */
     int64_t arow;             /* bytes per row and quad in ap: 4 (a), or 8 (|a|, then the uint16 byte offset of
@@ -99,13 +101,21 @@ static inline __m256 bf16_round_v(__m256 x) {
     return _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int32_t)0xFFFF0000u)));
 }
 
-/* y[m, 8s : 8s + 8] = v (+ bias), in the output's dtype. */
+/* Full strips use plain loads and stores: AMD's vmaskmov stores are microcoded (~10x slower), so the masked
+ * forms serve the last, partial strip only. */
+static inline __m256 load8(const float *p, int64_t left) {
+    return left >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, tail_mask(left));
+}
+
+/* y[m, 8s : 8s + 8] = v (+ addend, + bias), in the output's dtype. */
 static inline void store8(const Gemm *g, int64_t m, int64_t s, __m256 v) {
     const int64_t left = g->N - s * 8;
-    const __m256i mask = tail_mask(left);
-    if (g->bias) v = _mm256_add_ps(v, _mm256_maskload_ps(g->bias + s * 8, mask));
+    if (g->addend) v = _mm256_add_ps(v, load8(g->addend + m * g->ld_addend + s * 8, left));
+    if (g->bias) v = _mm256_add_ps(v, load8(g->bias + s * 8, left));
     if (g->out == OUT_F32) {
-        _mm256_maskstore_ps((float *)g->y + m * g->ldy + s * 8, mask, v);
+        float *dst = (float *)g->y + m * g->ldy + s * 8;
+        if (left >= 8) _mm256_storeu_ps(dst, v);
+        else _mm256_maskstore_ps(dst, tail_mask(left), v);
         return;
     }
     __m256i u = _mm256_srli_epi32(_mm256_castps_si256(bf16_round_v(v)), 16);
@@ -122,7 +132,10 @@ static inline void store8(const Gemm *g, int64_t m, int64_t s, __m256 v) {
 }
 
 static inline void store8_int(const Gemm *g, int64_t m, int64_t s, __m256i v) {
-    _mm256_maskstore_epi32((int32_t *)g->y + m * g->ldy + s * 8, tail_mask(g->N - s * 8), v);
+    int32_t *dst = (int32_t *)g->y + m * g->ldy + s * 8;
+    const int64_t left = g->N - s * 8;
+    if (left >= 8) _mm256_storeu_si256((__m256i *)dst, v);
+    else _mm256_maskstore_epi32(dst, tail_mask(left), v);
 }
 
 /* Where row r of micro-tile tl keeps quad q of packed A: tile-major [tile][K4][MR][4] in the offset modes (a
@@ -599,11 +612,11 @@ static int run_gemm(Gemm *g, int32_t threads) {
 }
 
 int dq_gemm(const int8_t *a, int64_t lda, const uint8_t *w, int32_t bits4, int32_t offset, const float *sa,
-            int64_t sa_rs, const float *sw, int64_t ldsw, const float *bias, void *y, int64_t ldy, int32_t out_bf16,
-            int64_t M, int64_t N, int64_t K, int64_t L, int32_t threads) {
+            int64_t sa_rs, const float *sw, int64_t ldsw, const float *bias, const float *addend, int64_t ld_addend,
+            void *y, int64_t ldy, int32_t out_bf16, int64_t M, int64_t N, int64_t K, int64_t L, int32_t threads) {
     Gemm g = {.a = a, .lda = lda, .ka = K, .w = w, .bits4 = bits4, .offset = offset, .sa = sa, .sa_rs = sa_rs,
-              .sw = sw, .ldsw = ldsw, .bias = bias, .y = y, .ldy = ldy, .out = out_bf16 ? OUT_BF16 : OUT_F32,
-              .M = M, .N = N, .K = K, .L = L};
+              .sw = sw, .ldsw = ldsw, .bias = bias, .addend = addend, .ld_addend = ld_addend, .y = y, .ldy = ldy,
+              .out = out_bf16 ? OUT_BF16 : OUT_F32, .M = M, .N = N, .K = K, .L = L};
     return run_gemm(&g, threads);
 }
 
@@ -626,7 +639,7 @@ static inline __m256 load_x(const Quant *q, int64_t m, int64_t k, int64_t left) 
         return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
     }
     const float *row = (const float *)q->x + m * q->ldx + k;
-    return left >= 8 ? _mm256_loadu_ps(row) : _mm256_maskload_ps(row, tail_mask(left));
+    return load8(row, left);
 }
 
 static float group_amax(const Quant *q, int64_t m, int64_t k0, int64_t k1) {

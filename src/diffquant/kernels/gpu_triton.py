@@ -116,10 +116,10 @@ class TritonKernels:
 
     @staticmethod
     def matmul(a: torch.Tensor, packed: torch.Tensor, n: int, bits: int, length: int, a_scales: torch.Tensor,
-               b_scales: torch.Tensor, bias: torch.Tensor | None = None,
-               out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """y [M, N] = sum_s a_scales[:, s] * b_scales[s] * (a_s @ b_s) + bias in float32, then cast to
-        out_dtype (module docstring); the bias and the cast are torch ops after the kernel here."""
+               b_scales: torch.Tensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
+               addend: torch.Tensor | None = None) -> torch.Tensor:
+        """y [M, N] = sum_s a_scales[:, s] * b_scales[s] * (a_s @ b_s) + addend + bias in float32, then cast to
+        out_dtype (module docstring); the addend, the bias and the cast are torch ops after the kernel here."""
         m, k = a.shape
         depth, fold_each = _tile_depth(length, k)
         a = a if a.stride(1) == 1 else a.contiguous()
@@ -128,6 +128,8 @@ class TritonKernels:
         if m:
             _kernels().group_gemm(a, packed, a_scales, b_scales, y, m, n, k, depth, nibbles=bits <= 4,
                                   fold_each=fold_each, scaled=True)
+        if addend is not None:
+            y += addend.float()
         if bias is not None:
             y += bias.float()
         return y.to(out_dtype)

@@ -42,7 +42,7 @@ BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-pthread")
 log = logging.getLogger("diffquant.kernels")
 
 _p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
-GEMM_ARGS = [_p, _i64, _p, _i32, _i32, _p, _i64, _p, _i64, _p, _p, _i64, _i32, _i64, _i64, _i64, _i64, _i32]
+GEMM_ARGS = [_p, _i64, _p, _i32, _i32, _p, _i64, _p, _i64, _p, _p, _i64, _p, _i64, _i32, _i64, _i64, _i64, _i64, _i32]
 QUANTIZE_ARGS = [_p, _i64, _i32, _i64, _i64, _i64, _i64, _f32, _f32, _p, _p, _i32]
 
 
@@ -192,11 +192,15 @@ class NativeFusedKernels:
         return unpack_strips(packed, k, n, bits, self.offsets(bits))
 
     def matmul(self, a: torch.Tensor, packed: torch.Tensor, n: int, bits: int, length: int, a_scales: torch.Tensor,
-               b_scales: torch.Tensor, bias: torch.Tensor | None = None,
-               out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """y [M, N] = sum_s a_scales[:, s] * b_scales[s] * (a_s @ b_s) + bias, accumulated in float32 and
-        cast to out_dtype once; float32 and bfloat16 outputs are written by the kernel."""
+               b_scales: torch.Tensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
+               addend: torch.Tensor | None = None) -> torch.Tensor:
+        """y [M, N] = sum_s a_scales[:, s] * b_scales[s] * (a_s @ b_s) + addend + bias, accumulated in float32
+        and cast to out_dtype once; float32 and bfloat16 outputs are written by the kernel. addend: float32
+        [M, N] with unit column stride (a low-rank branch's output), or None."""
         m, k = a.shape
+        if addend is not None and (addend.dtype != torch.float32 or addend.shape != (m, n) or addend.stride(1) != 1):
+            raise ValueError(f"the epilogue adds a float32 [{m}, {n}] addend with unit column stride, "
+                             f"not {addend.dtype} {tuple(addend.shape)}")
         a = a if a.stride(1) == 1 else a.contiguous()
         a_scales = a_scales.float().contiguous()
         width = packed.shape[0] * self.strip
@@ -208,8 +212,9 @@ class NativeFusedKernels:
             status = getattr(self.library.require(), self.gemm)(
                 _ptr(a), row_stride(a), _ptr(packed), int(bits <= 4), self.offsets(bits),
                 _ptr(a_scales), 0 if a_scales.shape[0] == 1 else a_scales.stride(0), _ptr(b_scales), width,
-                None if bias is None else _ptr(bias), _ptr(y), n, int(y.dtype == torch.bfloat16), m, n, k, length,
-                torch.get_num_threads())
+                None if bias is None else _ptr(bias), None if addend is None else _ptr(addend),
+                0 if addend is None else row_stride(addend), _ptr(y), n, int(y.dtype == torch.bfloat16), m, n, k,
+                length, torch.get_num_threads())
         check_status(status, f"{self.name} {self.gemm}")
         return y if direct else y.to(out_dtype)
 

@@ -12,9 +12,11 @@
  *   sa     f32 [M, G] activation scales (row stride sa_rs; 0 = one row shared by all)
  *   sw     f32 [G, ldsw] weight scales, ldsw >= 16*NB (padded)
  *   bias   f32 [N] or NULL
+ *   addend f32 [M, ld_addend] or NULL (a low-rank branch's output, added in the epilogue)
  *   y      f32 [M, ldy], or bf16 [M, ldy] when out_bf16 (rounded to nearest even, as torch's .to(bfloat16))
- *   y[m, n] = bias[n] + sum_g sa[m, g] * sw[g, n] * acc_g[m, n],  acc_g = sum_{k in g} a[m, k] * (u[k, n] - offset)
- * The bias and the output cast are the GEMM's epilogue: no extra pass over y in float32.
+ *   y[m, n] = sum_g sa[m, g] * sw[g, n] * acc_g[m, n] + addend[m, n] + bias[n],
+ *             acc_g = sum_{k in g} a[m, k] * (u[k, n] - offset)
+ * The addend, the bias and the output cast are the GEMM's epilogue: no extra pass over y in float32.
  *
  * vpdpbusd multiplies unsigned by signed bytes: u (weights) is the unsigned side, so each group's int32
  * accumulator starts at -offset * sum_{k in g} a[m, k] and ends exactly at acc_g (no saturation: vpdpbusd
@@ -38,7 +40,7 @@ typedef struct {
     const uint8_t *w; int32_t bits4; int32_t offset;
     const float *sa; int64_t sa_rs;
     const float *sw; int64_t ldsw;
-    const float *bias; void *y; int64_t ldy; int32_t out_bf16;
+    const float *bias; const float *addend; int64_t ld_addend; void *y; int64_t ldy; int32_t out_bf16;
     int64_t M, N, K, L;
     int8_t *ap;               /* a repacked per tile: [ceil(M/MR)][K/4][MR][4], rows past M zero */
     int32_t *corr;            /* [M, G]: -offset * group sums of a */
@@ -58,6 +60,7 @@ static inline __mmask16 tail(int64_t left) { return left >= 16 ? (__mmask16)0xFF
 /* y[m, 16s : 16s + 16] = v (+ bias), in the output's dtype. */
 static inline void store16(const Gemm *g, int64_t m, int64_t s, __m512 v) {
     const __mmask16 mask = tail(g->N - s * 16);
+    if (g->addend) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, g->addend + m * g->ld_addend + s * 16));
     if (g->bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, g->bias + s * 16));
     if (!g->out_bf16) {
         _mm512_mask_storeu_ps((float *)g->y + m * g->ldy + s * 16, mask, v);
@@ -162,12 +165,14 @@ static void pack_a(void *ctx, int tid, int threads) {
 
 /* Returns 0 on success, -1 on bad arguments or allocation failure. */
 int dq_vnni_gemm(const int8_t *a, int64_t lda, const uint8_t *w, int32_t bits4, int32_t offset,
-                 const float *sa, int64_t sa_rs, const float *sw, int64_t ldsw, const float *bias, void *y,
-                 int64_t ldy, int32_t out_bf16, int64_t M, int64_t N, int64_t K, int64_t L, int32_t threads) {
+                 const float *sa, int64_t sa_rs, const float *sw, int64_t ldsw, const float *bias,
+                 const float *addend, int64_t ld_addend, void *y, int64_t ldy, int32_t out_bf16, int64_t M, int64_t N,
+                 int64_t K, int64_t L, int32_t threads) {
     if (M <= 0 || N <= 0 || L <= 0 || L % 4 || K % L || (bits4 && K % 8) || lda < K || ldy < N) return -1;
     const int t = clamp_threads(threads);
     Gemm g = {.a = a, .lda = lda, .w = w, .bits4 = bits4, .offset = offset, .sa = sa, .sa_rs = sa_rs, .sw = sw,
-              .ldsw = ldsw, .bias = bias, .y = y, .ldy = ldy, .out_bf16 = out_bf16, .M = M, .N = N, .K = K, .L = L};
+              .ldsw = ldsw, .bias = bias, .addend = addend, .ld_addend = ld_addend, .y = y, .ldy = ldy,
+              .out_bf16 = out_bf16, .M = M, .N = N, .K = K, .L = L};
     plan_work(&g.plan, M, K, ((N + 15) / 16 + NR - 1) / NR, t, MR);
     g.corr = malloc(sizeof(int32_t) * (size_t)(M * (K / L)));
     g.ap = malloc((size_t)((M + MR - 1) / MR * MR * K));

@@ -330,10 +330,14 @@ class PackedWeight(nn.Module):
 
     def fused_matmul(self, a: torch.Tensor, a_scales: torch.Tensor, epilogue: Epilogue | None = None) -> torch.Tensor:
         """sum_s a_scales[:, s] * scale_s * (a_s @ codes_s) on the fused kernel: [M, N], float32 or, with an
-        epilogue, + bias in the epilogue's dtype (added and cast by the kernel where it can)."""
-        extra = {} if epilogue is None else {"bias": epilogue.bias, "out_dtype": epilogue.dtype}
-        return self.fused.matmul(a, self.codes, self.out_features, self.spec.bits, self.plan.length, a_scales,
-                                 self.segment_scales(), **extra)
+        epilogue, + addend + bias in the epilogue's dtype (added and cast by the kernel where it can)."""
+        if epilogue is None:
+            return self.fused.matmul(a, self.codes, self.out_features, self.spec.bits, self.plan.length, a_scales,
+                                     self.segment_scales())
+        addend = epilogue.fusable_addend()
+        y = self.fused.matmul(a, self.codes, self.out_features, self.spec.bits, self.plan.length, a_scales,
+                              self.segment_scales(), epilogue.bias, epilogue.dtype, addend)
+        return y if addend is not None or epilogue.addend is None else y + epilogue.addend.to(y.dtype)
 
     def segment_scales(self) -> torch.Tensor:
         """float32 [S, N] (or [S, 1] per tensor)."""
@@ -380,15 +384,25 @@ class PackedWeight(nn.Module):
 
 @dataclass(frozen=True)
 class Epilogue:
-    """What follows a layer's product: + bias (along the output channels), then the input's dtype. Fused
-    kernels do both on their float32 accumulators (one rounding, no extra pass over the output); the
+    """What follows a layer's product: + addend (a low-rank branch's output, [rows, N] in the product's
+    layout), + bias (along the output channels), then the input's dtype. Fused kernels do it on their
+    float32 accumulators (one rounding, no extra pass over the output) where the addend is float32; the
     other paths call apply()."""
 
     dtype: torch.dtype
     bias: torch.Tensor | None
+    addend: torch.Tensor | None = None
+
+    def fusable_addend(self) -> torch.Tensor | None:
+        """The addend as a fused kernel takes it (float32, unit column stride), or None."""
+        if self.addend is None or self.addend.dtype != torch.float32 or self.addend.stride(-1) != 1:
+            return None
+        return self.addend
 
     def apply(self, y: torch.Tensor, channel_dim: int = -1) -> torch.Tensor:
         y = y.to(self.dtype)
+        if self.addend is not None:
+            y = y + self.addend.reshape(y.shape).to(self.dtype)
         if self.bias is None:
             return y
         shape = [1] * y.dim()
@@ -502,10 +516,10 @@ class PackedLinear(PackedLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xs = self.smoothed(x)
-        y = PATHS[self.path](self, xs, Epilogue(x.dtype, self.bias))
+        branch = None  # the low-rank branch joins the product's epilogue (added in the fused kernel in fp32)
         if self.low_rank_down is not None:
-            y = y + linear_low_rank(xs, self.low_rank_down, self.low_rank_up)
-        return y
+            branch = linear_low_rank(xs, self.low_rank_down, self.low_rank_up).reshape(-1, self.out_features)
+        return PATHS[self.path](self, xs, Epilogue(x.dtype, self.bias, branch))
 
     def int_product(self, xs: torch.Tensor, epilogue: Epilogue) -> torch.Tensor:
         self.check_device(xs)
