@@ -209,10 +209,12 @@ QUANT_SPECS = {
 
 
 @native_kernels
+@pytest.mark.parametrize("smoothed", [False, True], ids=["plain", "smoothed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("spec_name", QUANT_SPECS)
 @pytest.mark.parametrize("shape", [(1, 64), (3, 100), (17, 300)], ids=lambda s: "x".join(map(str, s)))
-def test_quantizer_matches_the_torch_expression_bit_for_bit(name, shape, spec_name, dtype, threads):
+def test_quantizer_matches_the_torch_expression_bit_for_bit(name, shape, spec_name, dtype, smoothed, threads):
+    """smoothed: the kernel divides by a smoothing vector itself, as torch's x / smooth.to(x.dtype) does."""
     threads(2)
     spec, (m, c) = QUANT_SPECS[spec_name], shape
     g = torch.Generator().manual_seed(9)
@@ -221,9 +223,10 @@ def test_quantizer_matches_the_torch_expression_bit_for_bit(name, shape, spec_na
     x[-1, -3:] = torch.tensor([0.5, -2.5, 3.5]).to(dtype) * x[-1].abs().max()  # ties after division
     if m > 2:
         x[1] = 0  # all-zero rows get the smallest positive scale
-    expected_codes, expected_scale, _ = quantize_blocks(x, spec)
+    smooth = torch.rand(c, generator=g) * 3 + 0.25 if smoothed else None
+    expected_codes, expected_scale, _ = quantize_blocks(x if smooth is None else x / smooth.to(dtype), spec)
     length = spec.group_size if spec.granularity == "group" else c
-    got_codes, got_scale = fused(name).quantize(x, length, int(spec.qformat.qmin), int(spec.qformat.qmax))
+    got_codes, got_scale = fused(name).quantize(x, length, int(spec.qformat.qmin), int(spec.qformat.qmax), smooth)
     width = expected_codes.numel() // m
     assert torch.equal(got_codes[:, :width], expected_codes.reshape(m, width).to(torch.int8))
     assert torch.equal(got_codes[:, width:], torch.zeros_like(got_codes[:, width:]))

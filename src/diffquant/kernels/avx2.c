@@ -630,16 +630,24 @@ int dq_int_gemm(const int8_t *a, int64_t lda, int64_t ka, const uint8_t *w, int3
 
 /* -- symmetric dynamic activation quantization: the AVX2 half (notation: dq_runtime.h) -------------------- */
 
+/* x'[m, k : k + 8] (lanes past `left` 0): x, divided by the divisor where there is one. */
 static inline __m256 load_x(const Quant *q, int64_t m, int64_t k, int64_t left) {
+    __m256 v;
     if (q->bf16) {
         const uint16_t *row = (const uint16_t *)q->x + m * q->ldx + k;
         uint16_t tmp[8] = {0};
         memcpy(tmp, row, (size_t)(left < 8 ? left : 8) * 2);
         const __m128i h = _mm_loadu_si128((const __m128i *)tmp);
-        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+        v = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    } else {
+        v = load8((const float *)q->x + m * q->ldx + k, left);
     }
-    const float *row = (const float *)q->x + m * q->ldx + k;
-    return load8(row, left);
+    if (!q->divisor) return v;
+    const __m256 divisor = left >= 8 ? _mm256_loadu_ps(q->divisor + k)  /* lanes past `left`: 0 / 1 */
+                                     : _mm256_blendv_ps(_mm256_set1_ps(1.0f), load8(q->divisor + k, left),
+                                                        _mm256_castsi256_ps(tail_mask(left)));
+    v = _mm256_div_ps(v, divisor);
+    return q->bf16 ? bf16_round_v(v) : v;
 }
 
 static float group_amax(const Quant *q, int64_t m, int64_t k0, int64_t k1) {

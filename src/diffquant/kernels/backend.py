@@ -40,8 +40,8 @@ class FusedKernels(Protocol):
     """A backend's fused group-wise product on its own resident weight layout (kernels/vnni.py has the
     notation): y = sum_s a_scales[:, s] * b_scales[s] * (a_s @ b_s) without per-segment passes over y,
     with `+ addend` (float32 [M, N]: a low-rank branch's output), `+ bias` and the cast to `out_dtype` as
-    its epilogue (float32 accumulation, one rounding), and
-    symmetric dynamic activation quantization. Packed modules use them where `supports` says so of the
+    its epilogue (float32 accumulation, one rounding), and symmetric dynamic activation quantization (of
+    x / divisor: the smoothing vector folded in). Packed modules use them where `supports` says so of the
     shape and `accepts` of the codes (int8 [K, N]), and neither side has a zero point; everything else goes through `matmul` (kernels/segmented.py)."""
 
     def supports(self, bits: int, length: int, k: int) -> bool: ...
@@ -56,8 +56,8 @@ class FusedKernels(Protocol):
                a_scales: torch.Tensor, b_scales: torch.Tensor, bias: torch.Tensor | None = None,
                out_dtype: torch.dtype = torch.float32, addend: torch.Tensor | None = None) -> torch.Tensor: ...
 
-    def quantize(self, x: torch.Tensor, length: int, qmin: int,
-                 qmax: int) -> tuple[torch.Tensor, torch.Tensor] | None: ...
+    def quantize(self, x: torch.Tensor, length: int, qmin: int, qmax: int,
+                 divisor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None: ...
 
 
 class IntGemmBackend(ABC):

@@ -1,7 +1,7 @@
 /* The row driver of symmetric dynamic activation quantization (notation: dq_runtime.h). The including
  * source has defined, for its instruction set:
- *   float group_amax(const Quant *q, int64_t m, int64_t k0, int64_t k1)       max |x[m, k0:k1]|
- *   void quantize_group(const Quant *q, int64_t m, int64_t k0, int64_t k1, float scale)   codes of x[m, k0:k1] */
+ *   float group_amax(const Quant *q, int64_t m, int64_t k0, int64_t k1)       max |x'[m, k0:k1]|
+ *   void quantize_group(const Quant *q, int64_t m, int64_t k0, int64_t k1, float scale)   codes of x'[m, k0:k1] */
 
 #ifndef DQ_QUANTIZE_H
 #define DQ_QUANTIZE_H
@@ -23,9 +23,10 @@ static void quantize_rows(void *ctx, int tid, int threads) {
 }
 
 int dq_quantize_symmetric(const void *x, int64_t ldx, int32_t bf16, int64_t M, int64_t C, int64_t L,
-                          int64_t width, float qmin, float qmax, int8_t *codes, float *scales, int32_t threads) {
+                          int64_t width, float qmin, float qmax, const float *divisor, int8_t *codes, float *scales,
+                          int32_t threads) {
     if (M < 0 || C <= 0 || L <= 0 || width < C || ldx < C || qmax <= 0) return -1;
-    Quant q = {x, ldx, bf16, M, C, L, width, qmin, qmax, codes, scales};
+    Quant q = {x, ldx, bf16, M, C, L, width, qmin, qmax, divisor, codes, scales};
     parallel(quantize_rows, &q, M * C >= (1 << 16) ? clamp_threads(threads) : 1);
     return 0;
 }

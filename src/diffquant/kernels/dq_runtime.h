@@ -93,9 +93,11 @@ static inline int64_t take_item(WorkPlan *p) { return __atomic_fetch_add(&p->nex
 /* -- symmetric dynamic activation quantization: the scalar half ------------------------------------------
  * x [M, C] (f32, or bf16 when bf16 != 0; row stride ldx elements) -> codes int8 [M, width] (columns >= C
  * are 0) and scales f32 [M, G], G = ceil(C / L), with the expression of formats/ops.py for a signed
- * symmetric format and float32 scales, in x's dtype as torch computes it:
- *   scale = max(max_k |x[m, k]| / qmax, FLT_MIN)        (bf16 x: the quotient rounded to bf16)
- *   code  = clamp(round_half_even(x / scale), qmin, qmax)   (bf16 x: x / scale rounded to bf16 first)
+ * symmetric format and float32 scales, in x's dtype as torch computes it, after dividing x by `divisor`
+ * (f32 [C], a smoothing vector already rounded to x's dtype; NULL: none) as torch's x / divisor does:
+ *   x'    = x / divisor[k]                               (bf16 x: the quotient rounded to bf16)
+ *   scale = max(max_k |x'[m, k]| / qmax, FLT_MIN)        (bf16 x: the quotient rounded to bf16)
+ *   code  = clamp(round_half_even(x' / scale), qmin, qmax)   (bf16 x: x' / scale rounded to bf16 first)
  * Division, not multiplication by a reciprocal, so the codes equal torch's bit for bit. The including
  * source defines the vector halves, group_amax() and quantize_group(), then includes dq_quantize.h. */
 
@@ -103,6 +105,7 @@ typedef struct {
     const void *x; int64_t ldx; int32_t bf16;
     int64_t M, C, L, width;
     float qmin, qmax;
+    const float *divisor;
     int8_t *codes; float *scales;
 } Quant;
 

@@ -135,11 +135,14 @@ class TritonKernels:
         return y.to(out_dtype)
 
     @staticmethod
-    def quantize(x: torch.Tensor, length: int, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Symmetric dynamic codes of x [M, C] in blocks of `length` along C: codes int8 [M, G*length]
-        (zero-padded), scales float32 [M, G]; the same expression as the fake-quant quantizer, in x's dtype."""
+    def quantize(x: torch.Tensor, length: int, qmin: int, qmax: int,
+                 divisor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Symmetric dynamic codes of x [M, C] (divided by `divisor` [C] first, a torch op here) in blocks of
+        `length` along C: codes int8 [M, G*length] (zero-padded), scales float32 [M, G]; the same expression
+        as the fake-quant quantizer, in x's dtype."""
         if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return None
+        x = x if divisor is None else x / divisor.to(x.dtype)
         x = x if x.stride(-1) == 1 else x.contiguous()
         m, c = x.shape
         groups = -(-c // length)

@@ -43,7 +43,7 @@ log = logging.getLogger("diffquant.kernels")
 
 _p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
 GEMM_ARGS = [_p, _i64, _p, _i32, _i32, _p, _i64, _p, _i64, _p, _p, _i64, _p, _i64, _i32, _i64, _i64, _i64, _i64, _i32]
-QUANTIZE_ARGS = [_p, _i64, _i32, _i64, _i64, _i64, _i64, _f32, _f32, _p, _p, _i32]
+QUANTIZE_ARGS = [_p, _i64, _i32, _i64, _i64, _i64, _i64, _f32, _f32, _p, _p, _p, _i32]
 
 
 def cache_dir() -> Path:
@@ -218,11 +218,15 @@ class NativeFusedKernels:
         check_status(status, f"{self.name} {self.gemm}")
         return y if direct else y.to(out_dtype)
 
-    def quantize(self, x: torch.Tensor, length: int, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Symmetric dynamic codes of x [M, C] in blocks of `length` along C: codes int8 [M, G*length]
-        (zero-padded), scales float32 [M, G]; None when x's dtype is not float32 / bfloat16."""
+    def quantize(self, x: torch.Tensor, length: int, qmin: int, qmax: int,
+                 divisor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Symmetric dynamic codes of x [M, C] (divided by `divisor` [C] first, as torch's x / divisor in x's
+        dtype) in blocks of `length` along C: codes int8 [M, G*length] (zero-padded), scales float32 [M, G];
+        None when x's dtype is not float32 / bfloat16."""
         if x.dtype not in (torch.float32, torch.bfloat16):
             return None
+        if divisor is not None:  # the smoothing vector as x's dtype has it, handed over as float32
+            divisor = divisor.to(x.dtype).float().contiguous()
         x = x if x.stride(-1) == 1 else x.contiguous()
         m, c = x.shape
         groups = -(-c // length)
@@ -232,6 +236,7 @@ class NativeFusedKernels:
             with torch.profiler.record_function(f"diffquant::{self.name}_quantize"):
                 status = self.library.require().dq_quantize_symmetric(
                     _ptr(x), row_stride(x), int(x.dtype == torch.bfloat16), m, c, length, groups * length,
-                    float(qmin), float(qmax), _ptr(codes), _ptr(scales), torch.get_num_threads())
+                    float(qmin), float(qmax), None if divisor is None else _ptr(divisor), _ptr(codes), _ptr(scales),
+                    torch.get_num_threads())
             check_status(status, f"{self.name} dq_quantize_symmetric")
         return codes, scales

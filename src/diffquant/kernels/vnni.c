@@ -190,13 +190,19 @@ int dq_vnni_gemm(const int8_t *a, int64_t lda, const uint8_t *w, int32_t bits4, 
 
 /* -- symmetric dynamic activation quantization: the AVX-512 half (notation: dq_runtime.h) ---------------- */
 
+/* x'[m, k : k + 16] (masked lanes 0): x, divided by the divisor where there is one. */
 static inline __m512 load_x(const Quant *q, int64_t m, int64_t k, __mmask16 mask) {
+    __m512 v;
     if (q->bf16) {
         const uint16_t *row = (const uint16_t *)q->x + m * q->ldx;
         __m256i h = _mm256_maskz_loadu_epi16(mask, row + k);
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    } else {
+        v = _mm512_maskz_loadu_ps(mask, (const float *)q->x + m * q->ldx + k);
     }
-    return _mm512_maskz_loadu_ps(mask, (const float *)q->x + m * q->ldx + k);
+    if (!q->divisor) return v;
+    v = _mm512_div_ps(v, _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), mask, q->divisor + k));  /* masked lanes 0 / 1 */
+    return q->bf16 ? bf16_round_v(v) : v;
 }
 
 static float group_amax(const Quant *q, int64_t m, int64_t k0, int64_t k1) {

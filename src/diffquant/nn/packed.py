@@ -183,15 +183,16 @@ class ActivationCodes:
     zero: torch.Tensor | None
 
 
-def quantize_activation(x2d: torch.Tensor, quantizer: ActivationQuantizer,
-                        backend: IntGemmBackend | None = None) -> ActivationCodes:
-    """Codes of x [R, C] with the same expression as the fake-quant ActivationQuantizer (in one pass on
-    the backend's fused quantizer where it has one for the spec)."""
+def quantize_activation(x2d: torch.Tensor, quantizer: ActivationQuantizer, backend: IntGemmBackend | None = None,
+                        smooth: torch.Tensor | None = None) -> ActivationCodes:
+    """Codes of x / smooth [R, C] with the same expression as the fake-quant ActivationQuantizer (in one pass
+    on the backend's fused quantizer where it has one for the spec, the division included)."""
     spec = quantizer.spec
     rows = x2d.shape[0]
-    fused = _fused_quantize(x2d, spec, backend)
+    fused = _fused_quantize(x2d, spec, backend, smooth)
     if fused is not None:
         return ActivationCodes(*fused, None)
+    x2d = x2d if smooth is None else x2d / smooth.to(x2d.dtype)
     if spec.dynamic:
         codes, scale, zero = quantize_blocks(x2d, spec)
         shape = (rows, -1) if per_row(spec) else (1, 1)
@@ -206,8 +207,8 @@ def quantize_activation(x2d: torch.Tensor, quantizer: ActivationQuantizer,
     return _centred(codes, scale.float(), zero, spec.qformat)
 
 
-def _fused_quantize(x2d: torch.Tensor, spec: QuantSpec,
-                    backend: IntGemmBackend | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _fused_quantize(x2d: torch.Tensor, spec: QuantSpec, backend: IntGemmBackend | None,
+                    smooth: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(codes int8 [R, W], scale float32 [R, blocks]) from the backend's quantizer: signed symmetric
     dynamic per-token / per-group integer codes with float32 scales only; else None."""
     fused = None if backend is None else backend.fused
@@ -216,7 +217,7 @@ def _fused_quantize(x2d: torch.Tensor, spec: QuantSpec,
             or not integer_codes(spec) or spec.scale_dtype != "float32"):
         return None
     length = spec.group_size if spec.granularity == "group" else x2d.shape[1]
-    return fused.quantize(x2d, length, int(fmt.qmin), int(fmt.qmax))
+    return fused.quantize(x2d, length, int(fmt.qmin), int(fmt.qmax), smooth)
 
 
 def _centred(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: QFormat) -> ActivationCodes:
@@ -515,20 +516,28 @@ class PackedLinear(PackedLayer):
                    low_rank, backend, float_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xs = self.smoothed(x)
-        branch = None  # the low-rank branch joins the product's epilogue (added in the fused kernel in fp32)
+        """The products take x itself: the integer one folds the smoothing division into its activation
+        quantizer, and the low-rank branch reads x through (L1 / smooth) (a [K, r] division per call, not
+        an [M, K] one); the branch joins the product's epilogue (inside the fused kernel in float32)."""
+        branch = None
         if self.low_rank_down is not None:
-            branch = linear_low_rank(xs, self.low_rank_down, self.low_rank_up).reshape(-1, self.out_features)
-        return PATHS[self.path](self, xs, Epilogue(x.dtype, self.bias, branch))
+            branch = linear_low_rank(x, self.branch_down(x.dtype), self.low_rank_up).reshape(-1, self.out_features)
+        return PATHS[self.path](self, x, Epilogue(x.dtype, self.bias, branch))
 
-    def int_product(self, xs: torch.Tensor, epilogue: Epilogue) -> torch.Tensor:
-        self.check_device(xs)
-        x2d = xs.reshape(-1, self.in_features)
-        act = quantize_activation(x2d, self.input_quantizer, self.backend)
+    def branch_down(self, dtype: torch.dtype) -> torch.Tensor:
+        """L1 / smooth [K, r] in `dtype`: (x / smooth) @ L1 = x @ (L1 / smooth), up to float rounding."""
+        down = self.low_rank_down.to(dtype)
+        return down if self.smooth is None else down / self.smooth.to(dtype)[:, None]
+
+    def int_product(self, x: torch.Tensor, epilogue: Epilogue) -> torch.Tensor:
+        self.check_device(x)
+        x2d = x.reshape(-1, self.in_features)
+        act = quantize_activation(x2d, self.input_quantizer, self.backend, self.smooth)
         a = fit_codes(act.codes, self.weight.plan.k_pad, act.zero)
-        return self.integer_product(act, a, epilogue).reshape(*xs.shape[:-1], self.out_features)
+        return self.integer_product(act, a, epilogue).reshape(*x.shape[:-1], self.out_features)
 
-    def float_product(self, xs: torch.Tensor, epilogue: Epilogue) -> torch.Tensor:
+    def float_product(self, x: torch.Tensor, epilogue: Epilogue) -> torch.Tensor:
+        xs = self.smoothed(x)
         if self.input_quantizer is not None:
             xs = self.input_quantizer(xs)
         return epilogue.apply(xs.to(self.float_dtype) @ self.weight.dequantized(self.float_dtype))
@@ -543,9 +552,11 @@ class PackedLinear(PackedLayer):
         return f"{self.in_features} -> {self.out_features}, " + super().extra_repr() + rank
 
 
+# A layer's product on its path: (layer, input as its forward hands it, epilogue) -> output. PackedLinear hands
+# over x and divides by its smoothing vector inside (fused into the quantizer); PackedConv2d hands over x / smooth.
 PATHS: dict[str, Callable[[PackedLayer, torch.Tensor, Epilogue], torch.Tensor]] = {
-    "int": lambda layer, xs, epilogue: layer.int_product(xs, epilogue),
-    "float": lambda layer, xs, epilogue: layer.float_product(xs, epilogue),
+    "int": lambda layer, x, epilogue: layer.int_product(x, epilogue),
+    "float": lambda layer, x, epilogue: layer.float_product(x, epilogue),
 }
 
 
