@@ -36,6 +36,7 @@ from diffquant.kernels.native import (
     NativeFusedKernels,
     NativeLibrary,
     check_status,
+    dpbusd_offset,
     row_stride,
 )
 
@@ -52,11 +53,8 @@ VEX_VNNI, EVEX_VNNI = ("-mavxvnni",), ("-mavx512vnni", "-mavx512vl")
 
 
 def sign_transfer_offset(bits: int) -> int:
+    """8 for nibbles (unsigned for vpmaddubsw); 0 for bytes, which sign transfer takes signed."""
     return 8 if bits <= 4 else 0
-
-
-def dpbusd_offset(bits: int) -> int:
-    return 8 if bits <= 4 else 128
 
 
 def int_matmul(kernels: NativeFusedKernels, a: torch.Tensor, packed: torch.Tensor, n: int, bits: int,

@@ -135,6 +135,11 @@ def check_status(status: int, what: str) -> None:
 # -- weight layout (plain torch: also the layout's test oracle) ---------------------------------------------
 
 
+def dpbusd_offset(bits: int) -> int:
+    """What makes a signed code of `bits` bits unsigned for vpdpbusd: 8 (a nibble) or 128 (a byte)."""
+    return 8 if bits <= 4 else 128
+
+
 def pack_strips(b: torch.Tensor, bits: int, strip: int, offset: int) -> torch.Tensor:
     """int8 [K, N] signed codes -> uint8 strips (module docstring)."""
     if bits <= 4 and offset != 8:

@@ -39,6 +39,7 @@ from diffquant.kernels.native import (
     QUANTIZE_ARGS,
     NativeFusedKernels,
     NativeLibrary,
+    dpbusd_offset,
     pack_strips,
     unpack_strips,
 )
@@ -49,22 +50,17 @@ STRIP = 16  # outputs per zmm register
 LIBRARY = NativeLibrary("vnni.c", FLAGS, {"dq_vnni_gemm": GEMM_ARGS, "dq_quantize_symmetric": QUANTIZE_ARGS})
 
 
-def code_offset(bits: int) -> int:
-    """What makes a signed code of `bits` bits unsigned for vpdpbusd: 8 (a nibble) or 128 (a byte)."""
-    return 8 if bits <= 4 else 128
-
-
 def pack_weight(b: torch.Tensor, bits: int) -> torch.Tensor:
     """int8 [K, N] signed codes -> uint8 VNNI layout (module docstring)."""
-    return pack_strips(b, bits, STRIP, code_offset(bits))
+    return pack_strips(b, bits, STRIP, dpbusd_offset(bits))
 
 
 def unpack_weight(packed: torch.Tensor, k: int, n: int, bits: int) -> torch.Tensor:
     """Inverse of pack_weight: int8 [K, N]."""
-    return unpack_strips(packed, k, n, bits, code_offset(bits))
+    return unpack_strips(packed, k, n, bits, dpbusd_offset(bits))
 
 
-VnniKernels = NativeFusedKernels("vnni", LIBRARY, "dq_vnni_gemm", STRIP, code_offset)
+VnniKernels = NativeFusedKernels("vnni", LIBRARY, "dq_vnni_gemm", STRIP, dpbusd_offset)
 
 
 @register_backend
