@@ -4,9 +4,16 @@ The core imports neither diffusers nor transformers; integrations load them lazi
 """
 
 from diffquant import lora
-from diffquant.api import CalibrationRequiredError, quantize, quantized_layers, quantizers_disabled
+from diffquant.api import (
+    CalibrationRequiredError,
+    UnsupportedModelError,
+    quantize,
+    quantized_layers,
+    quantizers_disabled,
+)
 from diffquant.calib.steps import current_step, sampling_step, track_pipeline_steps
 from diffquant.checkpoint import CheckpointError, load_quantized, save_quantized
+from diffquant.finite import NonFiniteError, check_finite
 from diffquant.formats import QuantSpec
 from diffquant.freeze import freeze
 from diffquant.recipes import Recipe, get_preset, list_presets
@@ -16,8 +23,11 @@ __version__ = "0.1.0"
 __all__ = [
     "CalibrationRequiredError",
     "CheckpointError",
+    "NonFiniteError",
     "QuantSpec",
     "Recipe",
+    "UnsupportedModelError",
+    "check_finite",
     "current_step",
     "freeze",
     "get_preset",

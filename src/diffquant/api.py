@@ -13,8 +13,16 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
+from diffquant.arch.base import quantizable_layers
 from diffquant.arch.skips import observe_skip_concats, up_blocks
-from diffquant.calib.stats import ActivationStats, collect_activation_stats, modules_by_name
+from diffquant.calib.stats import (
+    ActivationStats,
+    check_given_stats,
+    collect_activation_stats,
+    modules_by_name,
+)
+from diffquant.finite import check_finite
+from diffquant.lora import require_detached
 from diffquant.nn.attention import (
     calibrate_attention_quantizers,
     install_attention_quantizers,
@@ -24,6 +32,7 @@ from diffquant.nn.attention import (
     quantization_switches,
 )
 from diffquant.nn.layers import QuantizedLayer, quantization_enabled, wrap_layer
+from diffquant.nn.quantizers import ActivationQuantizer, WeightQuantizer
 from diffquant.plan import LayerPlan, plan_layers
 from diffquant.recipes.config import Recipe, StageConfig
 from diffquant.recipes.presets import resolve_recipe
@@ -36,6 +45,8 @@ Calibration = ActivationStats | Callable[[nn.Module], object]
 TrainingObjective = Callable[[nn.Module, int], object]
 
 STATE_ATTR = "_diffquant_state"
+# modules whose own tensors (weights, qparams, smoothing, branch factors) a quantized model computes with
+QUANTIZER_STATE_TYPES = (QuantizedLayer, WeightQuantizer, ActivationQuantizer)
 log = logging.getLogger("diffquant.quantize")
 
 
@@ -45,6 +56,10 @@ class CalibrationRequiredError(ValueError):
 
 class TrainingDataRequiredError(ValueError):
     """A recipe with a stage that trains on data was given no training objective."""
+
+
+class UnsupportedModelError(ValueError):
+    """A model quantize cannot take as it is (no quantizable layer, PEFT-wrapped layers)."""
 
 
 @dataclass
@@ -139,6 +154,16 @@ class QuantizationJob:
                     stats = stats.divided(layer.smooth)
                 quantizer.calibrate(stats)
 
+    def check_finite(self) -> None:
+        """Every layer's qparams, smoothing vector and branch factors finite (NonFiniteError). A backstop:
+        weights and statistics were checked where they entered, so a failure here is an overflow."""
+        hint = (f"recipe {self.recipe.name!r} overflowed on this layer (a float16 model: quantize it in float32); "
+                "the model was modified in place: reload it before trying again")
+        for name, module in self.model.named_modules():
+            if isinstance(module, QUANTIZER_STATE_TYPES):
+                for key, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                    check_finite(f"{type(module).__name__} {name!r} {key}", tensor, hint)
+
 
 def wants_splits(plan: dict[str, LayerPlan]) -> bool:
     """Whether some planned input spec asks for shortcut splitting (QuantSpec.split_shortcut)."""
@@ -162,6 +187,7 @@ def gather_stats(model: nn.Module, plan: dict[str, LayerPlan], calibration: Cali
         if missing:
             raise ValueError(f"calibration statistics lack {len(missing)} planned layers or attention operands, "
                              f"e.g. {missing[:3]}")
+        check_given_stats(calibration, modules_by_name(model, plan))
         if wants_splits(plan) and calibration.channel_splits is None and up_blocks(model):
             raise ValueError(
                 "the recipe splits skip concatenations (split_shortcut) but the statistics do not say which layers "
@@ -208,11 +234,17 @@ def quantize(
     A recipe's `attention` instruments the supported attention modules whose q/k/v projections are
     planned (nn.attention.planned_attention: unsupported ones stay in full precision with a warning,
     not an error); their operand statistics come from the same calibration run as the layers'.
+    Refused before the model changes: an attached LoRA, PEFT layers, non-finite parameters (check_model),
+    no layer to quantize, non-finite calibration inputs or given statistics of another width
+    (calib.stats). 16-bit models quantize in their dtype; quantizers and low-rank branches compute in float32.
     """
     recipe = resolve_recipe(recipe)
     if getattr(model, STATE_ATTR, None) is not None:
         raise ValueError("model is already quantized; start from the full-precision model")
+    check_model(model)
     plan = plan_layers(model, recipe)
+    if not plan:
+        raise UnsupportedModelError(_no_layer_message(model, recipe))
     if recipe.needs_calibration and calibration is None:
         raise CalibrationRequiredError(
             f"recipe {recipe.name!r} needs calibration (static input ranges or a data-driven stage): pass "
@@ -237,8 +269,47 @@ def quantize(
         with _timed(report):
             stage.apply(job)
     job.calibrate()
+    job.check_finite()
     setattr(model, STATE_ATTR, QuantizationState(recipe, plan, job.stage_reports))
     return model
+
+
+def check_model(model: nn.Module) -> None:
+    """Refuse, before anything changes, a model quantize would get wrong: an attached diffquant LoRA
+    (quantizing would drop it and leave it impossible to detach), PEFT-wrapped layers (their LoRA
+    factors would be quantized as layers and the checkpoint could not be reloaded), and non-finite
+    parameters (NaN scales that save and reload without a word)."""
+    require_detached(model, "quantize")
+    for name, module in model.named_modules():
+        if is_peft_layer(module):
+            raise UnsupportedModelError(
+                f"layer {name!r} is a PEFT LoRA layer ({type(module).__module__}.{type(module).__name__}): "
+                "quantizing would quantize its LoRA factors as layers and write a checkpoint that cannot be "
+                "reloaded. Merge the adapter (merge_and_unload()) or unload it first; to run a LoRA on the "
+                "quantized model, attach its state dict afterwards with diffquant.lora.attach")
+    for name, param in model.named_parameters():
+        check_finite(f"parameter {name!r}", param, "the model is broken before quantization: reload or "
+                     "repair its weights (its full-precision output is not finite either)")
+
+
+def is_peft_layer(module: nn.Module) -> bool:
+    """A layer PEFT wrapped or injected (peft's BaseTunerLayer and its LoRA layers), told by its class's
+    module or by PEFT's attributes, so peft need not be installed or imported."""
+    if any(cls.__module__.split(".")[0] == "peft" for cls in type(module).__mro__):
+        return True
+    return hasattr(module, "base_layer") and any(hasattr(module, a) for a in ("lora_A", "lora_B"))
+
+
+def _no_layer_message(model: nn.Module, recipe: Recipe) -> str:
+    found = quantizable_layers(model)
+    if found:
+        return (f"recipe {recipe.name!r} leaves every one of the {len(found)} quantizable layers of "
+                f"{type(model).__name__} in full precision (e.g. {list(found)[:3]}): nothing to quantize; "
+                "check the recipe's overrides, or the model's layer roles (a model no adapter knows has its "
+                "first and last layer kept in full precision)")
+    kinds = sorted({type(m).__name__ for m in model.modules() if m is not model and not list(m.children())})
+    return (f"{type(model).__name__} has no layer diffquant quantizes (nn.Linear, nn.Conv2d); its layers are "
+            f"{kinds[:8] or 'none'}: quantizing it would give a model with 0 quantized layers")
 
 
 @contextlib.contextmanager

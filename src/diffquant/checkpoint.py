@@ -20,19 +20,29 @@ A quantized model folder holds
                                   everything else as it was
 
 A pipeline folder keeps diffusers' layout (model_index.json + one folder per component) with the
-denoiser's folder in the layout above.
+denoiser's folder in the layout above, and adds diffquant_pipeline.json: the sha256 of every file in
+the folder.
+
+Both manifests are sealed (folders.sealed: a sha256 of their own canonical JSON) and validated against
+their schema before any value in them is used; the model class is looked up in an allow-list
+(folders.resolve_model_class), never imported from a name in a file; no file is ever unpickled.
+Saves are atomic (atomic_directory): the folder appears whole or not at all, an existing folder is
+replaced only when asked and only if it is a diffquant folder, and interrupted saves' leftovers are
+cleared by the next save beside them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import importlib
+import ctypes
+import errno
 import json
+import logging
 import os
+import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,22 +53,40 @@ from torch import nn
 
 import diffquant
 from diffquant.api import STATE_ATTR, QuantizationState, quantized_layers
-from diffquant.formats.spec import QuantSpec
+from diffquant.finite import NonFiniteError, check_finite
+from diffquant.folders import (
+    UnsafeFolderError,
+    check_file_hashes,
+    check_pipeline_index,
+    check_seal,
+    file_hashes,
+    files_under,
+    is_loadable_model_class,
+    read_json,
+    refuse_code_and_pickles,
+    resolve_model_class,
+    sealed,
+)
+from diffquant.formats.spec import QuantSpec, SpecError
 from diffquant.lora import require_detached
 from diffquant.nn.attention import AttentionQuantConfig, attention_quantizers, install_attention_quantizers
 from diffquant.nn.layers import QuantizedLayer, wrap_layer
 from diffquant.plan import LayerPlan
-from diffquant.recipes.config import Recipe
+from diffquant.recipes.config import Recipe, RecipeError
 from diffquant.tensors.packing import pack_format_codes, packing_for, unpack_format_codes
 
 FORMAT_NAME = "diffquant-quantized"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sealed, schema-checked manifest; the model class from an allow-list
+UNSEALED_VERSION = 1  # loaded only with allow_unsealed=True
 MANIFEST = "diffquant_config.json"
 TENSORS = "diffquant_model.safetensors"
 MODEL_CONFIG = "config.json"
 PIPELINE_INDEX = "model_index.json"
+PIPELINE_MANIFEST = "diffquant_pipeline.json"
+PIPELINE_FORMAT = "diffquant-pipeline"
 DENOISER_COMPONENTS = ("transformer", "unet")
 
+log = logging.getLogger(__name__)
 
 class CheckpointError(ValueError):
     """A quantized checkpoint that is missing, corrupt, tampered with or for another model."""
@@ -66,36 +94,130 @@ class CheckpointError(ValueError):
 
 # -- atomic folder writes -----------------------------------------------------------------------
 
+# Siblings a save works in: ".<name>.tmp-<pid>-<hex>" (being written), ".<name>.old-<pid>-<hex>" (the
+# replaced folder, between the two renames of a save without an atomic exchange).
+_WORK_FOLDER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)-)?[0-9a-f]{8}$")
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+_AT_FDCWD = -100
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """Linux renameat2(2): True when done, False where the system or file system lacks it."""
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), ctypes.c_uint(flags)) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(dst))
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def clear_stale_work_folders(path: Path) -> None:
+    """Remove what interrupted saves to `path` left beside it, and put back a folder that a save had
+    moved aside and died before replacing. Work folders of running saves are left alone."""
+    if not path.parent.is_dir():
+        return
+    for sibling in path.parent.iterdir():
+        match = _WORK_FOLDER.match(sibling.name)
+        if match is None or match["name"] != path.name:
+            continue
+        if match["pid"] is not None and _process_alive(int(match["pid"])):
+            continue  # a save in progress (this process's own threads included)
+        if match["kind"] == "old" and not path.exists():
+            os.replace(sibling, path)
+        else:
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _work_folder(path: Path, kind: str) -> Path:
+    return path.parent / f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def check_target(path: Path, overwrite: bool, replaceable: Callable[[Path], bool] | None = None) -> None:
+    """Raise now (before any work) if a save to `path` would fail or replace what it was not told to."""
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"{path} already exists (pass overwrite=True / --overwrite to replace it)")
+        if replaceable is not None and not replaceable(path):
+            raise FileExistsError(f"{path} exists and is not a diffquant folder: refusing to replace it (remove it "
+                                  "yourself, or choose another output folder)")
+    _check_creatable(path)
+
+
+def _check_creatable(path: Path) -> None:
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK)):
+        raise PermissionError(f"cannot create {path}: {parent} is not a writable folder")
+
+
+def check_output_file(path: Path) -> None:
+    """Raise now if a file cannot be written at `path` (a folder there, or no writable folder above)."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder: give a file name")
+    _check_creatable(path)
+
+
+def _commit(tmp: Path, path: Path, overwrite: bool, replaceable: Callable[[Path], bool] | None) -> None:
+    """Move the finished `tmp` to `path`, checked again here: another save may have finished meanwhile."""
+    check_target(path, overwrite, replaceable)
+    if not (overwrite and path.exists()):  # decided once: `path` may appear at any moment
+        try:
+            if not _renameat2(tmp, path, _RENAME_NOREPLACE):
+                os.rename(tmp, path)  # still refuses a non-empty folder that appeared since the check
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                raise FileExistsError(f"{path} was created by someone else during this save; it is left as "
+                                      "it is") from exc
+            raise
+        return
+    if _renameat2(tmp, path, _RENAME_EXCHANGE):
+        shutil.rmtree(tmp)  # tmp now holds the replaced folder
+        return
+    old = _work_folder(path, "old")
+    os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old)
+
 
 @contextlib.contextmanager
-def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; rename it to `path` only if the block succeeds."""
+def atomic_directory(path: str | Path, overwrite: bool = False,
+                     replaceable: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; move it to `path` only if the block succeeds.
+
+    An existing `path` is replaced only with overwrite, and then only if `replaceable(path)` (when
+    given) allows it; both are checked before the block and again at the commit.
+    """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists (pass overwrite=True / --overwrite to replace it)")
+    check_target(path, overwrite, replaceable)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    clear_stale_work_folders(path)
+    tmp = _work_folder(path, "tmp")
     tmp.mkdir()
     try:
         yield tmp
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
+        _commit(tmp, path, overwrite, replaceable)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def is_diffquant_folder(path: Path) -> bool:
+    """What a save may replace with overwrite: a folder diffquant wrote (a quantized model or pipeline),
+    or an empty folder."""
+    return path.is_dir() and not path.is_symlink() and (is_quantized_folder(path) or not any(path.iterdir()))
 
 
 # -- saving ---------------------------------------------------------------------------------------
@@ -118,6 +240,7 @@ def _layer_entry(layer: QuantizedLayer, plan: LayerPlan) -> dict[str, Any]:
 # Low-rank factors are stored in the first of these that holds them exactly (SVDQuant rounds its
 # branch to 16 bits, so float16 is the rule and reload stays bitwise identical).
 LOW_RANK_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOW_RANK_DTYPE_NAMES = tuple(str(d).removeprefix("torch.") for d in LOW_RANK_DTYPES)
 
 
 def _low_rank_tensors(name: str, layer: QuantizedLayer, entry: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -157,6 +280,8 @@ def _model_tensors(model: nn.Module, state: QuantizationState) -> tuple[dict[str
     for name, layer in layers.items():
         entries[name] = _layer_entry(layer, state.plan[name])
         tensors.update(_layer_tensors(name, layer, entries[name]))
+    for key, value in tensors.items():
+        check_finite(key, value, hint="nothing was saved: quantize from finite weights and calibration data")
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, entries
 
 
@@ -181,6 +306,9 @@ def _save_model_files(model: nn.Module, folder: Path) -> None:
     state = _state_of(model)
     if not hasattr(model, "save_config"):
         raise TypeError(f"{type(model).__name__} is not a diffusers model (no save_config)")
+    if not is_loadable_model_class(type(model)):
+        raise TypeError(f"{type(model).__name__} is not a diffusers model class: register it with "
+                        "diffquant.folders.register_model_class so that its checkpoints can be loaded")
     model.save_config(folder)
     with thawed(model):
         tensors, entries = _model_tensors(model, state)
@@ -190,14 +318,13 @@ def _save_model_files(model: nn.Module, folder: Path) -> None:
         "format_version": FORMAT_VERSION,
         "diffquant_version": diffquant.__version__,
         "model_class": type(model).__name__,
-        "model_module": type(model).__module__.split(".")[0],
         "recipe": state.recipe.to_dict(),
         "layers": entries,
         **_attention_entries(model),
         **({"stage_reports": state.stage_reports} if state.stage_reports else {}),
-        "sha256": {TENSORS: sha256_of(folder / TENSORS), MODEL_CONFIG: sha256_of(folder / MODEL_CONFIG)},
+        "sha256": file_hashes(folder, (Path(TENSORS), Path(MODEL_CONFIG))),
     }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    (folder / MANIFEST).write_text(json.dumps(sealed(manifest), indent=2))
 
 
 def save_quantized(
@@ -209,18 +336,22 @@ def save_quantized(
 ) -> Path:
     """Write a quantized model (or a pipeline whose denoiser is quantized) to `path`, atomically.
 
+    overwrite: replace an existing `path`, which must be a diffquant folder (or empty).
     extra_json: file name -> JSON-serialisable object written into the folder in the same atomic step
     (e.g. which zoo model the folder came from). source: the pipeline folder the pipeline was loaded
     from; its unquantized components are copied byte for byte instead of re-saved.
     """
     path = Path(path)
-    with atomic_directory(path, overwrite) as tmp:
-        if hasattr(model_or_pipeline, "components"):
+    with atomic_directory(path, overwrite, replaceable=is_diffquant_folder) as tmp:
+        pipeline = hasattr(model_or_pipeline, "components")
+        if pipeline:
             _save_pipeline(model_or_pipeline, tmp, None if source is None else Path(source))
         else:
             _save_model_files(model_or_pipeline, tmp)
         for name, content in (extra_json or {}).items():
             (tmp / name).write_text(json.dumps(content, indent=2))
+        if pipeline:
+            _write_pipeline_manifest(tmp)
     return path
 
 
@@ -233,11 +364,26 @@ def _save_pipeline(pipe: Any, folder: Path, source: Path | None) -> None:
             (folder / name).mkdir()
             _save_model_files(component, folder / name)
         elif source is not None and (source / name).is_dir():
-            shutil.copytree(source / name, folder / name)
+            shutil.copytree(source / name, folder / name, symlinks=False)
         elif hasattr(component, "save_pretrained"):
-            component.save_pretrained(folder / name)
+            component.save_pretrained(folder / name, **_safe_serialization(component))
         else:
             raise TypeError(f"pipeline component {name!r} ({type(component).__name__}) cannot be saved")
+    refuse_code_and_pickles(folder)
+
+
+def _safe_serialization(component: Any) -> dict[str, bool]:
+    """save_pretrained's safetensors switch, for the components whose save_pretrained has one."""
+    import inspect
+
+    params = inspect.signature(component.save_pretrained).parameters
+    return {"safe_serialization": True} if "safe_serialization" in params else {}
+
+
+def _write_pipeline_manifest(folder: Path) -> None:
+    manifest = {"format": PIPELINE_FORMAT, "format_version": 1, "diffquant_version": diffquant.__version__,
+                "sha256": file_hashes(folder, files_under(folder))}
+    (folder / PIPELINE_MANIFEST).write_text(json.dumps(sealed(manifest), indent=2))
 
 
 # -- loading --------------------------------------------------------------------------------------
@@ -263,60 +409,173 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original
 
 
-def _read_manifest(folder: Path) -> dict[str, Any]:
+# -- manifest schema ------------------------------------------------------------------------------
+
+_MANIFEST_FIELDS = {"format": str, "format_version": int, "diffquant_version": str, "model_class": str,
+                    "recipe": dict, "layers": dict, "sha256": dict}
+_MANIFEST_OPTIONAL = {"attention": dict, "stage_reports": list}
+_LAYER_FIELDS = {"role": str, "type": str, "weight": (dict, type(None)), "input": (dict, type(None)),
+                 "weight_shape": list, "packing": (str, type(None)), "codes_shape": (list, type(None)),
+                 "low_rank": (dict, type(None))}
+_LOW_RANK_FIELDS = {"rank": int, "dtype": str}
+
+
+def _check_fields(where: str, data: Any, required: dict[str, Any], optional: dict[str, Any] | None = None) -> None:
+    """`data` is a JSON object with exactly the required keys (+ optional ones), each of its type."""
+    optional = optional or {}
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{where} is not a JSON object")
+    missing, unknown = sorted(set(required) - set(data)), sorted(set(data) - set(required) - set(optional))
+    if missing or unknown:
+        raise CheckpointError(f"{where}: {'missing keys ' + str(missing) if missing else ''}"
+                              f"{'; ' if missing and unknown else ''}{'unknown keys ' + str(unknown) if unknown else ''}")
+    for key, kind in {**required, **optional}.items():
+        value = data.get(key)
+        if key in data and (not isinstance(value, kind) or (isinstance(value, bool) and kind is int)):
+            raise CheckpointError(f"{where}: {key!r} has the wrong type ({type(value).__name__})")
+
+
+def _positive_ints(where: str, values: Any) -> list[int]:
+    if not isinstance(values, list) or not values or not all(
+            type(v) is int and v > 0 for v in values):
+        raise CheckpointError(f"{where} must be a list of positive integers, got {values!r}")
+    return values
+
+
+def _spec(where: str, data: dict[str, Any] | None, check: str) -> QuantSpec | None:
+    if data is None:
+        return None
+    try:
+        spec = QuantSpec.from_dict(data)
+        getattr(spec, check)()
+    except (SpecError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: {exc}") from exc
+    return spec
+
+
+def _layer_specs(name: str, entry: Any) -> tuple[QuantSpec | None, QuantSpec | None]:
+    """Validate one manifest layer entry; its weight and input specs."""
+    where = f"{MANIFEST} layer {name!r}"
+    _check_fields(where, entry, _LAYER_FIELDS)
+    weight = _spec(f"{where} weight", entry["weight"], "validate_for_weight")
+    inp = _spec(f"{where} input", entry["input"], "validate_for_activation")
+    _positive_ints(f"{where} weight_shape", entry["weight_shape"])
+    expected_packing = None if weight is None else packing_for(weight.bits)
+    if entry["packing"] != expected_packing:
+        raise CheckpointError(f"{where}: packing {entry['packing']!r} does not fit its weight spec "
+                              f"({expected_packing!r})")
+    if (entry["codes_shape"] is None) != (weight is None):
+        raise CheckpointError(f"{where}: codes_shape must be given exactly when the weight is quantized")
+    if weight is not None:
+        codes = _positive_ints(f"{where} codes_shape", entry["codes_shape"])
+        if _numel(codes) != _numel(entry["weight_shape"]):
+            raise CheckpointError(f"{where}: codes_shape {codes} does not hold weight_shape {entry['weight_shape']}")
+    if entry["low_rank"] is not None:
+        _check_fields(f"{where} low_rank", entry["low_rank"], _LOW_RANK_FIELDS)
+        if entry["low_rank"]["dtype"] not in LOW_RANK_DTYPE_NAMES or entry["low_rank"]["rank"] < 1:
+            raise CheckpointError(f"{where}: low_rank {entry['low_rank']!r} is not a positive rank in one of "
+                                  f"{LOW_RANK_DTYPE_NAMES}")
+    return weight, inp
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _unsealed(folder: Path, manifest: dict[str, Any], allow: bool) -> dict[str, Any]:
+    """A v1 manifest (written before manifests were sealed): only when the caller vouches for the folder."""
+    if not allow:
+        raise CheckpointError(
+            f"{folder} was saved before diffquant sealed its manifests (format v{UNSEALED_VERSION}), so edits to "
+            "it cannot be detected. If you trust it, load it with load_quantized(path, allow_unsealed=True) "
+            "and save it again to seal it, or quantize the model again")
+    log.warning("%s: loading an unsealed v%d manifest (allow_unsealed=True): its model_module is ignored and "
+                "its schema checked; save the model again to seal it", folder / MANIFEST, UNSEALED_VERSION)
+    return {k: v for k, v in manifest.items() if k != "model_module"}  # never imported: see folders.py
+
+
+def _read_manifest(folder: Path, allow_unsealed: bool = False) -> dict[str, Any]:
+    """The folder's manifest, its seal and schema checked (nothing of it is used before that)."""
     if not folder.is_dir():
         raise CheckpointError(f"{folder} does not exist or is not a folder")
     for name in (MANIFEST, MODEL_CONFIG, TENSORS):
         if not (folder / name).is_file():
             raise CheckpointError(f"{folder} is not a complete diffquant checkpoint: {name} is missing")
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{folder / MANIFEST} is not valid JSON: {exc}") from exc
-    if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{folder / MANIFEST}: format {manifest.get('format')!r} v{manifest.get('format_version')} is not "
-            f"{FORMAT_NAME!r} v{FORMAT_VERSION}"
-        )
+    manifest = read_json(folder / MANIFEST, CheckpointError)
+    version = (manifest.get("format"), manifest.get("format_version")) if isinstance(manifest, dict) else None
+    version = version if version is not None and type(version[1]) is int else (None, None)  # True is not 1
+    if version == (FORMAT_NAME, UNSEALED_VERSION):
+        manifest = _unsealed(folder, manifest, allow_unsealed)
+    elif version == (FORMAT_NAME, FORMAT_VERSION):
+        manifest = check_seal(manifest, folder / MANIFEST, CheckpointError)
+    else:
+        raise CheckpointError(f"{folder / MANIFEST}: format {version} is not ({FORMAT_NAME!r}, {FORMAT_VERSION})")
+    _check_fields(str(folder / MANIFEST), manifest, _MANIFEST_FIELDS, _MANIFEST_OPTIONAL)
+    if set(manifest["sha256"]) != {TENSORS, MODEL_CONFIG}:
+        raise CheckpointError(f"{folder / MANIFEST}: sha256 must list exactly {TENSORS} and {MODEL_CONFIG}")
     return manifest
 
 
-def _verify_hashes(folder: Path, manifest: dict[str, Any]) -> None:
-    for name, expected in manifest.get("sha256", {}).items():
-        if sha256_of(folder / name) != expected:
-            raise CheckpointError(
-                f"{folder / name} does not match the sha256 recorded when it was saved: the file was "
-                "truncated, modified or replaced"
-            )
+def _verify_files(folder: Path, manifest: dict[str, Any], verify: bool) -> None:
+    try:
+        refuse_code_and_pickles(folder)
+        check_file_hashes(folder, manifest["sha256"], verify, CheckpointError, exact=False)
+    except UnsafeFolderError as exc:
+        raise CheckpointError(str(exc)) from exc
 
 
 def _build_empty_model(folder: Path, manifest: dict[str, Any]) -> nn.Module:
-    module = importlib.import_module(manifest["model_module"])
-    cls = getattr(module, manifest["model_class"], None)
-    if cls is None:
-        raise CheckpointError(f"{manifest['model_module']} has no model class {manifest['model_class']!r}")
-    config = json.loads((folder / MODEL_CONFIG).read_text())
-    with parameters_on_meta():
-        return cls.from_config(config)
+    try:
+        cls = resolve_model_class(manifest["model_class"])
+    except UnsafeFolderError as exc:
+        raise CheckpointError(f"{folder / MANIFEST}: {exc}") from exc
+    config = read_json(folder / MODEL_CONFIG, CheckpointError)
+    if not isinstance(config, dict) or config.get("_class_name", cls.__name__) != cls.__name__:
+        raise CheckpointError(f"{folder / MODEL_CONFIG} is not the config of a {cls.__name__}")
+    try:
+        with parameters_on_meta():
+            return cls.from_config(config)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{folder / MODEL_CONFIG}: cannot build a {cls.__name__}: {exc}") from exc
+
+
+def _packed_codes(name: str, entry: dict[str, Any], spec: QuantSpec, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The stored codes of a layer, checked to be in the dtype and shape its spec packs to."""
+    key = f"{name}.weight_codes"
+    if key not in tensors:
+        raise CheckpointError(f"layer {name!r}: {key} is missing from {TENSORS}")
+    codes_shape = entry["codes_shape"]
+    probe = pack_format_codes(torch.zeros(1, codes_shape[-1], dtype=torch.int16), spec.qformat)
+    expected = (probe.dtype, [*codes_shape[:-1], probe.shape[-1]])
+    packed = tensors.pop(key)
+    if (packed.dtype, list(packed.shape)) != expected:
+        raise CheckpointError(f"layer {name!r}: stored codes are {packed.dtype} {list(packed.shape)} but its "
+                              f"{spec.format} spec packs to {expected[0]} {expected[1]}")
+    return packed
 
 
 def _prepare_layers(model: nn.Module, layers: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, LayerPlan]:
     plan = {}
     modules = dict(model.named_modules())
     for name, entry in layers.items():
+        weight, inp = _layer_specs(name, entry)
         if name not in modules:
             raise CheckpointError(f"checkpoint layer {name!r} does not exist in the model built from config.json")
-        weight = None if entry["weight"] is None else QuantSpec.from_dict(entry["weight"])
-        inp = None if entry["input"] is None else QuantSpec.from_dict(entry["input"])
-        layer = wrap_layer(modules[name], weight, inp)
-        if list(layer.weight.shape) != entry["weight_shape"]:
+        try:
+            layer = wrap_layer(modules[name], weight, inp)
+        except (TypeError, ValueError, NotImplementedError) as exc:
+            raise CheckpointError(f"layer {name!r}: {exc}") from exc
+        if type(layer).__name__ != entry["type"] or list(layer.weight.shape) != entry["weight_shape"]:
             raise CheckpointError(
-                f"layer {name!r}: the weight was saved as {entry['weight_shape']} but config.json builds "
-                f"{list(layer.weight.shape)}"
+                f"layer {name!r}: saved as a {entry['type']} of weight {entry['weight_shape']} but config.json "
+                f"builds a {type(layer).__name__} of {list(layer.weight.shape)}"
             )
         if weight is not None:
-            packed = tensors.pop(f"{name}.weight_codes")
-            codes = unpack_format_codes(packed, weight.qformat, entry["codes_shape"][-1])
+            codes = unpack_format_codes(_packed_codes(name, entry, weight, tensors), weight.qformat,
+                                        entry["codes_shape"][-1])
             tensors[f"{name}.weight_codes"] = codes
             _decode_weight_scale(name, weight, tensors)
             layer.hold_codes(codes)
@@ -380,24 +639,36 @@ def _add_buffer_placeholders(model: nn.Module, tensors: dict[str, torch.Tensor])
             owner._buffers[attr] = torch.empty_like(value, device="meta")
 
 
-def load_quantized(path: str | Path, verify: bool = True) -> Any:
-    """Load a quantized model folder (or a pipeline folder with a quantized denoiser)."""
+def load_quantized(path: str | Path, verify: bool = True, allow_unsealed: bool = False) -> Any:
+    """Load a quantized model folder (or a pipeline folder with a quantized denoiser).
+
+    verify=False skips the sha256 of the large files (the manifests' seals and schema are always
+    checked). allow_unsealed=True also loads folders saved before manifests were sealed (format v1),
+    which the caller vouches for; save them again to seal them."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
     if (path / PIPELINE_INDEX).is_file():
-        return _load_pipeline(path, verify)
-    return _load_model(path, verify)
+        return _load_pipeline(path, verify, allow_unsealed)
+    return _load_model(path, verify, allow_unsealed)
 
 
-def _load_model(folder: Path, verify: bool) -> nn.Module:
-    manifest = _read_manifest(folder)
-    if verify:
-        _verify_hashes(folder, manifest)
+def _load_model(folder: Path, verify: bool, allow_unsealed: bool = False) -> nn.Module:
+    manifest = _read_manifest(folder, allow_unsealed)
+    _verify_files(folder, manifest, verify)
+    try:
+        recipe = Recipe.from_dict(manifest["recipe"])
+    except RecipeError as exc:
+        raise CheckpointError(f"{folder / MANIFEST}: recipe: {exc}") from exc
     try:
         tensors = load_file(folder / TENSORS)
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{folder / TENSORS} cannot be read: {exc}") from exc
+    for key, value in tensors.items():
+        try:
+            check_finite(key, value)
+        except NonFiniteError as exc:
+            raise CheckpointError(f"{folder / TENSORS}: {exc}") from exc
     model = _build_empty_model(folder, manifest)
     plan = _prepare_layers(model, manifest["layers"], tensors)
     _prepare_attention(model, manifest.get("attention", {}))
@@ -409,9 +680,18 @@ def _load_model(folder: Path, verify: bool) -> nn.Module:
     left_on_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if left_on_meta:
         raise CheckpointError(f"{folder}: no tensors for parameters {left_on_meta[:5]}")
-    setattr(model, STATE_ATTR, QuantizationState(Recipe.from_dict(manifest["recipe"]), plan,
-                                                 list(manifest.get("stage_reports", []))))
+    setattr(model, STATE_ATTR, QuantizationState(recipe, plan, list(manifest.get("stage_reports", []))))
     return model.eval()
+
+
+def saved_by_older_format(path: str | Path) -> bool:
+    """A quantized model or pipeline folder whose manifest is of an older format than this diffquant writes."""
+    path = Path(path)
+    for manifest in (path / MANIFEST, *(path / n / MANIFEST for n in DENOISER_COMPONENTS)):
+        if manifest.is_file():
+            data = read_json(manifest, CheckpointError)
+            return isinstance(data, dict) and data.get("format_version") != FORMAT_VERSION
+    return False
 
 
 def is_quantized_folder(path: str | Path) -> bool:
@@ -424,17 +704,52 @@ def load_pipeline_any(path: str | Path) -> Any:
     """A pipeline folder, full precision or with a quantized denoiser."""
     if is_quantized_folder(path):
         return load_quantized(path)
+    from diffquant.integrations.diffusers_io import load_pipeline_folder
+
+    return load_pipeline_folder(Path(path))
+
+
+def check_saved_pipeline(folder: Path, verify: bool) -> dict[str, Any]:
+    """The pipeline manifest sealed and every file of the folder as saved; model_index.json allow-listed."""
+    where = folder / PIPELINE_MANIFEST
+    if not where.is_file():
+        raise CheckpointError(f"{folder} has no {PIPELINE_MANIFEST}: it was not saved by this diffquant version "
+                              "(quantize the pipeline again)")
+    manifest = check_seal(read_json(where, CheckpointError), where, CheckpointError)
+    _check_fields(str(where), manifest, {"format": str, "format_version": int, "diffquant_version": str,
+                                         "sha256": dict})
+    if (manifest["format"], manifest["format_version"]) != (PIPELINE_FORMAT, 1):
+        raise CheckpointError(f"{where}: format {manifest['format']!r} v{manifest['format_version']} is not "
+                              f"{PIPELINE_FORMAT!r} v1")
+    try:
+        refuse_code_and_pickles(folder)
+        check_file_hashes(folder, manifest["sha256"], verify, CheckpointError, exempt=(PIPELINE_MANIFEST,))
+        index = read_json(folder / PIPELINE_INDEX, CheckpointError)
+        check_pipeline_index(index, folder / PIPELINE_INDEX)
+    except UnsafeFolderError as exc:
+        raise CheckpointError(str(exc)) from exc
+    return index
+
+
+def _check_unsealed_pipeline(folder: Path) -> dict[str, Any]:
+    """A pipeline folder saved before pipeline manifests: nothing that runs code, an allow-listed index."""
+    try:
+        refuse_code_and_pickles(folder)
+        index = read_json(folder / PIPELINE_INDEX, CheckpointError)
+        check_pipeline_index(index, folder / PIPELINE_INDEX)
+    except UnsafeFolderError as exc:
+        raise CheckpointError(str(exc)) from exc
+    return index
+
+
+def _load_pipeline(folder: Path, verify: bool, allow_unsealed: bool) -> Any:
     from diffusers import DiffusionPipeline
 
-    return DiffusionPipeline.from_pretrained(path)
-
-
-def _load_pipeline(folder: Path, verify: bool) -> Any:
-    from diffusers import DiffusionPipeline
-
-    index = json.loads((folder / PIPELINE_INDEX).read_text())
-    quantized = {name: _load_model(folder / name, verify) for name in DENOISER_COMPONENTS
-                 if name in index and (folder / name / MANIFEST).is_file()}
+    sealed_folder = (folder / PIPELINE_MANIFEST).is_file() or not allow_unsealed
+    index = check_saved_pipeline(folder, verify) if sealed_folder else _check_unsealed_pipeline(folder)
+    # the denoiser's files are hashed above with the whole folder, when it has a pipeline manifest
+    quantized = {name: _load_model(folder / name, verify and not sealed_folder, allow_unsealed)
+                 for name in DENOISER_COMPONENTS if name in index and (folder / name / MANIFEST).is_file()}
     if not quantized:
         raise CheckpointError(f"{folder} is a pipeline folder without a quantized transformer or unet")
-    return DiffusionPipeline.from_pretrained(folder, **quantized)
+    return DiffusionPipeline.from_pretrained(folder, use_safetensors=True, **quantized)

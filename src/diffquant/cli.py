@@ -8,7 +8,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
+
 from diffquant.checkpoint import CheckpointError
+from diffquant.cli_args import OneLineParser, non_negative_int, positive_int
 from diffquant.formats.base import UnknownFormatError
 from diffquant.formats.spec import SpecError
 from diffquant.recipes.config import RecipeError
@@ -16,9 +19,10 @@ from diffquant.recipes.config import RecipeError
 # Command name -> (help, add_arguments, run). Later features register their own commands.
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
-# Errors that are the user's input, reported as one line without a traceback.
-USER_ERRORS = (RecipeError, SpecError, UnknownFormatError, CheckpointError, FileNotFoundError, FileExistsError,
-               ValueError)
+# Errors that are the user's input, reported as one line without a traceback. OSError covers paths (missing,
+# a folder where a file belongs, no permission). TypeError and KeyError are left out on purpose: where user
+# input causes them the library raises a typed error instead, so one that reaches main is a bug to see.
+USER_ERRORS = (RecipeError, SpecError, UnknownFormatError, CheckpointError, OSError, yaml.YAMLError, ValueError)
 
 
 def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]) -> Callable:
@@ -50,9 +54,9 @@ def _quantize_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", required=True, help="preset name (see `diffquant recipes`) or recipe file")
     parser.add_argument("--out", required=True, type=Path, help="output folder (written atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--calib-samples", type=int, default=None,
+    parser.add_argument("--calib-samples", type=positive_int, default=None,
                         help="conditions sampled for calibration (default: 64 for zoo models, 8 for pipelines)")
-    parser.add_argument("--calib-steps", type=int, default=None,
+    parser.add_argument("--calib-steps", type=positive_int, default=None,
                         help="sampling steps during calibration (default: the model's sampler, 20 for pipelines)")
     parser.add_argument("--seed", type=int, default=None, help="calibration seed")
 
@@ -88,10 +92,11 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=d.model, help=f"zoo model (default {d.model})")
     parser.add_argument("--recipes", nargs="+", default=list(d.recipes),
                         help=f"presets or recipe files (default: {' '.join(d.recipes)})")
-    parser.add_argument("--samples", type=int, default=d.samples, help=f"samples per evaluation (default {d.samples})")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own)")
+    parser.add_argument("--samples", type=positive_int, default=d.samples,
+                        help=f"samples per evaluation (default {d.samples})")
+    parser.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's own)")
     parser.add_argument("--out", type=Path, default=d.out, help=f"output folder (default {d.out})")
-    parser.add_argument("--speed-samples", type=int, default=d.speed_samples,
+    parser.add_argument("--speed-samples", type=non_negative_int, default=d.speed_samples,
                         help=f"samples per timed frozen-vs-FP generation, 0 to skip (default {d.speed_samples})")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -149,25 +154,53 @@ def _kernels(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     _register_feature_commands()
-    parser = argparse.ArgumentParser(prog="diffquant", description="Low-bit quantization of diffusion models")
+    parser = OneLineParser(prog="diffquant", description="Low-bit quantization of diffusion models")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details and show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_arguments, run) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_arguments(p)
-        p.set_defaults(run=run)
+        p.set_defaults(run=run, parser=p)
     return parser
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Arguments, with an unknown option reported by the command's own parser (`diffquant quantize:
+    error: ...`), not the top-level one."""
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:
+        args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def user_error_message(exc: Exception) -> str | None:
+    """The one-line report of an error in the user's input; None for a bug (which keeps its traceback).
+
+    A NotImplementedError with a message says "this model / format is not supported" (unsupported
+    attention processors, packed non-integer formats); a bare one is a missing method: a bug.
+    """
+    if isinstance(exc, NotImplementedError):
+        return str(exc) or None
+    if not isinstance(exc, USER_ERRORS):
+        return None
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        return f"{exc.strerror}: {exc.filename}"  # rather than "[Errno 13] Permission denied: 'x'"
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = _parse(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed as one line: a return code
+        return 0 if exc.code is None else int(exc.code)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return args.run(args)
-    except USER_ERRORS as exc:
-        if args.verbose:
+    except Exception as exc:
+        message = None if args.verbose else user_error_message(exc)
+        if message is None:
             raise
-        print(f"diffquant {args.command}: error: {exc}", file=sys.stderr)
+        print(f"diffquant {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffquant.configs import check_count
+
 DEFAULT_MODEL = "fmnist-dit"
 DEFAULT_RECIPES = ("w8a8", "w4a4")
 
@@ -29,6 +31,13 @@ class DemoConfig:
     out: Path = field(default_factory=lambda: Path("runs") / "demo")
     progress: bool = True
     speed_samples: int = 64  # samples per timed generation (0: no speed measurement)
+
+    def __post_init__(self) -> None:
+        if not self.recipes:
+            raise ValueError("the demo needs at least one recipe")
+        check_count("samples", self.samples)
+        check_count("steps", self.steps, optional=True)
+        check_count("speed_samples", self.speed_samples, minimum=0)
 
 
 def demo_paths(config: DemoConfig, recipe: str) -> tuple[Path, Path, Path]:

@@ -37,10 +37,11 @@ Changing the strength rebuilds the concatenation (SVDQuant layers) or just chang
 reads; adapters with strength 0 are left out of the concatenation, so strength 0 is bitwise the base.
 
 What a LoRA leaves out: it is not part of the quantized checkpoint, and it does not survive freezing.
-`save_quantized` and `freeze` refuse a model with a LoRA attached (LoraAttachedError): saving would
-store the concatenated factors as the model's own branch, and freezing would bake them into the packed
-layers where detach can no longer reach them. Detach, save or freeze, then attach again (attaching to a
-frozen model works the same way).
+`save_quantized`, `freeze` and `quantize` refuse a model with a LoRA attached (LoraAttachedError): saving
+would store the concatenated factors as the model's own branch, freezing would bake them into the packed
+layers where detach can no longer reach them, and quantizing would wrap the adapted layers, dropping the
+LoRA and its detach state. Detach, quantize / save / freeze, then attach again (attaching to a frozen
+model works the same way).
 """
 
 from __future__ import annotations
@@ -266,11 +267,16 @@ def attached(model: nn.Module) -> dict[str, LoraHandle]:
 
 
 def require_detached(model: nn.Module, action: str) -> None:
-    """Raise LoraAttachedError if a LoRA is attached to `model` (module docstring: why)."""
+    """Raise LoraAttachedError if a LoRA is attached to `model`, or to a model enclosing one of its
+    layers (module docstring: why)."""
     names = sorted(attached(model))
     if names:
         raise LoraAttachedError(f"cannot {action} while LoRA {', '.join(map(repr, names))} is attached: detach it "
                                 f"first (diffquant.lora.detach(model, name)) and attach it again afterwards")
+    adapted = next((name for name, module in model.named_modules() if _STATE in module.__dict__), None)
+    if adapted is not None:
+        raise LoraAttachedError(f"cannot {action} while a LoRA is attached to layer {adapted!r} (through an "
+                                "enclosing model): detach it there first and attach it again afterwards")
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from diffquant.calib.steps import sampling_step
 from diffquant.checkpoint import load_quantized, save_quantized
 from diffquant.formats.ops import sqnr_db
 from diffquant.info import checkpoint_info
+from diffquant.recipes.config import RecipeError
 from diffquant.recipes.presets import list_presets
 
 CHECK_DIT_CONFIG = dict(
@@ -62,14 +63,24 @@ def run_trajectory(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat(outputs)
 
 
+def selected_presets(names: list[str] | None) -> dict:
+    """The presets named (all of them for None or none named); an unknown name is a RecipeError, not a
+    row left out of the table."""
+    presets = list_presets()
+    unknown = [name for name in names or () if name not in presets]
+    if unknown:
+        raise RecipeError(f"unknown recipe preset{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}; "
+                          f"available: {', '.join(presets)}")
+    return {name: recipe for name, recipe in presets.items() if not names or name in names}
+
+
 def run_selfcheck(recipes: list[str] | None = None, workdir: Path | None = None) -> list[CheckRow]:
+    presets = selected_presets(recipes)  # before the model is built: a typo fails at once
     reference_model = check_model()
     reference = run_trajectory(reference_model)
     rows = []
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        for name, recipe in list_presets().items():
-            if recipes and name not in recipes:
-                continue
+        for name, recipe in presets.items():
             model = quantize(copy.deepcopy(reference_model), recipe, calibration=run_trajectory, progress=False)
             out = run_trajectory(model)
             folder = save_quantized(model, Path(tmp) / name)

@@ -7,7 +7,8 @@ from pathlib import Path
 from diffquant import zoo
 from diffquant.api import quantize
 from diffquant.calib.pipeline import pipeline_calibration
-from diffquant.checkpoint import save_quantized
+from diffquant.checkpoint import check_target, is_diffquant_folder, save_quantized
+from diffquant.folders import read_json
 from diffquant.integrations.diffusers_io import (
     denoiser_of,
     is_pipeline_folder,
@@ -35,11 +36,12 @@ def quantize_folder(
     calibration run the full-precision pipeline; a bare model folder has no sampler to run.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    check_target(out, overwrite, is_diffquant_folder)  # before hours of work, not after
+    _positive_or_none(calib_samples=calib_samples, calib_steps=calib_steps)
     recipe_obj = resolve_recipe(recipe)  # fail on a bad recipe before loading anything
     if zoo.is_zoo_name(str(source)):
-        return quantize_zoo_model(str(source), recipe_obj, out, overwrite, calib_samples or 64, calib_steps,
+        return quantize_zoo_model(str(source), recipe_obj, out, overwrite,
+                                  64 if calib_samples is None else calib_samples, calib_steps,
                                   1234 if seed is None else seed)
     source = Path(source)
     if not source.exists():
@@ -47,7 +49,8 @@ def quantize_folder(
     if is_pipeline_folder(source):
         pipe = load_pipeline_folder(source)
         _, model = denoiser_of(pipe)
-        calibration = pipeline_calibration(pipe, calib_samples or 8, calib_steps or 20, seed=seed or 0)
+        calibration = pipeline_calibration(pipe, 8 if calib_samples is None else calib_samples,
+                                           20 if calib_steps is None else calib_steps, seed=seed or 0)
         quantize(model, recipe_obj, calibration=calibration)
         return save_quantized(pipe, out, overwrite=overwrite, source=source)
     if recipe_obj.needs_calibration:
@@ -58,6 +61,12 @@ def quantize_folder(
     model = load_model_folder(source)
     quantize(model, recipe_obj)
     return save_quantized(model, out, overwrite=overwrite)
+
+
+def _positive_or_none(**values: int | None) -> None:
+    for name, value in values.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
 
 
 def quantize_zoo_model(
@@ -89,6 +98,7 @@ def zoo_name_of(folder: str | Path) -> str | None:
     marker = Path(folder) / ZOO_MARKER
     if not marker.is_file():
         return None
-    import json
-
-    return json.loads(marker.read_text())["zoo"]
+    data = read_json(marker, ValueError)
+    if not isinstance(data, dict) or not isinstance(data.get("zoo"), str):
+        raise ValueError(f"{marker} does not name a zoo model ({{\"zoo\": NAME}})")
+    return data["zoo"]

@@ -18,6 +18,7 @@ from diffquant.nn.attention import AttentionQuantConfig, QuantAttnProcessor, att
 from diffquant.nn.packed import PackedLayer
 from diffquant.recipes import Recipe
 from tests.io.conftest import TINY_DIT, dit_calibration, dit_output
+from tests.manifest_edits import edit_manifest
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -67,9 +68,7 @@ def test_checkpoint_without_attention_has_no_attention_entry(quantized_dit, tmp_
 
 def test_attention_entry_for_a_missing_module_is_a_checkpoint_error(model, tmp_path):
     folder = save_quantized(model, tmp_path / "q")
-    manifest = json.loads((folder / MANIFEST).read_text())
-    manifest["attention"]["transformer_blocks.7.attn1"] = ATTENTION.to_dict()
-    (folder / MANIFEST).write_text(json.dumps(manifest))
+    edit_manifest(folder / MANIFEST, lambda m: m["attention"].update({"transformer_blocks.7.attn1": ATTENTION.to_dict()}))
     with pytest.raises(CheckpointError, match="transformer_blocks.7.attn1"):
         load_quantized(folder)
 

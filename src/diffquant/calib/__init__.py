@@ -16,11 +16,18 @@ from diffquant.calib.sets import (
     tdac_weights,
     uniform_counts,
 )
-from diffquant.calib.stats import ActivationStats, ChannelRange, LayerStats, collect_activation_stats
+from diffquant.calib.stats import (
+    ActivationStats,
+    CalibrationMismatchError,
+    ChannelRange,
+    LayerStats,
+    collect_activation_stats,
+)
 from diffquant.calib.steps import current_step, sampling_step, track_pipeline_steps
 
 __all__ = [
     "ActivationStats",
+    "CalibrationMismatchError",
     "CalibrationSet",
     "ChannelRange",
     "LayerStats",

@@ -482,7 +482,7 @@ def capture(
             sl = slice(start, start + batch_size)
             recorder.batch, recorder.offset = len(labels[sl]), start
             sample_latents(model, labels[sl], noise[sl], steps)
-    meta = {"model": model.name, "num_samples": num_samples, "steps": steps or model.default_steps,
+    meta = {"model": model.name, "num_samples": num_samples, "steps": model.default_steps if steps is None else steps,
             "seed": seed, "guidance_scale": model.guidance_scale, "feature_module": module_name}
     return recorder.calibration_set(meta), recorder.step_features(module_name, num_samples)
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffquant.calib.steps import current_step
+from diffquant.finite import check_finite
 
 
 @dataclass
@@ -47,6 +48,9 @@ class ChannelRange:
         return ChannelRange(torch.minimum(self.lo, other.lo), torch.maximum(self.hi, other.hi),
                             self.count + other.count)
 
+    def copy(self) -> ChannelRange:
+        return ChannelRange(self.lo.clone(), self.hi.clone(), self.count)
+
     @property
     def absmax(self) -> torch.Tensor:
         return torch.maximum(self.lo.abs(), self.hi.abs())
@@ -57,6 +61,19 @@ class ChannelRange:
 
 
 ROW_SAMPLE_SEED = 0
+NON_FINITE_HINT = ("the calibration data or the full-precision model gives NaN / Inf there: look for NaN / Inf "
+                   "in the calibration inputs (one bad sample is enough), or calibrate a float16 model in float32")
+
+
+class CalibrationMismatchError(ValueError):
+    """Calibration statistics that do not fit the model they are given for."""
+
+
+def check_range_finite(name: str, rng: ChannelRange, step: int | None) -> None:
+    """Raise NonFiniteError naming the layer and the sampling step if the range holds NaN / ±Inf."""
+    where = "outside any sampling step" if step is None else f"at sampling step {step}"
+    for bound in (rng.lo, rng.hi):
+        check_finite(f"calibration input range of layer {name!r} {where}", bound, NON_FINITE_HINT)
 
 
 @dataclass(frozen=True)
@@ -125,21 +142,45 @@ class LayerStats:
     per_step: dict[int, ChannelRange] = field(default_factory=dict)
     sample: RowSample | None = None
 
-    def observe(self, x2d: torch.Tensor, step: int | None, rows: Rows | None = None) -> None:
+    def observe(self, x2d: torch.Tensor, step: int | None, rows: Rows | None = None,
+                name: str = "(unnamed)") -> None:
         """x2d [tokens, C]: the input's channel vectors (ranges); rows: what the sample draws from, the
-        same x2d rows unless given (a conv's patches: patch_rows)."""
+        same x2d rows unless given (a conv's patches: patch_rows). name: the layer, for errors: a call
+        with NaN / ±Inf raises NonFiniteError at once (min / max would carry it into every range)."""
         x2d = x2d.detach().float()
-        if self.overall is None:
-            self.overall = ChannelRange.of(x2d)
-        else:
-            self.overall.update(x2d)
+        call = ChannelRange.of(x2d)
+        check_range_finite(name, call, step)
+        self.overall = call if self.overall is None else self.overall.merged(call)
         if step is not None:
-            if step in self.per_step:
-                self.per_step[step].update(x2d)
-            else:
-                self.per_step[step] = ChannelRange.of(x2d)
+            known = self.per_step.get(step)
+            self.per_step[step] = call.copy() if known is None else known.merged(call)
         if self.sample is not None:
             self.sample.update_rows(Rows.of(x2d) if rows is None else rows)
+
+    def check_finite(self, name: str) -> None:
+        """Raise NonFiniteError if a range or the row sample holds NaN / ±Inf (statistics from elsewhere)."""
+        if self.overall is not None:
+            check_range_finite(name, self.overall, None)
+        for step, rng in sorted(self.per_step.items()):
+            check_range_finite(name, rng, step)
+        if self.sample is not None and self.sample.rows is not None:
+            check_finite(f"calibration row sample of layer {name!r}", self.sample.rows, NON_FINITE_HINT)
+
+    def check_width(self, name: str, channels: int, taps: int = 1) -> None:
+        """Raise CalibrationMismatchError unless every range has `channels` entries and the row sample
+        taps·channels columns: statistics of another model (another width) would be accepted silently."""
+        shapes = [(f"step {s} range", tuple(r.lo.shape)) for s, r in sorted(self.per_step.items())]
+        if self.overall is not None:
+            shapes.insert(0, ("range", tuple(self.overall.lo.shape)))
+        bad = [(what, shape) for what, shape in shapes if shape != (channels,)]
+        if self.sample is not None and self.sample.rows is not None and self.sample.rows.shape[1] != taps * channels:
+            bad.append(("row sample", tuple(self.sample.rows.shape)))
+        if bad:
+            what, shape = bad[0]
+            raise CalibrationMismatchError(
+                f"calibration statistics of layer {name!r} do not fit it: its {what} has shape {shape}, the layer "
+                f"reads {channels} input channels ({taps * channels} per row): they were collected on another "
+                "model (another width); collect them on this model")
 
     def divided(self, divisor: torch.Tensor) -> LayerStats:
         assert self.overall is not None
@@ -305,7 +346,7 @@ def observe_inputs(modules: dict[str, nn.Module], stats: ActivationStats,
                 stats[name] = LayerStats(sample=RowSample(sample_rows, taps=_taps(module)) if sample_rows else None)
             sharing.see(name, x)
             rows = patch_rows(module, x) if sample_rows and is_conv(module) else None
-            stats[name].observe(feature_last_2d(module, x), current_step(), rows)
+            stats[name].observe(feature_last_2d(module, x), current_step(), rows, name)
 
         return hook
 
@@ -330,6 +371,20 @@ def collect_activation_stats(
     with torch.no_grad(), observe_inputs(modules, stats, sample_rows):
         run()
     return stats
+
+
+def input_channels(module: nn.Module) -> int:
+    """The channels of a (float or quantized) Linear / Conv2d input: what its statistics are per."""
+    return module.in_channels if is_conv(module) else module.in_features
+
+
+def check_given_stats(stats: ActivationStats, modules: dict[str, nn.Module]) -> None:
+    """Statistics collected elsewhere, before a model takes them: every range and sample finite
+    (NonFiniteError), and each of `modules`' of its width (CalibrationMismatchError)."""
+    for name, layer in stats.items():
+        layer.check_finite(name)
+    for name, module in modules.items():
+        stats[name].check_width(name, input_channels(module), _taps(module))
 
 
 def modules_by_name(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:

@@ -9,15 +9,16 @@ import sys
 from pathlib import Path
 
 from diffquant.cli import command
+from diffquant.cli_args import positive_int
 
 
 def _eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", help="zoo model name (full precision) or a folder from `diffquant quantize ZOO_NAME`")
-    parser.add_argument("--samples", type=int, default=1000, help="generated samples, balanced classes (default 1000)")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own)")
+    parser.add_argument("--samples", type=positive_int, default=1000, help="generated samples, balanced classes (default 1000)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's own)")
     parser.add_argument("--seed", type=int, default=0, help="initial-noise seed (default 0)")
-    parser.add_argument("--sqnr-samples", type=int, default=64, help="samples for the eps SQNR (default 64)")
-    parser.add_argument("--batch-size", type=int, default=250, help="generation batch size (default 250)")
+    parser.add_argument("--sqnr-samples", type=positive_int, default=64, help="samples for the eps SQNR (default 64)")
+    parser.add_argument("--batch-size", type=positive_int, default=250, help="generation batch size (default 250)")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the metrics as JSON")
     parser.add_argument("--grid", type=Path, default=None, metavar="FILE", help="write an FP-over-target PNG grid")
     parser.add_argument("--no-cache", action="store_true",

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from diffquant import zoo
+from diffquant.cli_args import positive_int
 from diffquant.eval.runner import FP_RECIPE, Judge, evaluate, model_fingerprint, write_json_atomic
 from diffquant.recipes import Recipe, list_presets
 from diffquant.recipes.presets import resolve_recipe
@@ -84,11 +85,12 @@ def recipe_names(config: ReportConfig) -> list[str]:
 
 def quantized_folder(model: str, fingerprint: str, recipe: Recipe, work: Path) -> Path:
     """The quantized zoo folder for (FP weights, recipe), made once and reused (written atomically)."""
+    from diffquant.checkpoint import saved_by_older_format
     from diffquant.workflows import quantize_zoo_model
 
     digest = hashlib.sha256((fingerprint + recipe.cache_key()).encode()).hexdigest()
     folder = work / model / f"{recipe.name}-{digest[:16]}"
-    if not folder.exists():
+    if not folder.exists() or saved_by_older_format(folder):  # older folders are not loaded: redone
         quantize_zoo_model(model, recipe, folder, overwrite=True)
     return folder
 
@@ -319,10 +321,10 @@ def _plot_model(ax_fid: Any, ax_psnr: Any, model: str, rows: list[dict[str, Any]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", help="zoo models (default: every one with shipped weights)")
     parser.add_argument("--recipes", nargs="+", help="'fp' and preset names / recipe files (default: fp + all presets)")
-    parser.add_argument("--samples", type=int, default=1000, help="samples per model x recipe (default 1000)")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own)")
+    parser.add_argument("--samples", type=positive_int, default=1000, help="samples per model x recipe (default 1000)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's own)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sqnr-samples", type=int, default=64, help="samples for the eps SQNR (default 64)")
+    parser.add_argument("--sqnr-samples", type=positive_int, default=64, help="samples for the eps SQNR (default 64)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"report folder (default {DEFAULT_OUT})")
     parser.add_argument("--work", type=Path, default=None, help="quantized folders (default ~/.cache/diffquant/report)")
     parser.add_argument("--no-cache", action="store_true", help="regenerate FP images instead of using the cache")

@@ -39,7 +39,8 @@ from safetensors.torch import save_file
 from diffquant import zoo
 from diffquant.api import STATE_ATTR, quantized_layers
 from diffquant.calib.steps import sampling_step
-from diffquant.checkpoint import is_quantized_folder, save_quantized
+from diffquant.checkpoint import check_output_file, is_quantized_folder, save_quantized
+from diffquant.configs import check_count, positive_or_default
 from diffquant.eval import metrics
 from diffquant.eval.stats import ReferenceStats, classifier_features, load_reference_stats
 from diffquant.formats.ops import sqnr_db
@@ -74,6 +75,7 @@ class EvalSettings:
             raise ValueError(f"evaluation needs at least 2 samples (FID needs a covariance), got {self.samples}")
         if self.sqnr_samples < 1 or self.batch_size < 1:
             raise ValueError("sqnr_samples and batch_size must be positive")
+        check_count("steps", self.steps, optional=True)  # before any sampling: None is the model's default
 
 
 @dataclass
@@ -328,6 +330,9 @@ def evaluate(
     them to `json_path` / a sample grid to `grid_path` when given. See the module docstring."""
     settings = EvalSettings(samples, steps, seed, sqnr_samples, batch_size, cache,
                             Path(cache_dir) if cache_dir is not None else None, progress, frozen)
+    for path in (json_path, grid_path):  # before minutes of sampling, not after
+        if path is not None:
+            check_output_file(Path(path))
     evaluation = run_evaluation(resolve_target(target, reference), settings, judge or Judge())
     if json_path is not None:
         write_json_atomic(json_path, evaluation.result)
@@ -349,7 +354,7 @@ class Evaluation:
 
 def run_evaluation(target: EvalTarget, settings: EvalSettings, judge: Judge) -> Evaluation:
     ref = target.reference
-    steps = settings.steps or ref.default_steps
+    steps = positive_or_default("steps", settings.steps, ref.default_steps)
     labels = balanced_labels(settings.samples, ref.num_classes)
     recipe, bits = recipe_and_bits(target.model.denoiser)
     total_bytes, q_bytes = weight_bytes(target.model.denoiser, target.folder)  # before freezing repacks

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from diffquant.configs import positive_or_default
 from diffquant.eval.runner import EvalTarget, balanced_labels, recipe_and_bits, resolve_target, weight_bytes
 from diffquant.zoo.model import LatentDiffusionModel, generate
 
@@ -90,7 +91,7 @@ def time_frozen_against_fp(folders: Sequence[str | Path], samples: int = 64, ste
     if len({t.reference.name for t in targets}) != 1:
         raise ValueError("time folders of one zoo model at a time (they share its FP reference)")
     reference = targets[0].reference
-    steps = steps or reference.default_steps
+    steps = positive_or_default("steps", steps, reference.default_steps)
     sizes = [weight_bytes(t.model.denoiser, t.folder)[0] for t in targets]  # before freezing repacks
     fp_bytes = weight_bytes(reference.denoiser)[0]
     paths = [_freeze(t) for t in targets]

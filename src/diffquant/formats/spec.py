@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
 
-from diffquant.configs import reject_unknown_keys
+from diffquant.configs import check_field_types, check_instance_types, reject_unknown_keys
 from diffquant.formats.base import QFormat, SpecError, get_format
 from diffquant.formats.scales import ScaleFormat, get_scale_format
 
@@ -58,6 +59,7 @@ class QuantSpec:
     split_shortcut: bool = False
 
     def __post_init__(self) -> None:
+        check_instance_types(self, "quantization spec", SpecError)  # `symmetric: "no"` is not False
         fmt = get_format(self.format)  # raises for unknown formats / bit widths
         if self.granularity not in ACTIVATION_GRANULARITIES:
             raise SpecError(
@@ -142,7 +144,10 @@ class QuantSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantSpec:
         """A spec from a recipe entry; fields its format fixes (spec_defaults) may be left out."""
+        if not isinstance(data, Mapping):
+            raise SpecError(f"a quantization spec is a mapping of its fields (e.g. {{format: int8}}), got {data!r}")
         reject_unknown_keys("quantization spec", data, cls, SpecError)
+        check_field_types("quantization spec", data, cls, SpecError)  # before get_format reads `format`
         fmt = get_format(data.get("format", cls.format))
         return cls(**{**dict(fmt.spec_defaults), **data})
 

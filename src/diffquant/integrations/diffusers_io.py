@@ -1,12 +1,16 @@
-"""Load users' diffusers model folders and pipeline folders (lazy diffusers import)."""
+"""Load users' diffusers model folders and pipeline folders (lazy diffusers import).
+
+Only safetensors weights and allow-listed classes: a folder with pickled weights or Python files is
+refused before diffusers sees it (diffusers would unpickle .bin files and import a component's .py).
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from diffquant.checkpoint import DENOISER_COMPONENTS, PIPELINE_INDEX
+from diffquant.folders import check_pipeline_index, read_json, refuse_code_and_pickles, resolve_model_class
 
 
 def is_pipeline_folder(path: Path) -> bool:
@@ -15,22 +19,21 @@ def is_pipeline_folder(path: Path) -> bool:
 
 def load_model_folder(path: Path) -> Any:
     """A diffusers model from a folder with config.json (+ weights), class from `_class_name`."""
-    import diffusers
-
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} has neither model_index.json (a pipeline) nor config.json (a model)")
-    class_name = json.loads(config_file.read_text()).get("_class_name")
-    cls = getattr(diffusers, class_name or "", None)
-    if cls is None:
-        raise ValueError(f"{config_file}: _class_name {class_name!r} is not a diffusers model class")
-    return cls.from_pretrained(path)
+    config = read_json(config_file, ValueError)
+    cls = resolve_model_class(config.get("_class_name") if isinstance(config, dict) else None)
+    refuse_code_and_pickles(path)
+    return cls.from_pretrained(path, use_safetensors=True)
 
 
 def load_pipeline_folder(path: Path) -> Any:
     from diffusers import DiffusionPipeline
 
-    return DiffusionPipeline.from_pretrained(path)
+    check_pipeline_index(read_json(path / PIPELINE_INDEX, ValueError), path / PIPELINE_INDEX)
+    refuse_code_and_pickles(path)
+    return DiffusionPipeline.from_pretrained(path, use_safetensors=True)
 
 
 def denoiser_of(pipe: Any) -> tuple[str, Any]:

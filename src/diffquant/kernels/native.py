@@ -4,7 +4,9 @@ their resident weight layout, and the fused-kernel interface they share (FusedKe
 Build: the system C compiler ($CC, default `cc`) compiles a source with its build's flags into
 $DIFFQUANT_CACHE_DIR/kernels (default ~/.cache/diffquant/kernels), keyed by a hash of the source, the
 headers it includes (dq_runtime.h, dq_items.h, dq_quantize.h) and the flags, into a temporary file renamed into place
-(concurrent builds never see half a file), then loads it with ctypes. First with OpenMP, so the kernels'
+(concurrent builds never see half a file), with a sidecar `<library>.sha256` written first: a cached
+library is loaded only if it still has that hash and is the user's own, not writable by others; one that
+was replaced or edited is rebuilt, never loaded. Then loads it with ctypes. First with OpenMP, so the kernels'
 threads are torch's own pool (dq_runtime.h, parallel()), then without it (pthreads). Without a compiler,
 or when every build fails, the library is a sentence saying why (logged, and shown by `diffquant kernels`)
 and its backend is unavailable.
@@ -32,6 +34,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from diffquant.folders import sha256_of
 
 HERE = Path(__file__).parent
 HEADERS = ("dq_runtime.h", "dq_items.h", "dq_quantize.h")
@@ -99,23 +103,53 @@ class NativeLibrary:
         text = b"".join((HERE / name).read_bytes() for name in (self.source.name, *HEADERS))
         key = hashlib.sha256(text + " ".join(flags).encode()).hexdigest()[:16]
         target = cache_dir() / f"{self.source.stem}-{key}.so"
-        if not target.is_file():
+        if not _cached_intact(target):
             _compile(compiler, flags, self.source, target)
         return ctypes.CDLL(str(target))
 
 
+def _sidecar(target: Path) -> Path:
+    return target.with_name(target.name + ".sha256")
+
+
+def _cached_intact(target: Path) -> bool:
+    """The cached library is as this process family built it: the recorded hash, owned by this user and
+    writable by nobody else (a library another user could replace would run their code here)."""
+    try:
+        info = target.stat()
+        recorded = _sidecar(target).read_text().strip()
+    except OSError:
+        return False
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        log.warning("diffquant kernels: %s is not this user's own or is writable by others; rebuilding it",
+                    target)
+        return False
+    if sha256_of(target) != recorded:
+        log.warning("diffquant kernels: %s does not match the hash recorded when it was built; rebuilding it",
+                    target)
+        return False
+    return True
+
+
 def _compile(compiler: str, flags: tuple[str, ...], source: Path, target: Path) -> None:
-    """Compile into a temporary file next to `target`, then rename: concurrent builds never see half a file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    """Compile into a temporary file next to `target`, record its hash, then rename: concurrent builds
+    never see half a file, nor a library without its hash."""
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    fd, tmp_sha = tempfile.mkstemp(suffix=".sha256", dir=target.parent)
     os.close(fd)
     try:
         subprocess.run([compiler, *flags, str(source), "-o", tmp], check=True, capture_output=True, text=True,
                        timeout=300)
+        os.chmod(tmp, 0o755)
+        Path(tmp_sha).write_text(sha256_of(Path(tmp)))
+        os.replace(tmp_sha, _sidecar(target))
         os.replace(tmp, target)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for leftover in (tmp, tmp_sha):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
 
 
 def _ptr(t: torch.Tensor) -> int:

@@ -109,7 +109,13 @@ class AttentionQuantConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AttentionQuantConfig:
+        if not isinstance(data, Mapping):
+            raise SpecError(f"attention maps operands ({', '.join(OPERANDS)}) to specs, got {data!r}")
         reject_unknown_keys("attention operand", data, cls, SpecError)
+        for operand, spec in data.items():
+            if spec is not None and not isinstance(spec, Mapping | QuantSpec):
+                raise SpecError(f"attention operand {operand!r} takes a spec mapping or null (full precision), "
+                                f"got {spec!r}")
         return cls(**{
             op: spec if spec is None or isinstance(spec, QuantSpec) else QuantSpec.from_dict(spec)
             for op, spec in data.items()
@@ -510,7 +516,7 @@ def observe_attention_operands(
         def record(operand: str, x: torch.Tensor) -> None:
             if operand in wanted:
                 key = operand_key(attn_name, operand)
-                stats.setdefault(key, LayerStats()).observe(x.reshape(-1, x.shape[-1]), current_step())
+                stats.setdefault(key, LayerStats()).observe(x.reshape(-1, x.shape[-1]), current_step(), name=key)
 
         return record
 

@@ -112,7 +112,12 @@ class QuantizedLayer(nn.Module):
             raise RuntimeError("fold_input_scale must run before the weight is quantized")
         if getattr(self, "groups", 1) != 1:
             raise NotImplementedError("input-channel scaling of grouped convolutions")
-        factor = factor.to(self.weight.dtype)
+        dtype = self.weight.dtype
+        if torch.finfo(dtype).bits < 32:
+            # float16 holds λ and W·λ only up to 65504: cap λ there (still exact, x / λ and W·λ share it)
+            limit = torch.finfo(dtype).max / 2
+            factor = torch.minimum(factor.float(), limit / self.weight_input_absmax().float().clamp_min(1.0))
+        factor = factor.to(dtype)
         self.weight.mul_(self.input_channel_view(factor))
         self.smooth = factor.clone() if self.smooth is None else self.smooth * factor
 
@@ -220,21 +225,31 @@ def low_rank_product(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return (down @ up).t()
 
 
+def branch_dtype(xs: torch.Tensor) -> torch.dtype:
+    """What the low-rank branch computes in: float32 for a float16 / bfloat16 input. Its factors are
+    kept in float32 where float16 would overflow, and the rank-r hidden xs·L1 carries the norm of a
+    whole output row (up to √out times its largest value), so float16 overflows it to Inf / NaN."""
+    return torch.promote_types(xs.dtype, torch.float32)
+
+
 def linear_low_rank(xs: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """The Linear branch (xs @ L1) @ L2 in xs's dtype: two thin GEMMs, never the [in, out] product."""
-    return (xs @ down.to(xs.dtype)) @ up.to(xs.dtype)
+    """The Linear branch (xs @ L1) @ L2 in xs's dtype (computed in branch_dtype): two thin GEMMs, never the
+    [in, out] product."""
+    dtype = branch_dtype(xs)
+    return ((xs.to(dtype) @ down.to(dtype)) @ up.to(dtype)).to(xs.dtype)
 
 
 def conv_low_rank(xs: torch.Tensor, down: torch.Tensor, up: torch.Tensor, conv) -> torch.Tensor:
     """A conv layer's branch on x̂ [B, c_in, H, W]: L1 [kh·kw·c_in, r] (K in (kh, kw, c_in) order) as a
     [r, c_in, kh, kw] kernel with `conv`'s stride / padding / dilation, then L2 [r, out] as a 1x1 conv.
-    Equal to patches(x̂) · L1 · L2 at every output pixel, in x̂'s dtype (as linear_low_rank). conv: a
-    QConv2d or ConvGeometry."""
-    down, up = down.to(xs.dtype), up.to(xs.dtype)
+    Equal to patches(x̂) · L1 · L2 at every output pixel, in x̂'s dtype (computed in branch_dtype, as
+    linear_low_rank). conv: a QConv2d or ConvGeometry."""
+    dtype = branch_dtype(xs)
+    down, up = down.to(dtype), up.to(dtype)
     rank = down.shape[1]
     kernel = down.t().reshape(rank, *conv.kernel_size, -1).permute(0, 3, 1, 2)
-    hidden = F.conv2d(xs, kernel, None, conv.stride, conv.padding, conv.dilation)
-    return F.conv2d(hidden, up.t().reshape(up.shape[1], rank, 1, 1))
+    hidden = F.conv2d(xs.to(dtype), kernel, None, conv.stride, conv.padding, conv.dilation)
+    return F.conv2d(hidden, up.t().reshape(up.shape[1], rank, 1, 1)).to(xs.dtype)
 
 
 class QLinear(QuantizedLayer):

@@ -33,7 +33,7 @@ from diffquant.formats.base import IntFormat
 from diffquant.formats.ops import block_view, dequantize, fake_quantize, unblock_view
 from diffquant.formats.spec import QuantSpec
 from diffquant.nn.layers import QuantizedLayer
-from diffquant.nn.quantizers import ActivationQuantizer, WeightQuantizer, step_qparams
+from diffquant.nn.quantizers import ActivationQuantizer, WeightQuantizer, compute_dtype, step_qparams
 
 ZETA, GAMMA = 1.1, -0.1
 _TINY = torch.finfo(torch.float32).tiny
@@ -167,8 +167,9 @@ class LSQActivation(OverQuantizer):
         per_scale = max(x.numel() // scale.numel(), 1)
         scale = grad_scale(scale.clamp_min(_TINY), 1.0 / math.sqrt(per_scale * self.spec.qformat.qmax))
         scale, zero_point = self.base.per_channel(scale, x.shape[-1]), self.base.per_channel(zero_point, x.shape[-1])
-        return fake_quantize(x, scale.to(x.dtype), None if zero_point is None else zero_point.to(x.dtype),
-                             self.spec.qformat)
+        xc = x.to(compute_dtype(x))  # float16: _TINY and small step sizes would round to 0
+        return fake_quantize(xc, scale.to(xc.dtype), None if zero_point is None else zero_point.to(xc.dtype),
+                             self.spec.qformat).to(x.dtype)
 
     @torch.no_grad()
     def write_back(self) -> None:
@@ -200,9 +201,10 @@ class LSQWeight(OverQuantizer):
         blocks = block_view(weight2d, spec.granularity, spec.group_size)
         scale = grad_scale(self.scale.clamp_min(_TINY), 1.0 / math.sqrt(blocks.shape[-1] * spec.qformat.qmax))
         zero_point = self.base.zero_point
-        fq = fake_quantize(blocks, scale.to(blocks.dtype), None if zero_point is None else zero_point.to(blocks.dtype),
+        bc = blocks.to(compute_dtype(blocks))
+        fq = fake_quantize(bc, scale.to(bc.dtype), None if zero_point is None else zero_point.to(bc.dtype),
                            spec.qformat)
-        return unblock_view(fq, weight2d.shape, spec.granularity)
+        return unblock_view(fq.to(blocks.dtype), weight2d.shape, spec.granularity)
 
     @torch.no_grad()
     def write_back(self) -> None:

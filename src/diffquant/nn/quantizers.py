@@ -21,6 +21,12 @@ from diffquant.formats.ops import (
 from diffquant.formats.spec import QuantSpec
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a float16 / bfloat16 tensor is fake-quantized in: float32 (a float16 scale underflows
+    to 0 and x / scale overflows; a two-level scale is float32 anyway); wider dtypes as they are."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 class WeightQuantizer(nn.Module):
     """Round-to-nearest weight quantizer over a [out, K] weight matrix (input axis last).
 
@@ -186,12 +192,13 @@ class ActivationQuantizer(nn.Module):
         return qparams_from_range(lo, hi, spec.qformat, spec.symmetric, spec.scale_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xc = x.to(compute_dtype(x))
         if self.spec.dynamic:
-            return fake_quantize_dynamic(x, self.spec)
+            return fake_quantize_dynamic(xc, self.spec).to(x.dtype)
         scale, zero_point = self.static_qparams()
         scale, zero_point = self.per_channel(scale, x.shape[-1]), self.per_channel(zero_point, x.shape[-1])
-        return fake_quantize(x, scale.to(x.dtype), None if zero_point is None else zero_point.to(x.dtype),
-                             self.spec.qformat)
+        return fake_quantize(xc, scale.to(xc.dtype), None if zero_point is None else zero_point.to(xc.dtype),
+                             self.spec.qformat).to(x.dtype)
 
     def static_qparams(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The calibrated scale / zero point in force: the current sampling step's when per-step (an

@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
 
-from diffquant.configs import reject_unknown_keys
+from diffquant.configs import check_field_types, check_instance_types, reject_unknown_keys
 from diffquant.formats.spec import QuantSpec, SpecError
 from diffquant.nn.attention import AttentionQuantConfig
 
@@ -27,8 +28,11 @@ class RecipeError(ValueError):
     """An invalid recipe: unknown keys, bad values, an override matching nothing."""
 
 
-def _check_keys(kind: str, data: dict[str, Any], cls: type) -> None:
+def _check_keys(kind: str, data: Mapping[str, Any], cls: type) -> None:
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"{kind}: expected a mapping of its fields, got {data!r}")
     reject_unknown_keys(kind, data, cls, RecipeError)
+    check_field_types(kind, data, cls, RecipeError)
 
 
 # -- stages -----------------------------------------------------------------------------------
@@ -102,9 +106,11 @@ def registered_stages() -> dict[str, type[StageConfig]]:
 def stage_from_dict(data: dict[str, Any]) -> StageConfig:
     import diffquant.algorithms  # noqa: F401  (algorithm modules register their stages)
 
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"a stage is a mapping with a `type` (e.g. {{type: smoothquant}}), got {data!r}")
     data = dict(data)
     kind = data.pop("type", None)
-    if kind not in _STAGES:
+    if not isinstance(kind, str) or kind not in _STAGES:
         raise RecipeError(f"unknown stage type {kind!r}; known: {sorted(_STAGES)}")
     cls = _STAGES[kind]
     _check_keys(f"stage {kind!r}", data, cls)
@@ -138,6 +144,7 @@ class Override:
     skip: bool = False
 
     def __post_init__(self) -> None:
+        check_instance_types(self, "override", RecipeError)
         if self.include and self.skip:
             raise RecipeError(f"override {self.match!r}: include and skip exclude each other")
         for side in ("weight", "input"):
@@ -145,7 +152,8 @@ class Override:
             if isinstance(value, str) and value != FP:
                 raise RecipeError(f"override {self.match!r}: {side} must be {FP!r} or a dict, got {value!r}")
             if isinstance(value, dict):
-                _check_keys(f"override {side}", value, QuantSpec)
+                reject_unknown_keys(f"override {side}", value, QuantSpec, RecipeError)
+                check_field_types(f"override {self.match!r}: {side} spec", value, QuantSpec, RecipeError)
 
 
 def patch_spec(base: QuantSpec | None, patch: str | dict[str, Any] | None, side: str) -> QuantSpec | None:
@@ -170,16 +178,67 @@ def patch_spec(base: QuantSpec | None, patch: str | dict[str, Any] | None, side:
 def _attention_from_dict(data: Any) -> AttentionQuantConfig:
     if isinstance(data, AttentionQuantConfig):
         return data
-    if not isinstance(data, dict):
-        raise RecipeError(f"`attention` maps operands (query, key, value, probs) to specs, got {type(data).__name__}")
-    for operand, spec in data.items():
-        if spec is not None and not isinstance(spec, dict | QuantSpec):
-            raise RecipeError(f"attention operand {operand!r} takes a spec mapping or null (full precision), "
-                              f"got {spec!r}")
     try:
         return AttentionQuantConfig.from_dict(data)
     except SpecError as exc:
-        raise RecipeError(f"attention: {exc}") from exc
+        raise RecipeError(f"`attention`: {exc}") from exc
+
+
+def _spec_from_dict(side: str, data: Any) -> QuantSpec:
+    try:
+        return QuantSpec.from_dict(data)
+    except SpecError as exc:
+        raise RecipeError(f"`{side}`: {exc}") from exc
+
+
+def _entries(key: str, data: Mapping[str, Any]) -> list[Any]:
+    """The list under `key` (stages, overrides); absent or null: none. Anything else is an error, not a
+    sequence to iterate (a string would become one entry per character)."""
+    value = data.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list | tuple):
+        raise RecipeError(f"`{key}` is a list of mappings, got {value!r}")
+    return list(value)
+
+
+def _override_from_dict(data: Any) -> Override:
+    _check_keys("override", data, Override)
+    return Override(**data)
+
+
+def _recipe_parts(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of a recipe mapping that are typed configs themselves, parsed."""
+    parts: dict[str, Any] = {side: _spec_from_dict(side, data[side])
+                             for side in ("weight", "input") if data.get(side) is not None}
+    if data.get("attention") is not None:
+        parts["attention"] = _attention_from_dict(data["attention"])
+    parts["stages"] = tuple(stage_from_dict(s) for s in _entries("stages", data))
+    parts["overrides"] = tuple(_override_from_dict(o) for o in _entries("overrides", data))
+    return parts
+
+
+def _read_recipe_file(path: Path) -> Any:
+    """The parsed content of a recipe file; undecodable text and malformed YAML/JSON are RecipeErrors."""
+    text = path.read_bytes()  # OSError (missing, a folder, unreadable) is the caller's to report
+    try:
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text.decode())
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except json.JSONDecodeError as exc:
+        raise RecipeError(f"not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from exc
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"not valid YAML: {_yaml_problem(exc)}") from exc
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line for a YAML error (its str() spans several, with a source excerpt)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+    return problem if mark is None else f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+
+
+_PLAIN_FIELDS = ("name", "description", "version")  # the recipe's fields that are not typed configs
 
 
 @dataclass(frozen=True)
@@ -205,6 +264,7 @@ class Recipe:
     attention: AttentionQuantConfig | None = None
 
     def __post_init__(self) -> None:
+        check_field_types("recipe", {k: getattr(self, k) for k in _PLAIN_FIELDS}, Recipe, RecipeError)
         if self.version != RECIPE_VERSION:
             raise RecipeError(f"recipe version {self.version} is not supported (this diffquant reads {RECIPE_VERSION})")
         if self.weight is None and self.input is None:
@@ -269,27 +329,22 @@ class Recipe:
         return json.dumps(data, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Recipe:
-        if not isinstance(data, dict):
-            raise RecipeError(f"a recipe is a mapping, got {type(data).__name__}")
-        _check_keys("recipe", data, cls)
-        data = dict(data)
+    def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
+        if not isinstance(data, Mapping):
+            got = "nothing (an empty file?)" if data is None else f"{type(data).__name__} {data!r}"
+            raise RecipeError(f"a recipe is a mapping, got {got}")
+        if "name" not in data:
+            raise RecipeError("a recipe needs a `name`")
+        reject_unknown_keys("recipe", data, cls, RecipeError)
+        check_field_types("recipe", {k: data[k] for k in _PLAIN_FIELDS if k in data}, cls, RecipeError)
         try:
-            for side in ("weight", "input"):
-                if data.get(side) is not None:
-                    data[side] = QuantSpec.from_dict(data[side])
-            if data.get("attention") is not None:
-                data["attention"] = _attention_from_dict(data["attention"])
-            data["stages"] = tuple(stage_from_dict(s) for s in data.get("stages") or ())
-            overrides = data.get("overrides") or ()
-            for o in overrides:
-                _check_keys("override", o, Override)
-            data["overrides"] = tuple(Override(**o) for o in overrides)
-            if "name" not in data:
-                raise RecipeError("a recipe needs a `name`")
-            return cls(**data)
-        except SpecError as exc:
-            raise RecipeError(f"recipe {data.get('name', '?')!r}: {exc}") from exc
+            parts = _recipe_parts(data)
+        except (SpecError, RecipeError) as exc:
+            raise RecipeError(f"recipe {data['name']!r}: {exc}") from exc
+        try:
+            return cls(**{**data, **parts})
+        except SpecError as exc:  # RecipeErrors of __post_init__ name the recipe already
+            raise RecipeError(f"recipe {data['name']!r}: {exc}") from exc
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -299,8 +354,11 @@ class Recipe:
 
     @classmethod
     def from_file(cls, path: str | Path) -> Recipe:
+        """A recipe from a .json file or a YAML one; any error in its content is one RecipeError that
+        names the file (OSError when it cannot be read)."""
         path = Path(path)
-        text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(_read_recipe_file(path))
+        except RecipeError as exc:
+            raise RecipeError(f"recipe file {path}: {exc}") from exc
 

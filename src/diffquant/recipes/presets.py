@@ -31,6 +31,8 @@ def resolve_recipe(recipe: str | Path | Recipe) -> Recipe:
         return recipe
     path = Path(recipe)
     if path.suffix in (".yaml", ".yml", ".json"):
+        if path.is_dir():
+            raise RecipeError(f"recipe file {str(path)!r} is a folder, not a file")
         if not path.is_file():
             raise RecipeError(f"recipe file {str(path)!r} does not exist")
         return Recipe.from_file(path)

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffquant.calib.steps import sampling_step
+from diffquant.configs import check_count, positive_or_default
 
 
 class Conditioning:
@@ -101,6 +102,9 @@ class LatentDiffusionModel:
         """A `calibration=` function for diffquant.quantize: sample `num_samples` balanced labels
         through every sampling step (seeds disjoint from evaluation's by default). Its `reseeded(seed)`
         gives the same sampler from other noise (training stages draw fresh trajectories with it)."""
+        check_count("calibration num_samples", num_samples)
+        check_count("calibration steps", steps, optional=True)
+        check_count("calibration batch_size", batch_size)
         labels = torch.arange(num_samples) % self.num_classes
         noise = self.initial_noise(num_samples, seed)
 
@@ -140,7 +144,7 @@ def sample_latents(
     the number of scheduler timesteps.
     """
     scheduler = model.scheduler
-    scheduler.set_timesteps(steps or model.default_steps)
+    scheduler.set_timesteps(positive_or_default("steps", steps, model.default_steps))
     x = noise * scheduler.init_noise_sigma
     for i, t in enumerate(tqdm(scheduler.timesteps, desc="sample", disable=not progress, leave=False)):
         model_input = scheduler.scale_model_input(x, t)

@@ -30,6 +30,13 @@ class ZooEntry:
 _ZOO: dict[str, ZooEntry] = {}
 
 
+class UnknownZooModelError(KeyError, ValueError):
+    """A name that no zoo model has: a KeyError for lookups, a ValueError (user input) for the CLI."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""  # KeyError's str() would quote the message
+
+
 def register(entry: ZooEntry) -> ZooEntry:
     _ZOO[entry.name] = entry
     return entry
@@ -47,7 +54,7 @@ def entries() -> dict[str, ZooEntry]:
 def get(name: str) -> ZooEntry:
     _ensure_registered()
     if name not in _ZOO:
-        raise KeyError(f"unknown zoo model {name!r}; available: {', '.join(sorted(_ZOO)) or 'none'}")
+        raise UnknownZooModelError(f"unknown zoo model {name!r}; available: {', '.join(sorted(_ZOO)) or 'none'}")
     entry = _ZOO[name]
     if not entry.available:
         raise FileNotFoundError(f"zoo model {name!r} has no shipped weights at {entry.folder}")

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from diffquant.calib.steps import sampling_step
+from diffquant.configs import positive_or_default
 from diffquant.eval import metrics
 from diffquant.zoo.classifier import accuracy
 from diffquant.zoo.data import CLASS_NAMES, fashion_mnist_tensors
@@ -102,7 +103,7 @@ def diffusion_objective(
     latents, labels = data
     noising = DDPMScheduler.from_config(model.scheduler.config)  # the training betas of the sampler
     sampler = type(model.scheduler).from_config(model.scheduler.config)
-    sampler.set_timesteps(sampler_steps or model.default_steps)
+    sampler.set_timesteps(positive_or_default("sampler_steps", sampler_steps, model.default_steps))
     timesteps = sampler.timesteps.clone()
 
     def objective(denoiser: nn.Module, i: int) -> torch.Tensor:

@@ -22,8 +22,8 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from diffquant.checkpoint import sha256_of
 from diffquant.eval.metrics import feature_statistics
+from diffquant.folders import sha256_of
 from diffquant.zoo.classifier import WEIGHTS_DIR as CLASSIFIER_DIR
 from diffquant.zoo.classifier import load_classifier
 

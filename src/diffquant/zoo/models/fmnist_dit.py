@@ -25,6 +25,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTPipeline, 
 from diffusers.models.embeddings import LabelEmbedding
 from torch import nn
 
+from diffquant.cli_args import positive_int
 from diffquant.zoo.classifier import load_classifier
 from diffquant.zoo.data import CLASS_NAMES, fashion_mnist_tensors
 from diffquant.zoo.model import ClassConditioning, LatentDiffusionModel
@@ -447,15 +448,15 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         description="Train the Fashion-MNIST latent DiT and ship its pipeline folder."
     )
-    p.add_argument("--steps", type=int, default=10000)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=positive_int, default=10000)
+    p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="output pipeline folder")
     p.add_argument(
         "--checkpoint-dir", type=Path, default=None, help=f"default ~/.cache/diffquant/train/{NAME}"
     )
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--fp32", action="store_true", help="train without bf16 autocast")
     args = p.parse_args(argv)
     command = (

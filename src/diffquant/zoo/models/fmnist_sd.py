@@ -54,6 +54,7 @@ from diffusers import (
 )
 from torch import nn
 
+from diffquant.cli_args import positive_int
 from diffquant.zoo.classifier import load_classifier
 from diffquant.zoo.data import CLASS_NAMES, fashion_mnist_tensors
 from diffquant.zoo.model import LatentDiffusionModel
@@ -265,13 +266,14 @@ def load_pipeline(folder: str | Path) -> StableDiffusionPipeline:
     StableDiffusionPipeline whose non-optional text_encoder / tokenizer are ``null`` in model_index.json
     unless they are passed explicitly, which is what this does.
     """
-    from diffquant.checkpoint import MANIFEST, load_quantized  # heavy import, deferred to first load
+    from diffquant.checkpoint import MANIFEST, check_saved_pipeline, load_quantized  # heavy: deferred
 
     folder = Path(folder)
     components: dict = {"text_encoder": None, "tokenizer": None}  # replaced by the prompt spec's table
     if (folder / "unet" / MANIFEST).is_file():
-        components["unet"] = load_quantized(folder / "unet")  # verifies the recorded sha256s
-    return StableDiffusionPipeline.from_pretrained(str(folder), **components)
+        check_saved_pipeline(folder, verify=True)  # every file as saved, nothing that runs code
+        components["unet"] = load_quantized(folder / "unet", verify=False)
+    return StableDiffusionPipeline.from_pretrained(str(folder), use_safetensors=True, **components)
 
 
 def load_fmnist_sd(folder: Path) -> LatentDiffusionModel:
@@ -594,17 +596,17 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         description="Train the Fashion-MNIST text-to-image UNet and ship its pipeline folder."
     )
-    p.add_argument("--steps", type=int, default=6000)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=positive_int, default=6000)
+    p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="output pipeline folder")
     p.add_argument(
         "--checkpoint-dir", type=Path, default=None, help=f"default ~/.cache/diffquant/train/{NAME}"
     )
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--fp32", action="store_true", help="train without bf16 autocast")
-    p.add_argument("--stop-at", type=int, default=None,
+    p.add_argument("--stop-at", type=positive_int, default=None,
                    help="train (or resume) only to this step of the --steps schedule, then ship")
     args = p.parse_args(argv)
     command = f"python -m diffquant.zoo.models.fmnist_sd --steps {args.steps} --batch-size {args.batch_size} --seed {args.seed}"
