@@ -34,15 +34,10 @@ cleared by the next save beside them.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import json
 import logging
-import os
-import re
 import shutil
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +48,7 @@ from torch import nn
 
 import diffquant
 from diffquant.api import STATE_ATTR, QuantizationState, quantized_layers
+from diffquant.atomic import atomic_directory
 from diffquant.finite import NonFiniteError, check_finite
 from diffquant.folders import (
     UnsafeFolderError,
@@ -90,128 +86,6 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(ValueError):
     """A quantized checkpoint that is missing, corrupt, tampered with or for another model."""
-
-
-# -- atomic folder writes -----------------------------------------------------------------------
-
-# Siblings a save works in: ".<name>.tmp-<pid>-<hex>" (being written), ".<name>.old-<pid>-<hex>" (the
-# replaced folder, between the two renames of a save without an atomic exchange).
-_WORK_FOLDER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)-)?[0-9a-f]{8}$")
-_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
-_AT_FDCWD = -100
-
-
-def _renameat2(src: Path, dst: Path, flags: int) -> bool:
-    """Linux renameat2(2): True when done, False where the system or file system lacks it."""
-    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if fn is None:
-        return False
-    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), ctypes.c_uint(flags)) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), str(dst))
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
-
-
-def clear_stale_work_folders(path: Path) -> None:
-    """Remove what interrupted saves to `path` left beside it, and put back a folder that a save had
-    moved aside and died before replacing. Work folders of running saves are left alone."""
-    if not path.parent.is_dir():
-        return
-    for sibling in path.parent.iterdir():
-        match = _WORK_FOLDER.match(sibling.name)
-        if match is None or match["name"] != path.name:
-            continue
-        if match["pid"] is not None and _process_alive(int(match["pid"])):
-            continue  # a save in progress (this process's own threads included)
-        if match["kind"] == "old" and not path.exists():
-            os.replace(sibling, path)
-        else:
-            shutil.rmtree(sibling, ignore_errors=True)
-
-
-def _work_folder(path: Path, kind: str) -> Path:
-    return path.parent / f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def check_target(path: Path, overwrite: bool, replaceable: Callable[[Path], bool] | None = None) -> None:
-    """Raise now (before any work) if a save to `path` would fail or replace what it was not told to."""
-    path = Path(path)
-    if path.exists() or path.is_symlink():
-        if not overwrite:
-            raise FileExistsError(f"{path} already exists (pass overwrite=True / --overwrite to replace it)")
-        if replaceable is not None and not replaceable(path):
-            raise FileExistsError(f"{path} exists and is not a diffquant folder: refusing to replace it (remove it "
-                                  "yourself, or choose another output folder)")
-    _check_creatable(path)
-
-
-def _check_creatable(path: Path) -> None:
-    parent = next((p for p in path.absolute().parents if p.exists()), None)
-    if parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK)):
-        raise PermissionError(f"cannot create {path}: {parent} is not a writable folder")
-
-
-def check_output_file(path: Path) -> None:
-    """Raise now if a file cannot be written at `path` (a folder there, or no writable folder above)."""
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder: give a file name")
-    _check_creatable(path)
-
-
-def _commit(tmp: Path, path: Path, overwrite: bool, replaceable: Callable[[Path], bool] | None) -> None:
-    """Move the finished `tmp` to `path`, checked again here: another save may have finished meanwhile."""
-    check_target(path, overwrite, replaceable)
-    if not (overwrite and path.exists()):  # decided once: `path` may appear at any moment
-        try:
-            if not _renameat2(tmp, path, _RENAME_NOREPLACE):
-                os.rename(tmp, path)  # still refuses a non-empty folder that appeared since the check
-        except OSError as exc:
-            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                raise FileExistsError(f"{path} was created by someone else during this save; it is left as "
-                                      "it is") from exc
-            raise
-        return
-    if _renameat2(tmp, path, _RENAME_EXCHANGE):
-        shutil.rmtree(tmp)  # tmp now holds the replaced folder
-        return
-    old = _work_folder(path, "old")
-    os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old)
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | Path, overwrite: bool = False,
-                     replaceable: Callable[[Path], bool] | None = None) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; move it to `path` only if the block succeeds.
-
-    An existing `path` is replaced only with overwrite, and then only if `replaceable(path)` (when
-    given) allows it; both are checked before the block and again at the commit.
-    """
-    path = Path(path)
-    check_target(path, overwrite, replaceable)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clear_stale_work_folders(path)
-    tmp = _work_folder(path, "tmp")
-    tmp.mkdir()
-    try:
-        yield tmp
-        _commit(tmp, path, overwrite, replaceable)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def is_diffquant_folder(path: Path) -> bool:

@@ -6,8 +6,9 @@ from pathlib import Path
 
 from diffquant import zoo
 from diffquant.api import quantize
+from diffquant.atomic import check_target
 from diffquant.calib.pipeline import pipeline_calibration
-from diffquant.checkpoint import check_target, is_diffquant_folder, save_quantized
+from diffquant.checkpoint import is_diffquant_folder, save_quantized
 from diffquant.folders import read_json
 from diffquant.integrations.diffusers_io import (
     denoiser_of,

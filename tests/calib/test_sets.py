@@ -386,8 +386,10 @@ def test_load_rejects_a_torn_pair(dit_run, tmp_path):
 
 def test_failed_save_leaves_no_partial_file(dit_run, tmp_path, monkeypatch):
     target = tmp_path / "cal.safetensors"
-    with pytest.raises(FileNotFoundError):
-        dit_run.cal.save(tmp_path / "missing" / "cal.safetensors")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError):  # no folder can be made below a file
+        dit_run.cal.save(tmp_path / "file" / "cal.safetensors")
+    (tmp_path / "file").unlink()
     good = select(dit_run.cal, [1, 1, 1])
     good.save(target)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}

@@ -15,15 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffquant.checkpoint import (
-    MANIFEST,
-    TENSORS,
-    CheckpointError,
-    atomic_directory,
-    clear_stale_work_folders,
-    load_quantized,
-    save_quantized,
-)
+from diffquant.atomic import atomic_directory, clear_stale_work_folders
+from diffquant.checkpoint import MANIFEST, TENSORS, CheckpointError, load_quantized, save_quantized
 from diffquant.workflows import quantize_folder
 from tests.io.conftest import dit_output, quantized_dit  # noqa: F401
 
@@ -210,7 +203,7 @@ def test_a_folder_moved_aside_by_a_dead_save_is_put_back(quantized_dit, tmp_path
 
 
 def test_the_fallback_without_an_atomic_exchange_replaces_whole(quantized_dit, tmp_path, monkeypatch):  # noqa: F811
-    monkeypatch.setattr("diffquant.checkpoint._renameat2", lambda *args: False)
+    monkeypatch.setattr("diffquant.atomic._renameat2", lambda *args: False)
     target = save_quantized(quantized_dit, tmp_path / "q")
     (target / "stale.txt").write_text("from the old folder")
     save_quantized(quantized_dit, target, overwrite=True)

@@ -42,8 +42,6 @@ import contextlib
 import hashlib
 import inspect
 import json
-import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -56,6 +54,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from diffquant.atomic import atomic_file, write_text_atomic
 from diffquant.calib.steps import StepContextError, current_step, current_total_steps, sampling_step
 
 if TYPE_CHECKING:
@@ -173,9 +172,10 @@ class CalibrationSet:
         if self.shared:
             sidecar["shared"] = sorted(self.shared)
         metadata = {"format": FORMAT, "version": str(VERSION), "sha256": digest}
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        with atomic_file(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
         text = json.dumps(sidecar, indent=2, sort_keys=True) + "\n"
-        _atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))
+        write_text_atomic(path.with_suffix(".json"), text)
         return path
 
     @classmethod
@@ -224,17 +224,6 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def _atomic_write(target: Path, write: Callable[[str], object]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # -- capture ---------------------------------------------------------------------------------------

@@ -33,8 +33,16 @@ from typing import Any
 import torch
 
 from diffquant import zoo
+from diffquant.atomic import write_text_atomic
 from diffquant.cli_args import positive_int
-from diffquant.eval.runner import FP_RECIPE, Judge, evaluate, model_fingerprint, write_json_atomic
+from diffquant.eval.runner import (
+    FP_RECIPE,
+    Judge,
+    evaluate,
+    model_fingerprint,
+    save_figure,
+    write_json_atomic,
+)
 from diffquant.recipes import Recipe, list_presets
 from diffquant.recipes.presets import resolve_recipe
 from diffquant.zoo.train_utils import cpu_name
@@ -263,12 +271,7 @@ quantized model and its full-precision (FP) reference start from the same initia
 
 {chr(10).join(grid_lines) or "none yet"}
 """
-    path = out / "README.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(out / "README.md", text)
 
 
 # -- plot -----------------------------------------------------------------------------------------------
@@ -294,12 +297,7 @@ def plot_quality(path: Path, rows: list[dict[str, Any]]) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def _plot_model(ax_fid: Any, ax_psnr: Any, model: str, rows: list[dict[str, Any]], x_of: dict[str, int],

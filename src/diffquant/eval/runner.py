@@ -36,10 +36,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from diffquant import zoo
+from diffquant import atomic, zoo
 from diffquant.api import STATE_ATTR, quantized_layers
+from diffquant.atomic import atomic_file, check_output_file
 from diffquant.calib.steps import sampling_step
-from diffquant.checkpoint import check_output_file, is_quantized_folder, save_quantized
+from diffquant.checkpoint import is_quantized_folder, save_quantized
 from diffquant.configs import check_count, positive_or_default
 from diffquant.eval import metrics
 from diffquant.eval.stats import ReferenceStats, classifier_features, load_reference_stats
@@ -233,11 +234,8 @@ class FPImageCache:
             return None
 
     def save(self, name: str, key: str, images: torch.Tensor, wall_time_s: float) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.path(name, key)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file({"images": images.contiguous()}, str(tmp), metadata={"key": key, "wall_time_s": repr(wall_time_s)})
-        os.replace(tmp, path)
+        with atomic_file(self.path(name, key)) as tmp:
+            save_file({"images": images.contiguous()}, str(tmp), metadata={"key": key, "wall_time_s": repr(wall_time_s)})
 
 
 # -- generation and measurements ----------------------------------------------------------------
@@ -415,12 +413,7 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
     Non-finite floats (NaN from a model whose images blew up) are written as null: JSON has no NaN,
     and one broken recipe must not lose a whole report.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(_finite_or_null(obj), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic.write_json_atomic(path, _finite_or_null(obj), allow_nan=False)
 
 
 def _finite_or_null(obj: Any) -> Any:
@@ -479,12 +472,16 @@ def save_grid(path: str | Path, evaluation: Evaluation) -> Path:
     fig.suptitle(f"{result['model']}: FP vs {result['recipe']} (seed {result['seed']}, {result['steps']} steps)",
                  fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
+    return save_figure(fig, Path(path))
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 100) -> Path:
+    """A matplotlib figure saved atomically (and closed)."""
+    import matplotlib.pyplot as plt
+
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

@@ -74,8 +74,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +82,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from diffquant.atomic import atomic_file
 
 log = logging.getLogger("diffquant.export")
 
@@ -281,23 +281,14 @@ def _warn_skipped_branches(layers: dict[str, Any], skipped: dict[str, str]) -> N
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], out: Path, overwrite: bool) -> Path:
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
     seen: set[int] = set()
     for key, value in tensors.items():  # safetensors refuses shared storage (tied weights, shared λ)
         ident = value.untyped_storage().data_ptr()
         if value.numel() and ident in seen:
             tensors[key] = value.clone()
         seen.add(ident)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(out, overwrite) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return out
 
 

@@ -28,13 +28,13 @@ import logging
 import os
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from diffquant.atomic import atomic_file, write_text_atomic
 from diffquant.folders import sha256_of
 
 HERE = Path(__file__).parent
@@ -135,21 +135,11 @@ def _compile(compiler: str, flags: tuple[str, ...], source: Path, target: Path) 
     """Compile into a temporary file next to `target`, record its hash, then rename: concurrent builds
     never see half a file, nor a library without its hash."""
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    fd, tmp_sha = tempfile.mkstemp(suffix=".sha256", dir=target.parent)
-    os.close(fd)
-    try:
-        subprocess.run([compiler, *flags, str(source), "-o", tmp], check=True, capture_output=True, text=True,
+    with atomic_file(target) as tmp:
+        subprocess.run([compiler, *flags, str(source), "-o", str(tmp)], check=True, capture_output=True, text=True,
                        timeout=300)
         os.chmod(tmp, 0o755)
-        Path(tmp_sha).write_text(sha256_of(Path(tmp)))
-        os.replace(tmp_sha, _sidecar(target))
-        os.replace(tmp, target)
-    finally:
-        for leftover in (tmp, tmp_sha):
-            if os.path.exists(leftover):
-                os.unlink(leftover)
+        write_text_atomic(_sidecar(target), sha256_of(tmp))  # lands before the library does
 
 
 def _ptr(t: torch.Tensor) -> int:

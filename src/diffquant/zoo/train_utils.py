@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from diffquant.checkpoint import atomic_directory
+from diffquant.atomic import atomic_directory
 
 CACHE_ROOT_ENV = "DIFFQUANT_CACHE_DIR"
 

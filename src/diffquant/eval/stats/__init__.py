@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from diffquant.atomic import atomic_file
 from diffquant.eval.metrics import feature_statistics
 from diffquant.folders import sha256_of
 from diffquant.zoo.classifier import WEIGHTS_DIR as CLASSIFIER_DIR
@@ -62,15 +63,13 @@ def compute_reference_stats(out: str | Path = FMNIST_TEST_STATS, root: str | Pat
 
 def save_reference_stats(stats: ReferenceStats, out: str | Path) -> Path:
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tensors = {"mu": stats.mu.astype(np.float32), "sigma": stats.sigma.astype(np.float32)}
     metadata = {"count": str(stats.count), "classifier_sha256": stats.classifier_sha256,
                 "features": "FashionClassifier.features (penultimate, post-ReLU)",
                 "data": "Fashion-MNIST test split, 32x32 padded, [-1, 1], file order"}
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.chmod(tmp, 0o644)  # a shipped package file, readable by all (the temporary file is private)
-    os.replace(tmp, out)
+    with atomic_file(out) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o644)  # a shipped package file, readable by all
     return out
 
 
