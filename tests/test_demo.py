@@ -61,3 +61,14 @@ def test_selfcheck_reloads_bitwise_and_orders_bits():
     assert all(r.reload_bitwise for r in rows.values())
     assert rows["w8a8"].sqnr_db > rows["w4a4"].sqnr_db + 10
     assert rows["w4a4"].weight_bytes_ratio < rows["w8a8"].weight_bytes_ratio < 0.6
+
+
+def test_selfcheck_defaults_to_the_post_training_presets_and_all_adds_the_rest():
+    from diffquant.recipes import list_presets
+    from diffquant.selfcheck import selected_presets
+
+    fast, every = selected_presets(None), selected_presets(None, everything=True)
+    assert set(every) == set(list_presets()) and set(fast) < set(every)
+    assert not any(r.optimizes for r in fast.values())
+    assert {"qdiffusion-w8a8", "edadm-w4a4", "efficientdm-w4a4"} <= set(every) - set(fast)
+    assert set(selected_presets(["edadm-w4a4"])) == {"edadm-w4a4"}  # named presets run whatever they are

@@ -46,15 +46,9 @@ from diffquant.algorithms.qat import QAT
 from diffquant.algorithms.training import Progress, progress_callback
 from diffquant.api import STATE_ATTR, quantize
 from diffquant.eval import metrics
-from diffquant.eval.runner import (
-    EvalSettings,
-    Judge,
-    balanced_labels,
-    eps_sqnr_per_step,
-    fp_images,
-    timed_generate,
-    write_json_atomic,
-)
+from diffquant.eval.evaluation import EvalSettings
+from diffquant.eval.output import write_json_atomic
+from diffquant.eval.runner import Judge, balanced_labels, eps_sqnr_per_step, fp_images, timed_generate
 from diffquant.recipes.config import Recipe
 from diffquant.recipes.presets import resolve_recipe
 from diffquant.zoo.model import LatentDiffusionModel

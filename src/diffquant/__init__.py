@@ -3,6 +3,9 @@
 The core imports neither diffusers nor transformers; integrations load them lazily.
 """
 
+# registration: every algorithm module registers its recipe stages before any recipe is read
+# (recipes.config cannot import them: they import it)
+from diffquant import algorithms as _algorithms  # noqa: F401
 from diffquant import lora
 from diffquant.api import (
     CalibrationRequiredError,
@@ -17,8 +20,7 @@ from diffquant.finite import NonFiniteError, check_finite
 from diffquant.formats import QuantSpec
 from diffquant.freeze import freeze
 from diffquant.recipes import Recipe, get_preset, list_presets
-
-__version__ = "0.1.0"
+from diffquant.version import __version__
 
 __all__ = [
     "CalibrationRequiredError",

@@ -5,32 +5,21 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
 from diffquant.checkpoint import CheckpointError
 from diffquant.cli_args import OneLineParser, non_negative_int, positive_int
+from diffquant.commands import COMMANDS, command
 from diffquant.formats.base import UnknownFormatError
 from diffquant.formats.spec import SpecError
 from diffquant.recipes.config import RecipeError
-
-# Command name -> (help, add_arguments, run). Later features register their own commands.
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
 # Errors that are the user's input, reported as one line without a traceback. OSError covers paths (missing,
 # a folder where a file belongs, no permission). TypeError and KeyError are left out on purpose: where user
 # input causes them the library raises a typed error instead, so one that reaches main is a bug to see.
 USER_ERRORS = (RecipeError, SpecError, UnknownFormatError, CheckpointError, OSError, yaml.YAMLError, ValueError)
-
-
-def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]) -> Callable:
-    def wrap(run: Callable[[argparse.Namespace], int]) -> Callable:
-        COMMANDS[name] = (help, add_arguments, run)
-        return run
-
-    return wrap
 
 
 def _recipes_args(parser: argparse.ArgumentParser) -> None:
@@ -118,15 +107,17 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _selfcheck_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipes", nargs="*", help="preset names (default: all)")
+    parser.add_argument("--recipes", nargs="*", help="preset names (default: every post-training preset)")
+    parser.add_argument("--all", action="store_true",
+                        help="also the presets whose stages optimise (block reconstruction, EfficientDM: minutes)")
 
 
-@command("selfcheck", "quantize a small seeded random DiT with every preset: SQNR, size, bitwise reload",
+@command("selfcheck", "quantize a small seeded random DiT with the presets: SQNR, size, bitwise reload, time",
          _selfcheck_args)
 def _selfcheck(args: argparse.Namespace) -> int:
     from diffquant.selfcheck import format_rows, run_selfcheck
 
-    rows = run_selfcheck(args.recipes)
+    rows = run_selfcheck(args.recipes, everything=args.all)
     print(format_rows(rows))
     return 0 if all(r.reload_bitwise for r in rows) else 1
 

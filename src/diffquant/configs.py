@@ -127,3 +127,15 @@ def positive_or_default(name: str, value: int | None, default: int) -> int:
     """`value`, or `default` when it is None (check_count: 0 and negatives are errors)."""
     check_count(name, value, optional=True)
     return default if value is None else value
+
+
+def reject_inapplicable(config: Any, names: tuple[str, ...], context: str, error: type[Exception]) -> None:
+    """Raise one `error` naming every field of dataclass instance `config` among `names` (fields that
+    `context`, e.g. "calibration_selection method 'uniform'", does not read) that is set to anything but
+    its default: a setting that would be silently ignored is a mistake to report, not to run."""
+    defaults = {f.name: f.default for f in fields(config)}
+    ignored = [name for name in names if getattr(config, name) != defaults[name]]
+    if ignored:
+        settings = ", ".join(f"{name}: {getattr(config, name)!r}" for name in ignored)
+        raise error(f"{settings} {'does' if len(ignored) == 1 else 'do'} not apply to {context}: "
+                    f"leave {'it' if len(ignored) == 1 else 'them'} out")

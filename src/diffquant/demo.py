@@ -68,7 +68,7 @@ def run_demo(config: DemoConfig) -> list[dict[str, Any]]:
 def run_speed(config: DemoConfig) -> Any:
     """Frozen generation time of the demo's folders against FP (eval/speed.py), written to
     `<model>-speed.json`; None when `speed_samples` is 0."""
-    from diffquant.eval.runner import write_json_atomic
+    from diffquant.eval.output import write_json_atomic
     from diffquant.eval.speed import time_frozen_against_fp
 
     if config.speed_samples <= 0:
@@ -84,7 +84,7 @@ def run_speed(config: DemoConfig) -> Any:
 def format_demo(results: Sequence[dict[str, Any]]) -> str:
     """The quality report's table for these rows, with the FP row rebuilt from their FP references."""
     from diffquant.eval.report import markdown_table
-    from diffquant.eval.runner import FP_RECIPE
+    from diffquant.eval.targets import FP_RECIPE
 
     if not results:
         return "no recipes run"

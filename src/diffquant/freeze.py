@@ -17,40 +17,30 @@ there is no integer attention kernel. The projections around them are packed lik
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from diffquant.api import quantized_layers
+from diffquant.checkpoint import save_quantized
+from diffquant.job import quantized_layers, replace_submodule
 from diffquant.kernels import IntGemmBackend, select_backend
 from diffquant.lora import require_detached
 from diffquant.nn.attention import attention_quantizers, attention_summary
-from diffquant.nn.emulated import EMULATED, packed_type
+from diffquant.nn.emulated import EMULATED_PATH, packed_type
 from diffquant.nn.layers import QuantizedLayer
-from diffquant.nn.packed import PackedLayer
+from diffquant.thaw import packed_layers, thaw, thawed  # noqa: F401  (thaw: re-exported beside freeze)
 
 log = logging.getLogger("diffquant.freeze")
 PROC_STATUS = Path("/proc/self/status")
-
-
-def _set_child(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, attr = path.rpartition(".")
-    setattr(model.get_submodule(parent_path) if parent_path else model, attr, module)
 
 
 def model_device(model: nn.Module) -> torch.device:
     """Where the model's tensors live (the first parameter or buffer; CPU for an empty model)."""
     tensors = (t for t in (*model.parameters(), *model.buffers()) if t.device.type != "meta")
     return next((t.device for t in tensors), torch.device("cpu"))
-
-
-def packed_layers(model: nn.Module) -> dict[str, PackedLayer]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, PackedLayer)}
 
 
 def freeze(model: nn.Module, backend: str | IntGemmBackend | None = None,
@@ -67,9 +57,9 @@ def freeze(model: nn.Module, backend: str | IntGemmBackend | None = None,
     for name in names:
         layer: QuantizedLayer = model.get_submodule(name)
         layer.store_codes()  # drops the float weight before the packed copy is made
-        _set_child(model, name, packed_type(layer)(layer, backend=backend, float_dtype=float_dtype))
+        replace_submodule(model, name, packed_type(layer)(layer, backend=backend, float_dtype=float_dtype))
         del layer
-    emulated = sum(model.get_submodule(n).path == EMULATED for n in names)  # fp formats: nn/emulated.py
+    emulated = sum(model.get_submodule(n).kernel is EMULATED_PATH for n in names)  # fp formats: nn/emulated.py
     log.info("froze %d layers with kernel backend %r, %d of them emulated (decoded to float per call)",
              len(names), backend.name, emulated)
     attention = attention_quantizers(model)
@@ -79,30 +69,8 @@ def freeze(model: nn.Module, backend: str | IntGemmBackend | None = None,
     return model
 
 
-def thaw(model: nn.Module) -> nn.Module:
-    """Inverse of freeze: packed modules back to QuantizedLayers holding codes (no float weights)."""
-    for name, packed in packed_layers(model).items():
-        _set_child(model, name, packed.to_quantized_layer())
-    return model
-
-
-@contextlib.contextmanager
-def thawed(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside: `model` with codes-holding QuantizedLayers (what checkpoint.save_quantized reads), low-rank
-    branches included; after: the same packed modules as before."""
-    packed = packed_layers(model)
-    thaw(model)
-    try:
-        yield model
-    finally:
-        for name, module in packed.items():
-            _set_child(model, name, module)
-
-
 def save_frozen(model: nn.Module, path: str | Path, **kwargs) -> Path:
     """checkpoint.save_quantized for a frozen model (the same files as for the model before freezing)."""
-    from diffquant.checkpoint import save_quantized
-
     with thawed(model):
         return save_quantized(model, path, **kwargs)
 

@@ -10,8 +10,8 @@ from typing import Any
 
 from safetensors import safe_open
 
-from diffquant.checkpoint import MANIFEST, PIPELINE_INDEX, TENSORS, CheckpointError, _read_manifest
 from diffquant.formats import get_format
+from diffquant.manifest import MANIFEST, PIPELINE_INDEX, TENSORS, CheckpointError, read_manifest
 from diffquant.nn.attention import AttentionQuantConfig, summary_of
 
 
@@ -31,7 +31,7 @@ def _model_folder(path: Path) -> Path:
 def checkpoint_info(path: str | Path) -> dict[str, Any]:
     """Per-role and total figures of a quantized model or pipeline folder."""
     folder = _model_folder(Path(path))
-    manifest = _read_manifest(folder)
+    manifest = read_manifest(folder)
     layer_bytes: dict[str, int] = defaultdict(int)
     total_params = 0
     with safe_open(folder / TENSORS, framework="pt") as f:

@@ -1,7 +1,8 @@
 """`diffquant selfcheck`: quantize a small DiT built from a config with every preset and report.
 
 A self-contained check that runs on any machine in seconds: it builds a seeded DiT, calibrates on a
-short denoising trajectory, quantizes with each preset recipe, measures the denoiser output against
+short denoising trajectory, quantizes with each post-training preset recipe (with --all also those
+whose stages optimise: minutes), measures the denoiser output against
 full precision (SQNR), saves, reloads and checks the reload is bitwise identical. Random weights
 have no real activation outliers, so these numbers say the machinery works, not how good a method
 is: the zoo models and `diffquant eval` measure that.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,7 @@ class CheckRow:
     sqnr_db: float
     weight_bytes_ratio: float
     reload_bitwise: bool
+    seconds: float  # quantize, run, save and reload
 
 
 def check_model() -> torch.nn.Module:
@@ -63,36 +66,44 @@ def run_trajectory(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat(outputs)
 
 
-def selected_presets(names: list[str] | None) -> dict:
-    """The presets named (all of them for None or none named); an unknown name is a RecipeError, not a
-    row left out of the table."""
+def selected_presets(names: list[str] | None, everything: bool = False) -> dict:
+    """The presets named; with none named, the post-training ones (seconds), or with `everything` also
+    those whose stages optimise (minutes: StageConfig.optimizes). An unknown name is a RecipeError, not
+    a row left out of the table."""
     presets = list_presets()
     unknown = [name for name in names or () if name not in presets]
     if unknown:
         raise RecipeError(f"unknown recipe preset{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}; "
                           f"available: {', '.join(presets)}")
-    return {name: recipe for name, recipe in presets.items() if not names or name in names}
+    if names:
+        return {name: recipe for name, recipe in presets.items() if name in names}
+    return {name: recipe for name, recipe in presets.items() if everything or not recipe.optimizes}
 
 
-def run_selfcheck(recipes: list[str] | None = None, workdir: Path | None = None) -> list[CheckRow]:
-    presets = selected_presets(recipes)  # before the model is built: a typo fails at once
+def run_selfcheck(recipes: list[str] | None = None, workdir: Path | None = None,
+                  everything: bool = False) -> list[CheckRow]:
+    presets = selected_presets(recipes, everything)  # before the model is built: a typo fails at once
     reference_model = check_model()
     reference = run_trajectory(reference_model)
     rows = []
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         for name, recipe in presets.items():
+            start = time.perf_counter()
             model = quantize(copy.deepcopy(reference_model), recipe, calibration=run_trajectory, progress=False)
             out = run_trajectory(model)
             folder = save_quantized(model, Path(tmp) / name)
             reloaded = run_trajectory(load_quantized(folder))
             info = checkpoint_info(folder)
             rows.append(CheckRow(name, recipe.label, sqnr_db(reference, out),
-                                info["quantized_bytes"] / info["quantized_bytes_16bit"], torch.equal(out, reloaded)))
+                                 info["quantized_bytes"] / info["quantized_bytes_16bit"], torch.equal(out, reloaded),
+                                 time.perf_counter() - start))
     return rows
 
 
 def format_rows(rows: list[CheckRow]) -> str:
-    lines = [f"{'recipe':<20}{'bits':<7}{'SQNR vs FP (dB)':>16}{'bytes vs 16-bit':>17}{'reload bitwise':>16}"]
+    lines = [f"{'recipe':<20}{'bits':<7}{'SQNR vs FP (dB)':>16}{'bytes vs 16-bit':>17}{'reload bitwise':>16}"
+             f"{'seconds':>9}"]
     for r in rows:
-        lines.append(f"{r.recipe:<20}{r.bits:<7}{r.sqnr_db:>16.2f}{r.weight_bytes_ratio:>17.3f}{str(r.reload_bitwise):>16}")
+        lines.append(f"{r.recipe:<20}{r.bits:<7}{r.sqnr_db:>16.2f}{r.weight_bytes_ratio:>17.3f}{str(r.reload_bitwise):>16}"
+                     f"{r.seconds:>9.1f}")
     return "\n".join(lines)

@@ -258,6 +258,32 @@ def test_bad_fields_are_recipe_errors(fields, match):
         stage_from_dict({"type": "calibration_selection", **fields})
 
 
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"r": 0.5}, ["r: 0.5"]),
+        ({"lam": 2.0}, ["lam: 2.0"]),
+        ({"radius": "median"}, ["radius: 'median'"]),
+        ({"feature_module": "blocks.1"}, ["feature_module: 'blocks.1'"]),
+        ({"r": 0.5, "radius": "median"}, ["r: 0.5", "radius: 'median'"]),
+    ],
+    ids=["r", "lam", "radius", "feature_module", "two"],
+)
+def test_tdac_fields_under_uniform_are_one_recipe_error_naming_them(fields, named):
+    with pytest.raises(RecipeError, match="not apply to calibration_selection method 'uniform'") as error:
+        stage_from_dict({"type": "calibration_selection", "method": "uniform", **fields})
+    assert all(name in str(error.value) for name in named)
+    stage = stage_from_dict({"type": "calibration_selection", "method": "tdac", **fields})  # TDAC reads them
+    assert all(getattr(stage, key) == value for key, value in fields.items())
+
+
+def test_tdac_fields_left_at_their_defaults_are_accepted_under_uniform():
+    default = CalibrationSelection()
+    stage = stage_from_dict({"type": "calibration_selection", "method": "uniform", "r": default.r,
+                             "lam": default.lam, "radius": default.radius, "feature_module": None})
+    assert stage == CalibrationSelection(method="uniform")
+
+
 def test_presets_and_ablations_select_first():
     from pathlib import Path
 

@@ -15,15 +15,18 @@ import pytest
 import torch
 
 import diffquant
-from diffquant.calib import sets
-from diffquant.calib.sets import (
+from diffquant.calib import (
     CalibrationSet,
     StepFeatures,
+    capped_counts,
     capture,
+    capture_calls,
     counts_from_weights,
     median_step_distance,
     replay,
+    resolve_feature_module,
     select,
+    set_files,
     tdac_scores,
     tdac_weights,
     uniform_counts,
@@ -288,7 +291,7 @@ def test_capture_unet_without_guidance():
 
 def test_feature_module_needs_a_known_layout():
     with pytest.raises(ValueError, match="feature_module"):
-        sets.resolve_feature_module(torch.nn.Linear(2, 2))
+        resolve_feature_module(torch.nn.Linear(2, 2))
 
 
 # -- select ----------------------------------------------------------------------------------------
@@ -399,7 +402,7 @@ def test_failed_save_leaves_no_partial_file(dit_run, tmp_path, monkeypatch):
             f.write(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(sets, "save_file", broken)
+    monkeypatch.setattr(set_files, "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         dit_run.cal.save(target)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp file, old set intact
@@ -423,7 +426,7 @@ def assert_same_capture(a: CalibrationSet, fa: StepFeatures, b: CalibrationSet, 
 def test_capture_calls_from_a_zoo_calibration_function_equals_capture(guidance):
     model = tiny_dit(guidance)
     cal, feats = capture(model, SAMPLES, batch_size=BATCH, progress=False)
-    generic, generic_feats = sets.capture_calls(model.calibration(SAMPLES, batch_size=BATCH, progress=False),
+    generic, generic_feats = capture_calls(model.calibration(SAMPLES, batch_size=BATCH, progress=False),
                                                 model.denoiser)
     assert_same_capture(cal, feats, generic, generic_feats)
     assert generic.meta["num_samples"] == SAMPLES and generic.meta["guided_calls"] == (STEPS * 2 if guidance > 1 else 0)
@@ -432,7 +435,7 @@ def test_capture_calls_from_a_zoo_calibration_function_equals_capture(guidance):
 def test_capture_calls_from_the_unet_equals_capture():
     model = tiny_unet()
     cal, feats = capture(model, 2, batch_size=2, progress=False)
-    generic, generic_feats = sets.capture_calls(model.calibration(2, batch_size=2, progress=False), model.denoiser)
+    generic, generic_feats = capture_calls(model.calibration(2, batch_size=2, progress=False), model.denoiser)
     assert_same_capture(cal, feats, generic, generic_feats)
 
 
@@ -460,7 +463,7 @@ def test_capture_calls_infers_batches_sample_ids_and_guidance():
         with diffquant.sampling_step(2, 3):
             den(x[:3], torch.tensor(2.0))  # 3 samples after 4: a new batch again
 
-    cal, feats = sets.capture_calls(calibration, Echo())
+    cal, feats = capture_calls(calibration, Echo())
     ids = lambda s: cal.sample_id[cal.step == s].tolist()  # noqa: E731
     assert ids(0) == [0, 1, 0, 1, 2, 3, 4, 2, 3, 4, 5, 5]
     assert ids(1) == [0, 1, 0, 1, 2, 3, 4, 2, 3, 4, 6, 7, 8, 9]
@@ -480,14 +483,14 @@ def _one_step_call(m):
 
 def test_capture_calls_needs_steps_and_calls_and_can_skip_features():
     den = torch.nn.Linear(2, 2)  # no feature module: fine without features
-    cal, feats = sets.capture_calls(_one_step_call, den, features=False)
+    cal, feats = capture_calls(_one_step_call, den, features=False)
     assert feats is None and len(cal) == 3 and cal.meta["feature_module"] is None and cal.meta["steps"] is None
     with pytest.raises(ValueError, match="feature_module"):
-        sets.capture_calls(_one_step_call, den)
+        capture_calls(_one_step_call, den)
     with pytest.raises(diffquant.calib.steps.StepContextError, match="sampling step"):
-        sets.capture_calls(lambda m: m(torch.ones(3, 2)), den, features=False)
+        capture_calls(lambda m: m(torch.ones(3, 2)), den, features=False)
     with pytest.raises(ValueError, match="never called"):
-        sets.capture_calls(lambda m: None, den, features=False)
+        capture_calls(lambda m: None, den, features=False)
 
 
 @pytest.mark.parametrize("family", ["flux", "unet2d-condition", "ltx-video"])
@@ -507,7 +510,7 @@ def test_capture_calls_keeps_shared_nested_and_static_inputs(family, tmp_path):
                 tiny.run(m, inputs)
 
     try:
-        cal, _ = sets.capture_calls(calibration, model, features=False)
+        cal, _ = capture_calls(calibration, model, features=False)
         expected = {"flux": {"img_ids", "txt_ids"}}.get(family, set())
         assert set(cal.shared) == expected
         if family == "unet2d-condition":
@@ -530,7 +533,7 @@ def test_capture_calls_refuses_a_shared_input_that_changes():
                 m(torch.ones(3, 2), torch.zeros(3), extra=torch.full((5,), float(s)))
 
     with pytest.raises(ValueError, match="'extra' has no batch axis"):
-        sets.capture_calls(calibration, Echo(), features=False)
+        capture_calls(calibration, Echo(), features=False)
 
 
 # -- capped counts ---------------------------------------------------------------------------------
@@ -550,25 +553,25 @@ def test_capture_calls_refuses_a_shared_input_that_changes():
     ],
 )
 def test_capped_counts_known(weights, n, available, expected):
-    assert sets.capped_counts(weights, n, available) == expected
+    assert capped_counts(weights, n, available) == expected
 
 
 def test_capped_counts_minimum():
-    assert sets.capped_counts([0, 0, 5, 1], 8, [9, 9, 9, 9]) == counts_from_weights([0, 0, 5, 1], 8)
-    counts = sets.capped_counts([0, 0, 5, 1], 8, [9, 9, 9, 9], minimum=1)
+    assert capped_counts([0, 0, 5, 1], 8, [9, 9, 9, 9]) == counts_from_weights([0, 0, 5, 1], 8)
+    counts = capped_counts([0, 0, 5, 1], 8, [9, 9, 9, 9], minimum=1)
     assert counts == [1, 1, 4, 2] and sum(counts) == 8  # one each, the other 4 by weight: 3.33, 0.67
-    assert sets.capped_counts([1, 1], 3, [0, 5], minimum=1) == [0, 3]  # a step with nothing keeps nothing
+    assert capped_counts([1, 1], 3, [0, 5], minimum=1) == [0, 3]  # a step with nothing keeps nothing
     with pytest.raises(ValueError, match="minimum"):
-        sets.capped_counts([1, 1, 1], 2, [5, 5, 5], minimum=1)
+        capped_counts([1, 1, 1], 2, [5, 5, 5], minimum=1)
 
 
 def test_capped_counts_rejects_impossible_requests():
     with pytest.raises(ValueError, match="only 6"):
-        sets.capped_counts([1, 1], 7, [3, 3])
+        capped_counts([1, 1], 7, [3, 3])
     with pytest.raises(ValueError, match="one available count"):
-        sets.capped_counts([1, 1], 2, [3])
+        capped_counts([1, 1], 2, [3])
     with pytest.raises(ValueError):
-        sets.capped_counts([1, -1], 2, [3, 3])
+        capped_counts([1, -1], 2, [3, 3])
 
 
 @pytest.mark.parametrize("num_steps", [1, 2, 7, 25])
@@ -580,9 +583,9 @@ def test_capped_counts_properties(num_steps):
             w[torch.rand(num_steps, generator=gen) < 0.5] = 0
         available = torch.randint(0, 12, (num_steps,), generator=gen).tolist()
         for n in sorted({0, min(1, sum(available)), sum(available) // 3, sum(available) // 2, sum(available)}):
-            counts = sets.capped_counts(w, n, available)
+            counts = capped_counts(w, n, available)
             assert sum(counts) == n and all(0 <= c <= a for c, a in zip(counts, available, strict=True))
-            assert sets.capped_counts(w.clone(), n, list(available)) == counts  # deterministic
+            assert capped_counts(w.clone(), n, list(available)) == counts  # deterministic
             free = [t for t in range(num_steps) if counts[t] < available[t]]
             if w.sum() > 0:
                 # a step below its cap never gets less than its share of n (the capped steps' excess

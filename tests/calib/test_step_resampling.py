@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import diffquant
-from diffquant.calib.sets import CalibrationSet, replay
+from diffquant.calib import CalibrationSet, replay
 from diffquant.calib.steps import current_step, current_total_steps, sampling_step, step_rows
 from diffquant.formats import QuantSpec
 from diffquant.formats.base import SpecError

@@ -8,8 +8,8 @@ import copy
 import pytest
 
 import diffquant
+from diffquant.eval.output import format_result
 from diffquant.eval.report import COLUMNS, markdown_table
-from diffquant.eval.runner import format_result
 from diffquant.formats import QuantSpec
 from diffquant.nn.attention import AttentionQuantConfig, attention_summary
 from diffquant.recipes import Recipe

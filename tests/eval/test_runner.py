@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import diffquant
-from diffquant.eval import Judge, evaluate, runner
+from diffquant.eval import EvalSettings, Judge, evaluate, resolve_target, runner
+from diffquant.eval.fp_cache import FPImageCache
 from diffquant.eval.report import bits_of, markdown_table, merge_rows, plot_quality, row_order
 from diffquant.zoo.model import ClassConditioning, LatentDiffusionModel
 from tests.tiny_models import fill_zero_params
@@ -155,26 +156,26 @@ def test_fp_against_itself(fp_model, judge, cache_dir, w8a8_result):
 
 
 def test_a_corrupt_cache_file_is_regenerated(fp_model, tmp_path):
-    settings = runner.EvalSettings(samples=4, steps=2, batch_size=4, cache_dir=tmp_path)
+    settings = EvalSettings(samples=4, steps=2, batch_size=4, cache_dir=tmp_path)
     labels = runner.balanced_labels(4, 10)
     images, _ = runner.fp_images(fp_model, "tiny", labels, settings, 2)
     (cached,) = tmp_path.glob("tiny-*.safetensors")
     cached.write_bytes(b"not safetensors")
     again, _ = runner.fp_images(fp_model, "tiny", labels, settings, 2)
     assert torch.equal(images, again)
-    cache = runner.FPImageCache(tmp_path)
-    assert cache.key(fp_model, settings, 2) != cache.key(fp_model, runner.EvalSettings(samples=4, seed=1), 2)
+    cache = FPImageCache(tmp_path)
+    assert cache.key(fp_model, settings, 2) != cache.key(fp_model, EvalSettings(samples=4, seed=1), 2)
 
 
 def test_bad_targets(fp_model, tmp_path):
     with pytest.raises(ValueError, match="reference="):
-        runner.resolve_target(quantized_copy(fp_model, "w8a8"))
+        resolve_target(quantized_copy(fp_model, "w8a8"))
     with pytest.raises(FileNotFoundError, match="neither a zoo model"):
-        runner.resolve_target(str(tmp_path / "missing"))
+        resolve_target(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="not made from a zoo model"):
-        runner.resolve_target(tmp_path)
+        resolve_target(tmp_path)
     with pytest.raises(ValueError, match="at least 2 samples"):
-        runner.EvalSettings(samples=1)
+        EvalSettings(samples=1)
 
 
 def test_cli_reports_a_bad_target_as_one_line(tmp_path, capsys):

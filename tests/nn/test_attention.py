@@ -9,7 +9,6 @@ from torch import nn
 from diffquant.calib.steps import sampling_step
 from diffquant.formats.ops import sqnr_db
 from diffquant.formats.spec import QuantSpec, SpecError
-from diffquant.nn import attention as attention_module
 from diffquant.nn.attention import (
     MATMUL_QUANTIZERS,
     AttentionQuantConfig,
@@ -22,6 +21,7 @@ from diffquant.nn.attention import (
     register_operand_quantizer,
     remove_attention_quantizers,
 )
+from diffquant.nn.attention import quantizers as operand_quantizers
 from diffquant.nn.layers import wrap_layer
 from diffquant.nn.quantizers import ActivationQuantizer
 
@@ -284,7 +284,7 @@ def test_config_round_trip():
 
 
 def test_registered_operand_quantizer(monkeypatch):
-    monkeypatch.setattr(attention_module, "_OPERAND_QUANTIZERS", [])
+    monkeypatch.setattr(operand_quantizers, "_OPERAND_QUANTIZERS", [])
 
     @register_operand_quantizer(r"uint\d", operands=("probs",))
     class MarkedQuantizer(ActivationQuantizer):

@@ -16,12 +16,13 @@ from diffquant.freeze import freeze, packed_layers, save_frozen
 from diffquant.nn import wrap_layer
 from diffquant.nn.emulated import (
     EMULATED,
+    EMULATED_PATH,
     EmulatedPackedConv2d,
     EmulatedPackedLinear,
     needs_emulation,
     packed_type,
 )
-from diffquant.nn.packed import PackedLinear
+from diffquant.nn.packed import PATHS, PackedLinear
 from diffquant.recipes import Recipe
 from tests.tiny_models import TINY_MODELS
 
@@ -88,6 +89,7 @@ def test_frozen_nvfp4_model_is_emulated_and_matches_fake_quant(family):
     packed = packed_layers(model)
     assert packed and all(type(m) in (EmulatedPackedLinear, EmulatedPackedConv2d) for m in packed.values())
     assert all(m.path == EMULATED and "emulated" in repr(m) for m in packed.values())
+    assert all(m.kernel is EMULATED_PATH and m.kernel.product is PATHS["float"].product for m in packed.values())
     assert max_rel(run(family, model), expected) <= 1e-4
     frozen_bytes = sum(m.weight.resident_bytes() for m in packed.values())
     weights = sum(math.prod(m.weight.shape) for m in packed.values())

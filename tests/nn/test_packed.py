@@ -27,7 +27,7 @@ from diffquant.formats import QuantSpec
 from diffquant.freeze import freeze, packed_layers, process_rss_bytes, resident_bytes, save_frozen, thawed
 from diffquant.kernels import active_backend, detect_cpu, fastest_float_dtype
 from diffquant.nn import wrap_layer
-from diffquant.nn.packed import PackedLinear
+from diffquant.nn.packed import PATHS, PackedLinear
 from diffquant.nn.packed_conv import PackedConv2d
 from diffquant.recipes import Recipe
 from tests.tiny_models import TINY_MODELS
@@ -211,6 +211,8 @@ def test_packed_layer_equals_fake_quant_layer(layer_name, weight_name, input_nam
     integer = (INPUT_SPECS[input_name] is not None and input_name != "a8-static-channel"
                and layer_name not in FLOAT_ONLY_LAYERS)
     assert packed.path == ("int" if integer else "float")
+    assert packed.kernel is PATHS[packed.path] and packed.kernel.integer == integer
+    assert (packed.weight.backend is not None) == integer  # a float-path weight is never prepared for a GEMM
     assert got.shape == expected.shape
     assert max_rel(got, expected) <= LAYER_MAX_REL
 

@@ -304,7 +304,7 @@ def test_demo_config_refuses_counts_that_used_to_mean_the_default(tmp_path, fiel
 
 @pytest.mark.parametrize("steps", [0, -5])
 def test_eval_settings_refuse_zero_or_negative_steps(steps):
-    from diffquant.eval.runner import EvalSettings
+    from diffquant.eval.evaluation import EvalSettings
 
     with pytest.raises(ValueError, match=f"steps must be a positive integer.*got {steps}"):
         EvalSettings(samples=8, steps=steps)

@@ -29,7 +29,7 @@ from typing import ClassVar
 
 import torch
 
-from diffquant.calib.sets import (
+from diffquant.calib import (
     TDAC_LAMBDA,
     TDAC_RADIUS,
     CalibrationSet,
@@ -40,11 +40,16 @@ from diffquant.calib.sets import (
     select,
     tdac_weights,
 )
+from diffquant.configs import reject_inapplicable
+from diffquant.job import CalibrationRequiredError, QuantizationJob
 from diffquant.recipes.config import RecipeError, StageConfig, check_int, check_number, register_stage
 
 log = logging.getLogger("diffquant.calibration_selection")
 
-METHODS = ("uniform", "tdac")
+# The fields each method reads beyond samples / seed / batch_size; one that only another method reads is
+# rejected when set, since this method would silently ignore it.
+METHOD_FIELDS: dict[str, tuple[str, ...]] = {"uniform": (), "tdac": ("r", "lam", "radius", "feature_module")}
+METHODS = tuple(METHOD_FIELDS)
 RADII = ("absolute", "median")  # how `r` is read: in the features' squared units, or x their median step distance
 
 
@@ -64,6 +69,7 @@ class CalibrationSelection(StageConfig):
     feature_module: where TDAC's features come from (None: the middle transformer block, or a UNet's
     mid_block; diffquant.calib.sets.resolve_feature_module). seed: which samples of a step are drawn.
     batch_size: rows per denoiser call when the selection is replayed.
+    r, lam, radius and feature_module are TDAC's: set under method "uniform" they are an error.
     """
 
     type: ClassVar[str] = "calibration_selection"
@@ -89,12 +95,13 @@ class CalibrationSelection(StageConfig):
         if self.feature_module is not None and (not isinstance(self.feature_module, str) or not self.feature_module):
             raise RecipeError(f"calibration_selection feature_module must be a module name or null, "
                               f"got {self.feature_module!r}")
+        others = {name for names in METHOD_FIELDS.values() for name in names} - set(METHOD_FIELDS[self.method])
+        reject_inapplicable(self, tuple(sorted(others)), f"calibration_selection method {self.method!r}",
+                            RecipeError)
 
-    def prepare(self, job) -> None:
+    def prepare(self, job: QuantizationJob) -> None:
         """Capture the calibration run on the full-precision model and replace job.calibration by a
         replay of the selection; quantize() then gathers the statistics on the selection alone."""
-        from diffquant.api import CalibrationRequiredError
-
         positions = [i + 1 for i, s in enumerate(job.recipe.stages) if s is self]
         if positions not in ([], [1]):
             raise RecipeError(f"calibration_selection must be the first stage of recipe {job.recipe.name!r}, "
@@ -112,7 +119,7 @@ class CalibrationSelection(StageConfig):
         replayed.calibration_set = chosen
         job.calibration = replayed
 
-    def apply(self, job) -> None:
+    def apply(self, job: QuantizationJob) -> None:
         """Nothing left to do: `prepare` chose the data."""
 
     def choose(self, captured: CalibrationSet, features=None, per_step: bool = False) -> CalibrationSet:

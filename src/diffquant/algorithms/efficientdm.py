@@ -59,6 +59,7 @@ from diffquant.algorithms.training import (
     train_steps,
     written_back,
 )
+from diffquant.job import CalibrationRequiredError, QuantizationJob
 from diffquant.nn.attention import quantization_switches
 from diffquant.nn.layers import QuantizedLayer, quantization_enabled
 from diffquant.nn.learnable import LSQActivation, install_lsq, lsq_supports, restore
@@ -93,6 +94,7 @@ class EfficientDM(StageConfig):
     """
 
     type: ClassVar[str] = "efficientdm"
+    optimizes: ClassVar[bool] = True
     needs_calibration: ClassVar[bool] = True
     rank: int = 32
     rounds: int = 40
@@ -126,9 +128,7 @@ class EfficientDM(StageConfig):
     def to_dict(self) -> dict:
         return {**super().to_dict(), "lora_skip": list(self.lora_skip)}  # lists for YAML / JSON
 
-    def apply(self, job) -> None:
-        from diffquant.api import CalibrationRequiredError
-
+    def apply(self, job: QuantizationJob) -> None:
         if self.objective == "distillation" and not callable(job.calibration):
             raise CalibrationRequiredError(
                 "efficientdm distils along the full-precision sampler: pass diffquant.quantize a calibration "

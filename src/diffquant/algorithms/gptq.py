@@ -35,7 +35,6 @@ import torch
 
 from diffquant.formats.ops import (
     block_range,
-    block_view,
     dequantize,
     global_scale_from_range,
     qparams_from_range,
@@ -77,7 +76,7 @@ class GroupGrid:
     def __init__(self, spec: QuantSpec, weight: torch.Tensor) -> None:
         self.spec = spec
         # two-level scales: one global scale over the blocks of all of W, as WeightQuantizer.calibrate
-        lo, hi = block_range(block_view(weight, spec.granularity, spec.group_size))
+        lo, hi = block_range(spec.grain.view(weight, spec.group_size))
         self.global_scale = global_scale_from_range(lo, hi, spec.qformat, spec.symmetric, spec.scale_format)
         self.scales: list[torch.Tensor] = []
         self.zero_points: list[torch.Tensor | None] = []
@@ -85,13 +84,12 @@ class GroupGrid:
     @property
     def group_size(self) -> int | None:
         """Columns per group; None: one group over all columns (per-channel or per-tensor)."""
-        return self.spec.group_size if self.spec.granularity == "group" else None
+        return self.spec.grain.segment(self.spec.group_size)
 
     def start(self, columns: torch.Tensor) -> None:
         """Qparams of the group whose current columns are `columns` [N, g] (float32): per row, or one
         for the whole tensor, by the same range rule as WeightQuantizer.calibrate."""
-        view = columns.reshape(1, -1) if self.spec.granularity == "tensor" else columns
-        lo, hi = block_range(view)
+        lo, hi = block_range(self.spec.grain.column_blocks(columns))
         spec = self.spec
         scale, zero_point = qparams_from_range(lo, hi, spec.qformat, spec.symmetric, spec.scale_format,
                                                self.global_scale)
@@ -137,7 +135,7 @@ def _quantize_block(w: torch.Tensor, u: torch.Tensor, start: int, end: int, grid
     block's scaled errors [N, end − start] are returned for the columns after it."""
     block = w[:, start:end].clone()
     errors = torch.zeros_like(block)
-    g = grid.group_size or w.shape[1]
+    g = w.shape[1] if grid.group_size is None else grid.group_size
     for i in range(end - start):
         j = start + i
         if j % g == 0:

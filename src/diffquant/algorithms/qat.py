@@ -30,6 +30,7 @@ from diffquant.algorithms.training import (
     train_steps,
     written_back,
 )
+from diffquant.job import QuantizationJob
 from diffquant.nn.layers import QuantizedLayer, quantization_enabled
 from diffquant.nn.learnable import (
     LSQActivation,
@@ -52,6 +53,7 @@ class QAT(StageConfig):
     """
 
     type: ClassVar[str] = "qat"
+    optimizes: ClassVar[bool] = True
     needs_training_data: ClassVar[bool] = True
     iterations: int = 1000
     lr_weight: float = 1e-5
@@ -65,7 +67,7 @@ class QAT(StageConfig):
         for name in ("lr_weight", "lr_weight_scale", "lr_act"):
             check_number(self, name, strict=False)
 
-    def apply(self, job) -> None:
+    def apply(self, job: QuantizationJob) -> None:
         training = job.require_training()
         job.calibrate()
         trainer = QATTrainer(self, job.model, job.layers)

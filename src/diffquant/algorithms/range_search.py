@@ -21,6 +21,7 @@ from torch import nn
 from diffquant.calib.stats import ActivationStats, ChannelRange, feature_last_2d
 from diffquant.calib.steps import current_step
 from diffquant.formats.ops import fake_quantize
+from diffquant.job import CalibrationRequiredError, QuantizationJob, quantizers_disabled
 from diffquant.nn.layers import QuantizedLayer
 from diffquant.nn.learnable import lsq_supports
 from diffquant.recipes.config import RecipeError, StageConfig, check_int, check_number, register_stage
@@ -52,9 +53,7 @@ class RangeSearch(StageConfig):
     def factors(self) -> torch.Tensor:
         return 1.0 - self.step * torch.arange(self.candidates, dtype=torch.float32)
 
-    def apply(self, job) -> None:
-        from diffquant.api import CalibrationRequiredError
-
+    def apply(self, job: QuantizationJob) -> None:
         if not callable(job.calibration):
             raise CalibrationRequiredError("range_search replays the calibration data: pass diffquant.quantize a "
                                            "calibration function, not collected statistics")
@@ -83,7 +82,7 @@ class RangeScorer:
 
     def _candidate_qparams(self, layer: QuantizedLayer, rng: ChannelRange) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Scales [A, 1, n] and zero points (or None) of the shrunk ranges, n = 1 or channels."""
-        shrunk = [layer.input_quantizer._qparams(ChannelRange(a * rng.lo, a * rng.hi)) for a in self.config.factors]
+        shrunk = [layer.input_quantizer.qparams_for(ChannelRange(a * rng.lo, a * rng.hi)) for a in self.config.factors]
         scales = torch.stack([s.reshape(1, -1) for s, _ in shrunk])
         zeros = None if shrunk[0][1] is None else torch.stack([z.reshape(1, -1) for _, z in shrunk])
         return scales, zeros
@@ -113,8 +112,6 @@ class RangeScorer:
 
     @torch.no_grad()
     def run(self, model: nn.Module, calibration) -> None:
-        from diffquant.api import quantizers_disabled
-
         handles = [layer.register_forward_pre_hook(self.hook(name)) for name, layer in self.layers.items()]
         try:
             with quantizers_disabled(model):

@@ -69,6 +69,7 @@ from diffquant.algorithms.block_data import (
     record_calls,
 )
 from diffquant.calib.steps import sampling_step
+from diffquant.job import CalibrationRequiredError, QuantizationJob
 from diffquant.nn.attention import AttentionQuantizers, attention_quantizers, quantization_switches
 from diffquant.nn.layers import QuantizedLayer
 from diffquant.nn.learnable import (
@@ -133,6 +134,7 @@ class BlockReconstruction(StageConfig):
     """
 
     type: ClassVar[str] = "block_reconstruction"
+    optimizes: ClassVar[bool] = True
     needs_calibration: ClassVar[bool] = True
     iterations: int = 1000
     batch_size: int = 32
@@ -170,9 +172,7 @@ class BlockReconstruction(StageConfig):
         progress = (iteration - start) / max(self.iterations - start, 1)
         return self.beta_end + (self.beta_start - self.beta_end) * max(0.0, 1 - progress)
 
-    def apply(self, job) -> None:
-        from diffquant.api import CalibrationRequiredError
-
+    def apply(self, job: QuantizationJob) -> None:
         calibration = getattr(job, "calibration", None)
         if not callable(calibration):
             raise CalibrationRequiredError(

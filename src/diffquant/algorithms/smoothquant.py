@@ -13,6 +13,7 @@ from typing import ClassVar
 
 import torch
 
+from diffquant.job import QuantizationJob
 from diffquant.recipes.config import RecipeError, StageConfig, register_stage
 
 # Factors are clamped so that dead channels (max |X_j| = 0) or zero weight columns cannot blow up.
@@ -42,7 +43,7 @@ class SmoothQuant(StageConfig):
         if not 0.0 <= self.alpha <= 1.0:
             raise RecipeError(f"smoothquant alpha must lie in [0, 1], got {self.alpha}")
 
-    def apply(self, job) -> None:
+    def apply(self, job: QuantizationJob) -> None:
         stats = job.require_stats()
         for name, layer in job.layers.items():
             if layer.input_quantizer is None or getattr(layer, "groups", 1) != 1:

@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 from diffquant.algorithms.gptq import gptq, hessian
 from diffquant.algorithms.smoothquant import smoothing_factors
 from diffquant.calib.stats import ActivationStats, RowSample
+from diffquant.job import CalibrationRequiredError, QuantizationJob
 from diffquant.kernels.cpu import torch_threads
 from diffquant.nn.layers import QConv2d, QLinear, QuantizedLayer, low_rank_product
 from diffquant.nn.quantizers import ActivationQuantizer, WeightQuantizer
@@ -338,7 +339,7 @@ class SVDQuant(StageConfig):
             return None if layer.supports_low_rank else "grouped convolution (no single GEMM over its patches)"
         return None if isinstance(layer, QLinear) else f"{type(layer).__name__} (not Linear / Conv2d)"
 
-    def apply(self, job) -> None:
+    def apply(self, job: QuantizationJob) -> None:
         reasons = {n: self.skip_reason(layer) for n, layer in job.layers.items()}
         layers = {n: layer for n, layer in job.layers.items() if reasons[n] is None}
         _log_skipped({n: r for n, r in reasons.items() if r is not None})
@@ -388,9 +389,7 @@ def _log_skipped(reasons: dict[str, str]) -> None:
         log.info("svdquant: %d layers left to plain rounding, %s%s", len(names), reason, listed)
 
 
-def _require_samples(job, names: list[str]) -> ActivationStats:
-    from diffquant.api import CalibrationRequiredError
-
+def _require_samples(job: QuantizationJob, names: list[str]) -> ActivationStats:
     stats = job.require_stats()
     missing = [n for n in names if n not in stats or stats[n].sample is None or stats[n].sample.rows is None]
     if missing:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from diffquant.nn.layers import QuantizedLayer
 from diffquant.nn.learnable import LSQActivation, LSQWeight
-from diffquant.zoo.train_utils import Checkpointer, default_checkpoint_dir
+from diffquant.train_utils import Checkpointer, default_checkpoint_dir
 
 
 def stage_checkpointer(stage, layers: dict[str, QuantizedLayer]) -> Checkpointer | None:

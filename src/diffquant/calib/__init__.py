@@ -1,21 +1,11 @@
 """Calibration: the sampling-step context, streamed activation statistics, pipeline runners, and
 calibration sets (captured denoiser inputs, TDAC / uniform selection, replay)."""
 
+from diffquant.calib.capture import SamplerModel, capture, capture_calls, resolve_feature_module
 from diffquant.calib.pipeline import pipeline_calibration, register_condition_builder
-from diffquant.calib.sets import (
-    CalibrationSet,
-    StepFeatures,
-    capped_counts,
-    capture,
-    capture_calls,
-    counts_from_weights,
-    median_step_distance,
-    replay,
-    select,
-    tdac_scores,
-    tdac_weights,
-    uniform_counts,
-)
+from diffquant.calib.playback import replay
+from diffquant.calib.selection import capped_counts, counts_from_weights, select, uniform_counts
+from diffquant.calib.sets import CalibrationSet
 from diffquant.calib.stats import (
     ActivationStats,
     CalibrationMismatchError,
@@ -24,13 +14,24 @@ from diffquant.calib.stats import (
     collect_activation_stats,
 )
 from diffquant.calib.steps import current_step, sampling_step, track_pipeline_steps
+from diffquant.calib.tdac import (
+    TDAC_LAMBDA,
+    TDAC_RADIUS,
+    StepFeatures,
+    median_step_distance,
+    tdac_scores,
+    tdac_weights,
+)
 
 __all__ = [
+    "TDAC_LAMBDA",
+    "TDAC_RADIUS",
     "ActivationStats",
     "CalibrationMismatchError",
     "CalibrationSet",
     "ChannelRange",
     "LayerStats",
+    "SamplerModel",
     "StepFeatures",
     "capped_counts",
     "capture",
@@ -41,6 +42,7 @@ __all__ = [
     "pipeline_calibration",
     "register_condition_builder",
     "replay",
+    "resolve_feature_module",
     "sampling_step",
     "select",
     "tdac_scores",

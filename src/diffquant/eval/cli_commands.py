@@ -8,8 +8,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from diffquant.cli import command
 from diffquant.cli_args import positive_int
+from diffquant.commands import command
 
 
 def _eval_args(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +31,8 @@ def _eval_args(parser: argparse.ArgumentParser) -> None:
 
 @command("eval", "FID, class accuracy, PSNR/SSIM/feature distance and eps SQNR vs full precision", _eval_args)
 def _eval(args: argparse.Namespace) -> int:
-    from diffquant.eval.runner import evaluate, format_result
+    from diffquant.eval.output import format_result
+    from diffquant.eval.runner import evaluate
 
     target = args.target
     result = evaluate(target, args.samples, args.steps, args.seed, sqnr_samples=args.sqnr_samples,

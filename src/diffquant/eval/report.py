@@ -35,14 +35,10 @@ import torch
 from diffquant import zoo
 from diffquant.atomic import write_text_atomic
 from diffquant.cli_args import positive_int
-from diffquant.eval.runner import (
-    FP_RECIPE,
-    Judge,
-    evaluate,
-    model_fingerprint,
-    save_figure,
-    write_json_atomic,
-)
+from diffquant.eval.fp_cache import model_fingerprint
+from diffquant.eval.output import save_figure, write_json_atomic
+from diffquant.eval.runner import Judge, evaluate
+from diffquant.eval.targets import FP_RECIPE
 from diffquant.recipes import Recipe, list_presets
 from diffquant.recipes.presets import resolve_recipe
 from diffquant.zoo.train_utils import cpu_name

@@ -20,7 +20,9 @@ from typing import Any
 import torch
 
 from diffquant.configs import positive_or_default
-from diffquant.eval.runner import EvalTarget, balanced_labels, recipe_and_bits, resolve_target, weight_bytes
+from diffquant.eval.evaluation import EvalTarget
+from diffquant.eval.runner import balanced_labels
+from diffquant.eval.targets import recipe_and_bits, resolve_target, weight_bytes
 from diffquant.zoo.model import LatentDiffusionModel, generate
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from diffquant.cli import command
+from diffquant.commands import command
 
 
 def _export_args(parser: argparse.ArgumentParser) -> None:

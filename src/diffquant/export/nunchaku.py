@@ -84,6 +84,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 from diffquant.atomic import atomic_file
+from diffquant.checkpoint import DENOISER_COMPONENTS, CheckpointError, is_quantized_folder, load_quantized
+from diffquant.export.nunchaku_tiles import ROW_TILE, pad_dims, tile_layer, untile_layer
+from diffquant.formats import get_format
+from diffquant.formats.granularity import GROUP
+from diffquant.formats.scales import get_scale_format
+from diffquant.job import STATE_ATTR, quantized_layers
+from diffquant.nn import QLinear
+from diffquant.tensors.packing import pack_format_codes, unpack_format_codes
+from diffquant.version import __version__
 
 log = logging.getLogger("diffquant.export")
 
@@ -99,9 +108,6 @@ _ACT_FORMATS = {"int4": ("int4", "uint4"), "nvfp4": ("nvfp4",)}
 # -- source ------------------------------------------------------------------------------------------
 
 def _quantized_model(model_or_folder: Any) -> nn.Module:
-    from diffquant.api import STATE_ATTR
-    from diffquant.checkpoint import DENOISER_COMPONENTS, CheckpointError, is_quantized_folder, load_quantized
-
     if isinstance(model_or_folder, nn.Module):
         if getattr(model_or_folder, STATE_ATTR, None) is None:
             raise ValueError("model is not quantized: call diffquant.quantize(model, recipe) first")
@@ -122,8 +128,6 @@ def _quantized_model(model_or_folder: Any) -> nn.Module:
 
 
 def _skip_reason(layer: Any) -> str | None:
-    from diffquant.nn import QLinear
-
     if not isinstance(layer, QLinear):
         branch = "" if layer.low_rank is None else f" (its rank-{layer.low_rank_down.shape[1]} SVDQuant branch is not exported)"
         return f"{type(layer).__name__}: nunchaku's W4A4 layer is a Linear{branch}"
@@ -133,7 +137,7 @@ def _skip_reason(layer: Any) -> str | None:
     ws = wq.spec
     if ws.format not in _ACT_FORMATS:
         return f"weight format {ws.format} (nunchaku: int4 or nvfp4)"
-    if ws.granularity != "group" or not ws.symmetric:
+    if ws.grain is not GROUP or not ws.symmetric:
         return f"weight {ws.granularity} {'symmetric' if ws.symmetric else 'affine'} (nunchaku: symmetric groups)"
     if ws.format == "int4" and ws.scale_dtype not in ("float16", "bfloat16"):
         return f"int4 scales in {ws.scale_dtype} (nunchaku: 16-bit scales)"
@@ -153,8 +157,6 @@ def _skip_reason(layer: Any) -> str | None:
 
 def layer_tensors(layer: Any, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The nunchaku tensors of one exportable QLinear (see the module docstring for the layout)."""
-    from diffquant.tensors.packing import pack_format_codes
-
     wq = layer.weight_quantizer
     spec, fmt = wq.spec, wq.spec.qformat
     out_features, in_features = layer.weight_shape
@@ -206,9 +208,6 @@ def export_nunchaku(model_or_folder: Any, out_file: str | Path, dtype: str = "fl
     include_unquantized: also write the model's tensors outside the quantized layers (as they are).
     The file is written to a temporary name beside `out_file` and renamed: never half-written.
     """
-    import diffquant
-    from diffquant.api import STATE_ATTR, quantized_layers
-
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     if layout not in LAYOUTS:
@@ -216,19 +215,7 @@ def export_nunchaku(model_or_folder: Any, out_file: str | Path, dtype: str = "fl
     torch_dtype = DTYPES[dtype]
     model = _quantized_model(model_or_folder)
     layers = quantized_layers(model)
-    tensors: dict[str, torch.Tensor] = {}
-    configs: dict[str, Any] = {}
-    skipped: dict[str, str] = {}
-    for name, layer in layers.items():
-        reason = _skip_reason(layer)
-        if reason is not None:
-            skipped[name] = reason
-            continue
-        configs[name] = _layer_config(layer)
-        layer_out = layer_tensors(layer, torch_dtype)
-        if layout == "tiled":
-            layer_out = _tiled(layer_out, configs[name], name)
-        tensors.update({f"{name}.{k}": v for k, v in layer_out.items()})
+    tensors, configs, skipped = _export_layers(layers, torch_dtype, layout)
     _warn_skipped_branches(layers, skipped)
     if not any(c["rank"] for c in configs.values()):
         raise ValueError("no SVDQuant layer to export: the model has no quantized Linear with a low-rank "
@@ -250,19 +237,36 @@ def export_nunchaku(model_or_folder: Any, out_file: str | Path, dtype: str = "fl
         "dtype": dtype,
         "layout": LAYOUTS[layout],
         "source_recipe": state.recipe.name,
-        "diffquant_version": diffquant.__version__,
+        "diffquant_version": __version__,
         "layers": configs,
         "skipped": skipped,
     }
-    metadata = {"format": FORMAT, "layout": LAYOUTS[layout], "diffquant_version": diffquant.__version__,
+    metadata = {"format": FORMAT, "layout": LAYOUTS[layout], "diffquant_version": __version__,
                 "quantization_config": json.dumps(config, sort_keys=True)}
     return _atomic_save(tensors, metadata, Path(out_file), overwrite)
 
 
+def _export_layers(layers: dict[str, Any], torch_dtype: torch.dtype, layout: str
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]:
+    """(tensors, per-layer configs, skipped layers with the reason) of the exportable quantized layers."""
+    tensors: dict[str, torch.Tensor] = {}
+    configs: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    for name, layer in layers.items():
+        reason = _skip_reason(layer)
+        if reason is not None:
+            skipped[name] = reason
+            continue
+        configs[name] = _layer_config(layer)
+        layer_out = layer_tensors(layer, torch_dtype)
+        if layout == "tiled":
+            layer_out = _tiled(layer_out, configs[name], name)
+        tensors.update({f"{name}.{k}": v for k, v in layer_out.items()})
+    return tensors, configs, skipped
+
+
 def _tiled(tensors: dict[str, torch.Tensor], config: dict[str, Any], name: str) -> dict[str, torch.Tensor]:
     """One layer's tensors in nunchaku's tile order; records the padded sizes in its config."""
-    from diffquant.export.nunchaku_tiles import ROW_TILE, pad_dims, tile_layer
-
     config["padded"] = list(pad_dims(config["out_features"], config["in_features"], config["rank"]))
     if config["out_features"] % ROW_TILE or config["in_features"] % ROW_TILE:
         log.warning("nunchaku export: %s (%d -> %d) is padded to %d -> %d: nunchaku's layer needs multiples of "
@@ -307,10 +311,6 @@ class NunchakuFile:
         """diffquant's view of one layer: codes [O, I] (format storage dtype), scale [O·I/g, 1]
         float32 (as WeightQuantizer.scale), global_scale (NVFP4), smooth [I], low_rank_down [I, r],
         low_rank_up [r, O], bias."""
-        from diffquant.formats import get_format
-        from diffquant.formats.scales import get_scale_format
-        from diffquant.tensors.packing import unpack_format_codes
-
         cfg, t = self.config["layers"][name], self.layers[name]
         fmt = get_format(cfg["precision"])
         out: dict[str, torch.Tensor] = {
@@ -347,7 +347,5 @@ def import_nunchaku(file: str | Path) -> NunchakuFile:
     for name, cfg in config["layers"].items():
         layers[name] = {k: raw.pop(f"{name}.{k}") for k in LAYER_TENSORS if f"{name}.{k}" in raw}
         if metadata["layout"] == LAYOUTS["tiled"]:
-            from diffquant.export.nunchaku_tiles import untile_layer
-
             layers[name] = untile_layer(layers[name], cfg["out_features"], cfg["in_features"], cfg["rank"])
     return NunchakuFile(config, layers, raw)

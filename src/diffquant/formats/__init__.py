@@ -10,6 +10,7 @@ from diffquant.formats.base import (
     register_format,
 )
 from diffquant.formats.floating import FloatFormat
+from diffquant.formats.granularity import GRANULARITIES, Granularity, get_granularity
 from diffquant.formats.ops import (
     block_view,
     dequantize,
@@ -25,7 +26,9 @@ from diffquant.formats.ops import (
 from diffquant.formats.spec import QuantSpec
 
 __all__ = [
+    "GRANULARITIES",
     "FloatFormat",
+    "Granularity",
     "IntFormat",
     "QFormat",
     "QuantSpec",
@@ -36,6 +39,7 @@ __all__ = [
     "fake_quantize",
     "fake_quantize_dynamic",
     "get_format",
+    "get_granularity",
     "known_format_patterns",
     "qparams_from_range",
     "quantize",

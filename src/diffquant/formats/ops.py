@@ -14,54 +14,26 @@ shape [blocks, 1] and broadcast against that view.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from diffquant.formats.base import QFormat
+from diffquant.formats.granularity import Granularity, get_granularity
 from diffquant.formats.scales import ScaleFormat, get_scale_format, round_scale  # noqa: F401  (round_scale: re-exported)
 from diffquant.formats.spec import QuantSpec
 
 
-def group_view(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """[..., C] -> [..., ceil(C/g), g], zero-padding a ragged last group.
-
-    Zero padding is harmless: symmetric ranges ignore zeros and affine ranges always include 0.
-    """
-    channels = x.shape[-1]
-    pad = (-channels) % group_size
-    if pad:
-        x = F.pad(x, (0, pad))
-    return x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
-
-
-def ungroup_view(xg: torch.Tensor, channels: int) -> torch.Tensor:
-    """Inverse of group_view: [..., G, g] -> [..., C]."""
-    return xg.reshape(*xg.shape[:-2], -1)[..., :channels]
-
-
-def block_view(x: torch.Tensor, granularity: str, group_size: int | None = None) -> torch.Tensor:
+def block_view(x: torch.Tensor, granularity: str | Granularity, group_size: int | None = None) -> torch.Tensor:
     """Reshape (feature axis last) to [blocks, block_len] so each row shares one range.
 
     "tensor": one block. "channel"/"token" along rows of the feature axis: one block per leading
     index (for a [out, K] weight that is per output channel; for activations, per token).
-    "group": blocks of group_size along the feature axis.
+    "group": blocks of group_size along the feature axis. (Granularity.view; a name or the object.)
     """
-    if granularity == "tensor":
-        return x.reshape(1, -1)
-    if granularity in ("channel", "token"):
-        return x.reshape(-1, x.shape[-1])
-    if granularity == "group":
-        assert group_size is not None
-        return group_view(x, group_size).reshape(-1, group_size)
-    raise ValueError(f"block_view has no layout for granularity {granularity!r}")
+    return get_granularity(granularity).view(x, group_size)
 
 
-def unblock_view(xb: torch.Tensor, shape: torch.Size, granularity: str) -> torch.Tensor:
+def unblock_view(xb: torch.Tensor, shape: torch.Size, granularity: str | Granularity) -> torch.Tensor:
     """Inverse of block_view for a tensor of the original `shape`."""
-    if granularity == "group":
-        channels = shape[-1]
-        padded = xb.reshape(*shape[:-1], -1)
-        return padded[..., :channels]
-    return xb.reshape(shape)
+    return get_granularity(granularity).unview(xb, shape)
 
 
 def range_extent(lo: torch.Tensor, hi: torch.Tensor, fmt: QFormat, symmetric: bool) -> tuple[torch.Tensor, float]:
@@ -129,8 +101,8 @@ def decode_codes(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Ten
 
     Bitwise what fake_quantize gives for the tensor the codes were taken from.
     """
-    blocks = block_view(spec.qformat.decode(codes), spec.granularity, spec.group_size)
-    return unblock_view(dequantize(blocks, scale, zero_point), codes.shape, spec.granularity)
+    blocks = spec.grain.view(spec.qformat.decode(codes), spec.group_size)
+    return spec.grain.unview(dequantize(blocks, scale, zero_point), codes.shape)
 
 
 def fake_quantize(
@@ -159,15 +131,15 @@ def block_range(xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fake_quantize_dynamic(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Fake-quantize x (feature axis last) with ranges computed from x itself."""
-    xb = block_view(x, spec.granularity, spec.group_size)
+    xb = spec.grain.view(x, spec.group_size)
     lo, hi = block_range(xb)
     scale, zero_point = qparams_from_range(lo, hi, spec.qformat, spec.symmetric, spec.scale_format)
-    return unblock_view(fake_quantize(xb, scale, zero_point, spec.qformat), x.shape, spec.granularity)
+    return spec.grain.unview(fake_quantize(xb, scale, zero_point, spec.qformat), x.shape)
 
 
 def quantize_blocks(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Codes [blocks, block_len], scale [blocks, 1], zero point [blocks, 1] or None for x (feature last)."""
-    xb = block_view(x, spec.granularity, spec.group_size)
+    xb = spec.grain.view(x, spec.group_size)
     lo, hi = block_range(xb)
     scale, zero_point = qparams_from_range(lo, hi, spec.qformat, spec.symmetric, spec.scale_format)
     return quantize(xb, scale, zero_point, spec.qformat), scale, zero_point

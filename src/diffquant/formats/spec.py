@@ -10,13 +10,14 @@ import torch
 
 from diffquant.configs import check_field_types, check_instance_types, reject_unknown_keys
 from diffquant.formats.base import QFormat, SpecError, get_format
+from diffquant.formats.granularity import GRANULARITIES, Granularity, get_granularity
 from diffquant.formats.scales import ScaleFormat, get_scale_format
 
-# Granularity names. For weights (viewed as a [out, K] matrix) "channel" means one range per output
-# channel; for activations (feature axis last) "channel" means one range per input channel (static
-# only), "token" one range per token. "group" splits the input/feature axis into blocks of group_size.
-WEIGHT_GRANULARITIES = ("tensor", "channel", "group")
-ACTIVATION_GRANULARITIES = ("tensor", "channel", "token", "group")
+# Granularity names (formats/granularity.py). For weights (viewed as a [out, K] matrix) "channel" means one
+# range per output channel; for activations (feature axis last) "channel" means one range per input channel
+# (static only), "token" one range per token. "group" splits the input/feature axis into blocks of group_size.
+WEIGHT_GRANULARITIES = tuple(name for name, g in GRANULARITIES.items() if g.for_weights)
+ACTIVATION_GRANULARITIES = tuple(GRANULARITIES)
 # How per-step state trained for S steps serves a run of another length (calib/steps.py: step_rows).
 STEP_INTERPOLATIONS = ("linear", "nearest")
 
@@ -29,8 +30,8 @@ class QuantSpec:
                  A block format fixes some fields (QFormat.spec_defaults; nvfp4: group 16, e4m3
                  scales): from_dict / for_format fill in the ones not given, and a spec that sets
                  them otherwise is an error.
-    granularity: "tensor" | "channel" | "token" | "group" (see module comment).
-    group_size:  block length along the input/feature axis; required iff granularity == "group".
+    granularity: "tensor" | "channel" | "token" | "group" (see module comment); `grain` is its object.
+    group_size:  block length along the input/feature axis; required iff the granularity takes one ("group").
     symmetric:   zero point fixed at 0 (range ±absmax) or an affine range [min, max] with zero point.
     dynamic:     activations only — range computed from each input at run time instead of calibrated.
     per_step:    static activations only — one calibrated range per sampling step.
@@ -61,11 +62,7 @@ class QuantSpec:
     def __post_init__(self) -> None:
         check_instance_types(self, "quantization spec", SpecError)  # `symmetric: "no"` is not False
         fmt = get_format(self.format)  # raises for unknown formats / bit widths
-        if self.granularity not in ACTIVATION_GRANULARITIES:
-            raise SpecError(
-                f"unknown granularity {self.granularity!r}; choose one of {ACTIVATION_GRANULARITIES}"
-            )
-        if (self.granularity == "group") != (self.group_size is not None):
+        if get_granularity(self.granularity).takes_group_size != (self.group_size is not None):
             raise SpecError("group_size is required with granularity 'group' and only then")
         if self.group_size is not None and self.group_size < 1:
             raise SpecError(f"group_size must be positive, got {self.group_size}")
@@ -93,6 +90,11 @@ class QuantSpec:
         return get_format(self.format)
 
     @property
+    def grain(self) -> Granularity:
+        """The granularity as an object (formats/granularity.py): what code dispatches on."""
+        return GRANULARITIES[self.granularity]
+
+    @property
     def bits(self) -> int:
         return self.qformat.bits
 
@@ -106,7 +108,7 @@ class QuantSpec:
         return self.scale_format.torch_dtype
 
     def validate_for_weight(self) -> None:
-        if self.granularity not in WEIGHT_GRANULARITIES:
+        if not self.grain.for_weights:
             raise SpecError(f"weights take granularity {WEIGHT_GRANULARITIES}, got {self.granularity!r}")
         if self.dynamic or self.per_step:
             raise SpecError("weight ranges come from the weight itself: dynamic/per_step do not apply")
@@ -114,13 +116,7 @@ class QuantSpec:
             raise SpecError("split_shortcut splits a layer's input ranges: set it in the input spec, not the weight's")
 
     def validate_for_activation(self) -> None:
-        if self.granularity == "channel" and self.dynamic:
-            raise SpecError("per-input-channel activation ranges are calibrated (static): set dynamic=false, "
-                            "or use granularity 'token' / 'group' for dynamic ranges")
-        if self.granularity == "token" and not self.dynamic:
-            raise SpecError("per-token activation ranges change with every input: set dynamic=true")
-        if self.granularity == "group" and not self.dynamic:
-            raise SpecError("per-group activation ranges are computed at run time: set dynamic=true")
+        self.grain.check_activation(self.dynamic)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

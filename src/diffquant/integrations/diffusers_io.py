@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from diffquant.checkpoint import DENOISER_COMPONENTS, PIPELINE_INDEX
 from diffquant.folders import check_pipeline_index, read_json, refuse_code_and_pickles, resolve_model_class
+from diffquant.manifest import DENOISER_COMPONENTS, PIPELINE_INDEX
 
 
 def is_pipeline_folder(path: Path) -> bool:

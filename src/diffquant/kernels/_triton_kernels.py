@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from diffquant.kernels.gpu_triton import TINY, interpreting
+from diffquant.kernels.triton_env import TINY, interpreting
 
 TUNE_ENV = "DIFFQUANT_TRITON_TUNE"  # "0": one tile config, no autotuning (tests: fewer compiles)
 

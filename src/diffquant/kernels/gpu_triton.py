@@ -28,17 +28,16 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 
 import torch
 
 from diffquant.kernels.backend import IntGemmBackend, register_backend
 from diffquant.kernels.cpu import CpuFeatures
+from diffquant.kernels.triton_env import TINY, interpreting  # noqa: F401  (interpreting: tests read it here)
 
 PACK_BLOCK = 64  # rows of b per nibble-packing block (module docstring)
 FOLD_DEPTHS = (32, 64, 128)  # segment lengths folded after every tile (tile depth = L)
 SINGLE_DEPTH = 128  # tile depth of a one-segment GEMM
-TINY = torch.finfo(torch.float32).tiny
 
 
 @functools.lru_cache(maxsize=1)
@@ -49,11 +48,6 @@ def triton_reason() -> str | None:
     if not torch.cuda.is_available() and not interpreting():
         return "no CUDA GPU is visible"
     return None
-
-
-def interpreting() -> bool:
-    """TRITON_INTERPRET=1: kernels run on CPU tensors through triton's interpreter (tests without a GPU)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.lru_cache(maxsize=1)

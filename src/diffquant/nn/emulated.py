@@ -23,13 +23,15 @@ from torch import nn
 from diffquant.formats.ops import decode_codes
 from diffquant.formats.spec import QuantSpec
 from diffquant.nn.layers import QConv2d, QLinear, QuantizedLayer
-from diffquant.nn.packed import PACKED_TYPES, PATHS, PackedLayer, PackedLinear, integer_codes
+from diffquant.nn.packed import FLOAT_PATH, PACKED_TYPES, PATHS, KernelPath, PackedLayer, PackedLinear
 from diffquant.nn.packed_conv import ConvGeometry, PackedConv2d
+from diffquant.nn.packed_weight import integer_codes
 from diffquant.nn.quantizers import ActivationQuantizer, WeightQuantizer
 from diffquant.tensors.packing import pack_format_codes, unpack_format_codes
 
 EMULATED = "emulated"
-PATHS[EMULATED] = PATHS["float"]  # decode, then the float matmul / conv of PackedLinear / PackedConv2d
+# decode, then the float matmul / conv of PackedLinear / PackedConv2d
+EMULATED_PATH = PATHS[EMULATED] = KernelPath(EMULATED, integer=False, product=FLOAT_PATH.product)
 
 
 def needs_emulation(spec: QuantSpec) -> bool:
@@ -109,7 +111,7 @@ class EmulatedPackedLinear(PackedLinear):
                  backend: object = None, float_dtype: torch.dtype | None = None) -> None:
         PackedLayer.__init__(self)  # not PackedLinear's: it would build the integer GEMM's weight
         self.out_features, self.in_features = codes.shape
-        self.path = EMULATED
+        self.kernel = EMULATED_PATH
         weight = EmulatedWeight(codes, weight_quantizer, codes.shape)
         self._setup(weight, input_quantizer, bias, smooth, None, float_dtype)
         self._set_low_rank(low_rank)
@@ -125,7 +127,7 @@ class EmulatedPackedConv2d(PackedConv2d):
                  low_rank: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         PackedLayer.__init__(self)
         self.geometry = geometry
-        self.path = EMULATED
+        self.kernel = EMULATED_PATH
         weight = EmulatedWeight(codes, weight_quantizer, geometry.weight_shape)
         self._setup(weight, input_quantizer, bias, smooth, None, float_dtype)
         self._set_low_rank(low_rank)

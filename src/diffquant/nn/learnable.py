@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from diffquant.formats.base import IntFormat
-from diffquant.formats.ops import block_view, dequantize, fake_quantize, unblock_view
+from diffquant.formats.ops import dequantize, fake_quantize
 from diffquant.formats.spec import QuantSpec
 from diffquant.nn.layers import QuantizedLayer
 from diffquant.nn.quantizers import ActivationQuantizer, WeightQuantizer, compute_dtype, step_qparams
@@ -94,7 +94,7 @@ class AdaRoundWeight(OnFixedGrid):
             raise NotImplementedError(f"AdaRound needs an integer grid, got format {base.spec.format!r}")
         self.base = base
         self.shape = torch.Size(weight2d.shape)
-        blocks = block_view(weight2d.detach().float(), base.spec.granularity, base.spec.group_size)
+        blocks = base.spec.grain.view(weight2d.detach().float(), base.spec.group_size)
         scaled = blocks / base.scale
         self.register_buffer("floor", torch.floor(scaled))
         self.v = nn.Parameter(inverse_rectified_sigmoid((scaled - self.floor).clamp(0.0, 1.0)))
@@ -118,7 +118,7 @@ class AdaRoundWeight(OnFixedGrid):
 
     def _dequantized(self, rounding: torch.Tensor) -> torch.Tensor:
         weight = dequantize(self._grid_codes(rounding), self.base.scale, self.base.zero_point)
-        return unblock_view(weight, self.shape, self.spec.granularity)
+        return self.spec.grain.unview(weight, self.shape)
 
     def forward(self, weight2d: torch.Tensor) -> torch.Tensor:
         return self._dequantized(self.soft_rounding()).to(weight2d.dtype)
@@ -127,7 +127,7 @@ class AdaRoundWeight(OnFixedGrid):
     def hard_codes(self) -> torch.Tensor:
         """Hardened codes [out, K] in the format's storage dtype (what WeightQuantizer.codes stores)."""
         codes = self._grid_codes(self.hard_rounding())
-        return self.spec.qformat.encode(unblock_view(codes, self.shape, self.spec.granularity))
+        return self.spec.qformat.encode(self.spec.grain.unview(codes, self.shape))
 
 
 class HardenedWeight(OnFixedGrid):
@@ -198,13 +198,13 @@ class LSQWeight(OverQuantizer):
 
     def forward(self, weight2d: torch.Tensor) -> torch.Tensor:
         spec = self.spec
-        blocks = block_view(weight2d, spec.granularity, spec.group_size)
+        blocks = spec.grain.view(weight2d, spec.group_size)
         scale = grad_scale(self.scale.clamp_min(_TINY), 1.0 / math.sqrt(blocks.shape[-1] * spec.qformat.qmax))
         zero_point = self.base.zero_point
         bc = blocks.to(compute_dtype(blocks))
         fq = fake_quantize(bc, scale.to(bc.dtype), None if zero_point is None else zero_point.to(bc.dtype),
                            spec.qformat)
-        return unblock_view(fq.to(blocks.dtype), weight2d.shape, spec.granularity)
+        return spec.grain.unview(fq.to(blocks.dtype), weight2d.shape)
 
     @torch.no_grad()
     def write_back(self) -> None:

@@ -34,23 +34,16 @@ from diffquant.kernels import IntGemmBackend, select_backend
 from diffquant.nn.layers import QConv2d, conv_low_rank
 from diffquant.nn.packed import (
     PACKED_TYPES,
-    PATHS,
-    ActivationCodes,
-    Epilogue,
     PackedLayer,
-    PackedWeight,
     choose_path,
-    fit_codes,
-    group_len,
     input_split,
     layer_codes,
-    needs_input_sums,
-    per_row,
-    plan_segments,
-    quantize_activation,
+    packed_weight,
     register_low_rank,
     thawed,
 )
+from diffquant.nn.packed_activation import ActivationCodes, fit_codes, quantize_activation
+from diffquant.nn.packed_weight import Epilogue, group_len, plan_segments
 from diffquant.nn.quantizers import ActivationQuantizer, WeightQuantizer
 
 
@@ -111,13 +104,14 @@ class PackedConv2d(PackedLayer):
         super().__init__()
         backend = select_backend(backend, device=codes.device)
         self.geometry = geometry
-        self.path = choose_path(input_quantizer, integer_ok=geometry.im2col_ok)
-        in_spec = input_quantizer.spec if self.path == "int" else None
-        split = input_split(input_quantizer, self.path)
-        period = geometry.in_channels if in_spec is not None and (per_row(in_spec) or split is not None) else None
+        self.kernel = choose_path(input_quantizer, integer_ok=geometry.im2col_ok)
+        in_spec = input_quantizer.spec if self.kernel.integer else None
+        split = input_split(input_quantizer, self.kernel)
+        per_pixel = in_spec is not None and (in_spec.grain.ranges_per_row or split is not None)
+        period = geometry.in_channels if per_pixel else None
         plan = plan_segments(codes.shape[1], group_len(weight_quantizer.spec), period, group_len(in_spec), split)
-        weight = PackedWeight(codes, weight_quantizer, plan, backend if self.path == "int" else None,
-                              geometry.weight_shape, with_sums=self.path == "int" and needs_input_sums(input_quantizer))
+        weight = packed_weight(codes, weight_quantizer, plan, self.kernel, backend, input_quantizer,
+                               geometry.weight_shape)
         self._setup(weight, input_quantizer, bias, smooth, backend, float_dtype)
         self._set_low_rank(low_rank)
 
@@ -142,7 +136,7 @@ class PackedConv2d(PackedLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xs = self.smoothed(x.movedim(1, -1))
-        y = PATHS[self.path](self, xs, Epilogue(x.dtype, self.bias))
+        y = self.kernel.product(self, xs, Epilogue(x.dtype, self.bias))
         return self.add_low_rank(y, xs)
 
     def int_product(self, xs: torch.Tensor, epilogue: Epilogue) -> torch.Tensor:

@@ -9,14 +9,12 @@ from diffquant.calib.stats import ChannelRange, LayerStats
 from diffquant.calib.steps import step_rows
 from diffquant.formats.ops import (
     block_range,
-    block_view,
     decode_codes,
     fake_quantize,
     fake_quantize_dynamic,
     global_scale_from_range,
     qparams_from_range,
     quantize,
-    unblock_view,
 )
 from diffquant.formats.spec import QuantSpec
 
@@ -53,14 +51,14 @@ class WeightQuantizer(nn.Module):
         )
 
     def _blocks(self, weight2d: torch.Tensor) -> torch.Tensor:
-        return block_view(weight2d, self.spec.granularity, self.spec.group_size)
+        return self.spec.grain.view(weight2d, self.spec.group_size)
 
     def codes(self, weight2d: torch.Tensor) -> torch.Tensor:
         """Stored codes [out, K] in the weight matrix's own layout, in the format's storage dtype
         (QFormat.encode: the integers themselves for integer formats, bit patterns for fp formats)."""
         self._check_calibrated()
         blocks = quantize(self._blocks(weight2d.detach()), self.scale, self.zero_point, self.spec.qformat)
-        return self.spec.qformat.encode(unblock_view(blocks, weight2d.shape, self.spec.granularity))
+        return self.spec.qformat.encode(self.spec.grain.unview(blocks, weight2d.shape))
 
     def decode(self, codes2d: torch.Tensor) -> torch.Tensor:
         """Dequantize stored codes [out, K]; the same expression as forward(), so bitwise equal."""
@@ -70,7 +68,7 @@ class WeightQuantizer(nn.Module):
     def forward(self, weight2d: torch.Tensor) -> torch.Tensor:
         self._check_calibrated()
         fq = fake_quantize(self._blocks(weight2d), self.scale, self.zero_point, self.spec.qformat)
-        return unblock_view(fq, weight2d.shape, self.spec.granularity)
+        return self.spec.grain.unview(fq, weight2d.shape)
 
     def _check_calibrated(self) -> None:
         if self.scale is None:
@@ -114,7 +112,7 @@ class ActivationQuantizer(nn.Module):
     def splits_input(self) -> bool:
         """Whether the spec asks for shortcut splitting and can have it (static, per tensor)."""
         spec = self.spec
-        return spec.split_shortcut and not spec.dynamic and spec.granularity == "tensor"
+        return spec.split_shortcut and not spec.dynamic and spec.grain.splittable
 
     def set_split(self, channel: int) -> None:
         """Two ranges from now on: input channels [:channel] and [channel:] (before calibrate)."""
@@ -170,7 +168,7 @@ class ActivationQuantizer(nn.Module):
             if stats.overall is None:
                 raise ValueError("no calibration statistics: the layer never ran during calibration")
             ranges = [stats.overall]
-        qparams = [self._qparams(r) for r in ranges]
+        qparams = [self.qparams_for(r) for r in ranges]
         self.scale = torch.stack([s for s, _ in qparams])
         zps = [z for _, z in qparams]
         self.zero_point = None if zps[0] is None else torch.stack(zps)
@@ -178,7 +176,8 @@ class ActivationQuantizer(nn.Module):
             self.scale = self.scale[0]
             self.zero_point = None if self.zero_point is None else self.zero_point[0]
 
-    def _qparams(self, rng: ChannelRange) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def qparams_for(self, rng: ChannelRange) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scale and zero point this quantizer takes for the input range `rng` (its split, if any, applied)."""
         lo, hi = rng.lo, rng.hi
         split = self.split_at
         if split is not None:
@@ -186,8 +185,8 @@ class ActivationQuantizer(nn.Module):
                 raise ValueError(f"input split at channel {split} does not fit a {lo.numel()}-channel input")
             lo = torch.stack([lo[:split].amin(), lo[split:].amin()])
             hi = torch.stack([hi[:split].amax(), hi[split:].amax()])
-        elif self.spec.granularity == "tensor":
-            lo, hi = lo.amin().reshape(1), hi.amax().reshape(1)
+        else:
+            lo, hi = self.spec.grain.static_range(lo, hi)
         spec = self.spec
         return qparams_from_range(lo, hi, spec.qformat, spec.symmetric, spec.scale_format)
 

@@ -13,13 +13,16 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import yaml
 
 from diffquant.configs import check_field_types, check_instance_types, reject_unknown_keys
 from diffquant.formats.spec import QuantSpec, SpecError
 from diffquant.nn.attention import AttentionQuantConfig
+
+if TYPE_CHECKING:  # a stage acts on the job, and the job holds the recipe: the job module imports this one
+    from diffquant.job import QuantizationJob
 
 RECIPE_VERSION = 1
 
@@ -44,23 +47,26 @@ _STAGES: dict[str, type[StageConfig]] = {}
 class StageConfig:
     """Base of typed stage configs. Subclasses register under a `type` name and implement apply().
 
-    A stage transforms the wrapped, not yet calibrated model (see diffquant.api.QuantizationJob);
+    A stage transforms the wrapped, not yet calibrated model (see diffquant.job.QuantizationJob);
     transforms must leave the full-precision function unchanged.
     """
 
     type: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
     needs_training_data: ClassVar[bool] = False  # reads job.training (e.g. QAT on the diffusion loss)
+    # runs gradient-based optimisation (minutes on a CPU, not seconds): `diffquant selfcheck` leaves such
+    # presets to --all
+    optimizes: ClassVar[bool] = False
     # The stage's algorithm revision: bump it when the same config starts to give another model (a new
     # default behaviour), so results cached under the recipe's key (report folders, training
     # checkpoints) are not reused. Revision 1 is left out of the key: older keys stay valid.
     revision: ClassVar[int] = 1
 
-    def prepare(self, job) -> None:
+    def prepare(self, job: QuantizationJob) -> None:
         """Runs on the full-precision model before calibration statistics are gathered and the layers
         wrapped; a stage that chooses the calibration data replaces job.calibration here."""
 
-    def apply(self, job) -> None:  # job: diffquant.api.QuantizationJob
+    def apply(self, job: QuantizationJob) -> None:
         raise NotImplementedError
 
     def calibration_rows(self) -> int:
@@ -104,8 +110,8 @@ def registered_stages() -> dict[str, type[StageConfig]]:
 
 
 def stage_from_dict(data: dict[str, Any]) -> StageConfig:
-    import diffquant.algorithms  # noqa: F401  (algorithm modules register their stages)
-
+    """The stage config `data` describes; its type must be registered (diffquant/__init__.py imports
+    every algorithm module, so each has registered its stages before any recipe is read)."""
     if not isinstance(data, Mapping):
         raise RecipeError(f"a stage is a mapping with a `type` (e.g. {{type: smoothquant}}), got {data!r}")
     data = dict(data)
@@ -286,6 +292,11 @@ class Recipe:
         return static_input or static_attention or any(s.needs_calibration for s in self.stages) or any(
             isinstance(o.input, dict) and not o.input.get("dynamic", True) for o in self.overrides
         )
+
+    @property
+    def optimizes(self) -> bool:
+        """Some stage runs gradient-based optimisation (StageConfig.optimizes)."""
+        return any(s.optimizes for s in self.stages)
 
     @property
     def needs_training_data(self) -> bool:

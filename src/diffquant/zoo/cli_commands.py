@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from diffquant.cli import command
+from diffquant.commands import command
 
 # Trainable zoo parts -> module whose main(argv) trains and ships them (`--help` lists its options).
 TRAINERS = {

@@ -31,6 +31,14 @@ class Conditioning:
         raise NotImplementedError
 
 
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How a zoo model samples by default: classifier-free guidance scale and number of steps."""
+
+    guidance_scale: float = 2.0
+    default_steps: int = 25
+
 @dataclass
 class ClassConditioning(Conditioning):
     """DiT-style class labels; `null_class` is the label-embedding row trained as "no class"."""
@@ -96,6 +104,10 @@ class LatentDiffusionModel:
 
     def initial_noise(self, n: int, seed: int) -> torch.Tensor:
         return torch.randn((n, *self.latent_shape), generator=torch.Generator().manual_seed(seed))
+
+    def sample_latents(self, labels: torch.Tensor, noise: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+        """`sample_latents(self, ...)` below, with the model's guidance: what calib.capture drives."""
+        return sample_latents(self, labels, noise, steps)
 
     def calibration(self, num_samples: int = 64, steps: int | None = None, seed: int = 1234,
                     batch_size: int = 64, progress: bool = True) -> Callable[[torch.nn.Module], None]:

@@ -43,6 +43,8 @@ def register(entry: ZooEntry) -> ZooEntry:
 
 
 def _ensure_registered() -> None:
+    # Lazy on purpose: the model modules import diffusers' pipelines (seconds, and warnings from optional
+    # packages), which `import diffquant.zoo` (every CLI command) must not pay for.
     import diffquant.zoo.models  # noqa: F401  (model modules register themselves)
 
 

