@@ -8,7 +8,6 @@ Train and ship new weights with ``python -m diffquant.zoo.classifier``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import asdict, dataclass, fields
@@ -19,7 +18,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from diffquant.cli_args import positive_int
 from diffquant.zoo.data import fashion_mnist_tensors
 from diffquant.zoo.train_utils import (
     Checkpointer,
@@ -30,6 +28,7 @@ from diffquant.zoo.train_utils import (
     default_checkpoint_dir,
     set_lr,
     step_generator,
+    training_parser,
 )
 
 WEIGHTS_DIR = Path(__file__).parent / "weights" / "fmnist-classifier"
@@ -262,18 +261,7 @@ def train_classifier(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        description="Train the Fashion-MNIST evaluation classifier and ship its weights."
-    )
-    p.add_argument("--steps", type=positive_int, default=3500)
-    p.add_argument("--batch-size", type=positive_int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="output weights folder")
-    p.add_argument(
-        "--checkpoint-dir", type=Path, default=None, help="default ~/.cache/diffquant/train/fmnist-classifier"
-    )
-    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
-    p.add_argument("--threads", type=positive_int, default=1, help="torch intra-op threads (default 1)")
+    p = training_parser("Train the Fashion-MNIST evaluation classifier and ship its weights.", 3500, 128, WEIGHTS_DIR, "output weights folder", "fmnist-classifier", 1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     command = f"python -m diffquant.zoo.classifier --steps {args.steps} --batch-size {args.batch_size} --seed {args.seed}"

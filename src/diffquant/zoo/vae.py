@@ -10,7 +10,6 @@ scores the reconstructions).
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -19,7 +18,6 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
-from diffquant.cli_args import positive_int
 from diffquant.zoo.classifier import accuracy, load_classifier
 from diffquant.zoo.data import fashion_mnist_tensors
 from diffquant.zoo.train_utils import (
@@ -31,6 +29,7 @@ from diffquant.zoo.train_utils import (
     default_checkpoint_dir,
     set_lr,
     step_generator,
+    training_parser,
 )
 
 WEIGHTS_DIR = Path(__file__).parent / "weights" / "fmnist-vae"
@@ -294,16 +293,7 @@ def train_vae(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Train the Fashion-MNIST AutoencoderKL and ship its weights.")
-    p.add_argument("--steps", type=positive_int, default=4400)
-    p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="output diffusers folder")
-    p.add_argument(
-        "--checkpoint-dir", type=Path, default=None, help="default ~/.cache/diffquant/train/fmnist-vae"
-    )
-    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
-    p.add_argument("--threads", type=positive_int, default=1, help="torch intra-op threads (default 1)")
+    p = training_parser("Train the Fashion-MNIST AutoencoderKL and ship its weights.", 4400, 32, WEIGHTS_DIR, "output diffusers folder", "fmnist-vae", 1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     command = (

@@ -12,7 +12,6 @@ classifier). Note that ``DiTPipeline.__call__`` hard-codes null class 1000, so s
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import time
@@ -25,7 +24,6 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTPipeline, 
 from diffusers.models.embeddings import LabelEmbedding
 from torch import nn
 
-from diffquant.cli_args import positive_int
 from diffquant.zoo.data import CLASS_NAMES
 from diffquant.zoo.model import ClassConditioning, LatentDiffusionModel, SamplerConfig
 from diffquant.zoo.model_card import render_card
@@ -40,6 +38,7 @@ from diffquant.zoo.train_utils import (
     default_checkpoint_dir,
     set_lr,
     step_generator,
+    training_parser,
 )
 from diffquant.zoo.training import (
     TrainState,
@@ -336,18 +335,7 @@ def train_dit(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        description="Train the Fashion-MNIST latent DiT and ship its pipeline folder."
-    )
-    p.add_argument("--steps", type=positive_int, default=10000)
-    p.add_argument("--batch-size", type=positive_int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="output pipeline folder")
-    p.add_argument(
-        "--checkpoint-dir", type=Path, default=None, help=f"default ~/.cache/diffquant/train/{NAME}"
-    )
-    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
-    p.add_argument("--threads", type=positive_int, default=2, help="torch intra-op threads (default 2)")
+    p = training_parser("Train the Fashion-MNIST latent DiT and ship its pipeline folder.", 10000, 128, WEIGHTS_DIR, "output pipeline folder", NAME, 2)
     p.add_argument("--fp32", action="store_true", help="train without bf16 autocast")
     args = p.parse_args(argv)
     command = (

@@ -34,7 +34,6 @@ classifier, and the text-encoder package).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
 import json
@@ -71,6 +70,7 @@ from diffquant.zoo.train_utils import (
     default_checkpoint_dir,
     set_lr,
     step_generator,
+    training_parser,
 )
 from diffquant.zoo.training import (
     TrainState,
@@ -452,15 +452,7 @@ def train_sd(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        description="Train the Fashion-MNIST text-to-image UNet and ship its pipeline folder.")
-    p.add_argument("--steps", type=positive_int, default=6000)
-    p.add_argument("--batch-size", type=positive_int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="output pipeline folder")
-    p.add_argument("--checkpoint-dir", type=Path, default=None, help=f"default ~/.cache/diffquant/train/{NAME}")
-    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
-    p.add_argument("--threads", type=positive_int, default=2, help="torch intra-op threads (default 2)")
+    p = training_parser("Train the Fashion-MNIST text-to-image UNet and ship its pipeline folder.", 6000, 128, WEIGHTS_DIR, "output pipeline folder", NAME, 2)
     p.add_argument("--fp32", action="store_true", help="train without bf16 autocast")
     p.add_argument("--stop-at", type=positive_int, default=None,
                    help="train (or resume) only to this step of the --steps schedule, then ship")
