@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 import pytest
 
+from diffquant.algorithms.smoothquant import SmoothQuant
+from diffquant.algorithms.svdquant import SVDQuant
 from diffquant.formats.spec import QuantSpec, SpecError
 from diffquant.nn.attention import AttentionQuantConfig
 from diffquant.recipes import Recipe, RecipeError, list_presets
@@ -308,3 +310,11 @@ def test_eval_settings_refuse_zero_or_negative_steps(steps):
 
     with pytest.raises(ValueError, match=f"steps must be a positive integer.*got {steps}"):
         EvalSettings(samples=8, steps=steps)
+
+
+@pytest.mark.parametrize("stage, fields", [
+    (SmoothQuant, {"alpha": "high"}), (SVDQuant, {"rank": "8"}), (SVDQuant, {"smooth": "no"}),
+])
+def test_stages_built_in_python_are_type_checked_too(stage, fields):
+    with pytest.raises(RecipeError, match=f"{next(iter(fields))} must be"):
+        stage(**fields)

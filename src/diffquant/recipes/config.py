@@ -62,6 +62,25 @@ class StageConfig:
     # checkpoints) are not reused. Revision 1 is left out of the key: older keys stay valid.
     revision: ClassVar[int] = 1
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every stage's fields are checked against their annotations before its own __post_init__ runs
+        (range checks), whether the stage comes from a recipe file or is built in Python."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+
+        def __post_init__(self: StageConfig) -> None:
+            if type(self).__post_init__ is __post_init__:  # once, by the most derived class's hook
+                check_instance_types(self, f"stage {self.type!r}", RecipeError)
+            if own is not None:
+                own(self)
+            else:
+                super(cls, self).__post_init__()
+
+        cls.__post_init__ = __post_init__
+
+    def __post_init__(self) -> None:
+        """Range checks of a stage's fields (subclasses); their types are checked before (__init_subclass__)."""
+
     def prepare(self, job: QuantizationJob) -> None:
         """Runs on the full-precision model before calibration statistics are gathered and the layers
         wrapped; a stage that chooses the calibration data replaces job.calibration here."""
