@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import json
 import os
 import re
@@ -33,9 +34,15 @@ _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 _AT_FDCWD = -100
 
 
+@functools.cache
+def _renameat2_function() -> Any:
+    """libc's renameat2, looked up once (None where the C library lacks it)."""
+    return getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+
+
 def _renameat2(src: Path, dst: Path, flags: int) -> bool:
     """Linux renameat2(2): True when done, False where the system or file system lacks it."""
-    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    fn = _renameat2_function()
     if fn is None:
         return False
     if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), ctypes.c_uint(flags)) == 0:

@@ -81,6 +81,7 @@ from diffquant.manifest import (
     layer_specs,
     read_manifest,
     saved_by_older_format,
+    unsafe_as_checkpoint_error,
 )
 from diffquant.nn.attention import AttentionQuantConfig, attention_quantizers, install_attention_quantizers
 from diffquant.nn.layers import QuantizedLayer, wrap_layer
@@ -277,11 +278,9 @@ def parameters_on_meta() -> Iterator[None]:
 
 
 def _verify_files(folder: Path, manifest: dict[str, Any], verify: bool) -> None:
-    try:
+    with unsafe_as_checkpoint_error():
         refuse_code_and_pickles(folder)
         check_file_hashes(folder, manifest["sha256"], verify, CheckpointError, exact=False)
-    except UnsafeFolderError as exc:
-        raise CheckpointError(str(exc)) from exc
 
 
 def _build_empty_model(folder: Path, manifest: dict[str, Any]) -> nn.Module:

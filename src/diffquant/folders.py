@@ -28,6 +28,7 @@ CODE_SUFFIXES = (".py", ".pyc", ".so")
 CONVERT_HINT = ("convert it to safetensors first: load it where you trust it and call "
                 "save_pretrained(folder, safe_serialization=True)")
 
+PIPELINE_INDEX = "model_index.json"  # a diffusers pipeline folder's list of components
 # Libraries a pipeline's model_index.json may name for its components.
 COMPONENT_LIBRARIES = ("diffusers", "transformers")
 
@@ -101,6 +102,13 @@ def check_pipeline_index(index: Any, where: Path) -> None:
         if len(value) != 2 or value[0] not in (*COMPONENT_LIBRARIES, None):
             raise UnsafeFolderError(f"{where}: component {name!r} comes from {value!r}; only "
                                     f"{' and '.join(COMPONENT_LIBRARIES)} classes are loaded")
+
+
+def read_pipeline_index(folder: Path) -> dict[str, Any]:
+    """The folder's model_index.json, checked against the allow-list (check_pipeline_index)."""
+    index = read_json(folder / PIPELINE_INDEX, UnsafeFolderError)
+    check_pipeline_index(index, folder / PIPELINE_INDEX)
+    return index
 
 
 def read_json(path: Path, error: type[Exception]) -> Any:

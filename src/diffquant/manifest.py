@@ -8,18 +8,21 @@ only when the caller vouches for the folder (allow_unsealed).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from diffquant import folders
 from diffquant.folders import (
     UnsafeFolderError,
     check_file_hashes,
-    check_pipeline_index,
     check_seal,
     read_json,
+    read_pipeline_index,
     refuse_code_and_pickles,
 )
 from diffquant.formats.spec import QuantSpec, SpecError
@@ -29,9 +32,9 @@ FORMAT_NAME = "diffquant-quantized"
 FORMAT_VERSION = 2  # 2: sealed, schema-checked manifest; the model class from an allow-list
 UNSEALED_VERSION = 1  # loaded only with allow_unsealed=True
 MANIFEST = "diffquant_config.json"
+PIPELINE_INDEX = folders.PIPELINE_INDEX
 TENSORS = "diffquant_model.safetensors"
 MODEL_CONFIG = "config.json"
-PIPELINE_INDEX = "model_index.json"
 PIPELINE_MANIFEST = "diffquant_pipeline.json"
 PIPELINE_FORMAT = "diffquant-pipeline"
 DENOISER_COMPONENTS = ("transformer", "unet")
@@ -193,22 +196,23 @@ def check_saved_pipeline(folder: Path, verify: bool) -> dict[str, Any]:
     if (manifest["format"], manifest["format_version"]) != (PIPELINE_FORMAT, 1):
         raise CheckpointError(f"{where}: format {manifest['format']!r} v{manifest['format_version']} is not "
                               f"{PIPELINE_FORMAT!r} v1")
-    try:
+    with unsafe_as_checkpoint_error():
         refuse_code_and_pickles(folder)
         check_file_hashes(folder, manifest["sha256"], verify, CheckpointError, exempt=(PIPELINE_MANIFEST,))
-        index = read_json(folder / PIPELINE_INDEX, CheckpointError)
-        check_pipeline_index(index, folder / PIPELINE_INDEX)
-    except UnsafeFolderError as exc:
-        raise CheckpointError(str(exc)) from exc
-    return index
+        return read_pipeline_index(folder)
 
 
 def check_unsealed_pipeline(folder: Path) -> dict[str, Any]:
     """A pipeline folder saved before pipeline manifests: nothing that runs code, an allow-listed index."""
-    try:
+    with unsafe_as_checkpoint_error():
         refuse_code_and_pickles(folder)
-        index = read_json(folder / PIPELINE_INDEX, CheckpointError)
-        check_pipeline_index(index, folder / PIPELINE_INDEX)
+        return read_pipeline_index(folder)
+
+
+@contextlib.contextmanager
+def unsafe_as_checkpoint_error() -> Iterator[None]:
+    """folders.py's refusals, reported as what they are to a loader: a checkpoint it cannot load."""
+    try:
+        yield
     except UnsafeFolderError as exc:
         raise CheckpointError(str(exc)) from exc
-    return index

@@ -9,6 +9,7 @@ from diffquant.api import quantize
 from diffquant.atomic import check_target
 from diffquant.calib.pipeline import pipeline_calibration
 from diffquant.checkpoint import is_diffquant_folder, save_quantized
+from diffquant.configs import check_count
 from diffquant.folders import read_json
 from diffquant.integrations.diffusers_io import (
     denoiser_of,
@@ -38,7 +39,8 @@ def quantize_folder(
     """
     out = Path(out)
     check_target(out, overwrite, is_diffquant_folder)  # before hours of work, not after
-    _positive_or_none(calib_samples=calib_samples, calib_steps=calib_steps)
+    check_count("calib-samples", calib_samples, optional=True)
+    check_count("calib-steps", calib_steps, optional=True)
     recipe_obj = resolve_recipe(recipe)  # fail on a bad recipe before loading anything
     if zoo.is_zoo_name(str(source)):
         return quantize_zoo_model(str(source), recipe_obj, out, overwrite,
@@ -62,12 +64,6 @@ def quantize_folder(
     model = load_model_folder(source)
     quantize(model, recipe_obj)
     return save_quantized(model, out, overwrite=overwrite)
-
-
-def _positive_or_none(**values: int | None) -> None:
-    for name, value in values.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
 
 
 def quantize_zoo_model(

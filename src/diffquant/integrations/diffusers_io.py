@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from diffquant.folders import check_pipeline_index, read_json, refuse_code_and_pickles, resolve_model_class
+from diffquant.folders import read_json, read_pipeline_index, refuse_code_and_pickles, resolve_model_class
 from diffquant.manifest import DENOISER_COMPONENTS, PIPELINE_INDEX
 
 
@@ -31,7 +31,7 @@ def load_model_folder(path: Path) -> Any:
 def load_pipeline_folder(path: Path) -> Any:
     from diffusers import DiffusionPipeline
 
-    check_pipeline_index(read_json(path / PIPELINE_INDEX, ValueError), path / PIPELINE_INDEX)
+    read_pipeline_index(path)
     refuse_code_and_pickles(path)
     return DiffusionPipeline.from_pretrained(path, use_safetensors=True)
 
