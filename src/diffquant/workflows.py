@@ -19,6 +19,7 @@ from diffquant.integrations.diffusers_io import (
 )
 from diffquant.recipes.config import Recipe
 from diffquant.recipes.presets import resolve_recipe
+from diffquant.zoo.model import PROVENANCE
 
 ZOO_MARKER = "diffquant_zoo.json"  # in a quantized zoo folder: which zoo model it came from
 
@@ -86,7 +87,9 @@ def quantize_zoo_model(
 
         training = diffusion_objective(model)
     quantize(model.denoiser, recipe, calibration=calibration, training=training)
-    return save_quantized(model.pipe, out, overwrite=overwrite, extra_json={ZOO_MARKER: {"zoo": name}},
+    # What was done to the shipped weights at load (a variant's outlier profile) travels with the folder.
+    marker = {"zoo": name, **model.extra.get(PROVENANCE, {})}
+    return save_quantized(model.pipe, out, overwrite=overwrite, extra_json={ZOO_MARKER: marker},
                           source=zoo.get(name).folder)
 
 

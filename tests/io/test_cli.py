@@ -90,3 +90,12 @@ def test_quantize_pipeline_folder_with_calibration(dit_pipeline_folder, tmp_path
         assert (out / part).read_bytes() == (dit_pipeline_folder / part).read_bytes(), f"{part} was not copied"
     table = cli("info", str(out)).stdout
     assert "smoothquant-w8a8" in table and "attn.q" in table
+
+
+def test_outliers_of_a_pipeline_folder_before_and_after_a_profile(dit_pipeline_folder):
+    done = cli("outliers", str(dit_pipeline_folder), "--profile", "realistic", "--samples", "2", "--steps", "2",
+               "--layers")
+    assert done.returncode == 0, done.stderr
+    rows = {line.split(" | ")[0].strip("| "): line for line in done.stdout.splitlines() if "| transformer_blocks" in line}
+    q = rows["transformer_blocks.0.attn1.to_q"].strip(" |").split(" | ")
+    assert float(q[-1]) > 4 * float(q[-2])  # the profile's outlier channels, in the reader's input

@@ -19,6 +19,8 @@ from tqdm.auto import tqdm
 from diffquant.calib.steps import sampling_step
 from diffquant.configs import check_count, positive_or_default
 
+PROVENANCE = "provenance"  # LatentDiffusionModel.extra key: what loading did to the shipped weights
+
 
 class Conditioning:
     """Turns class labels into the denoiser's conditioning keyword arguments."""

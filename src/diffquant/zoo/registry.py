@@ -21,6 +21,9 @@ class ZooEntry:
     description: str
     folder: Path  # the shipped pipeline folder
     loader: Callable[[Path], LatentDiffusionModel]  # folder (FP or quantized) -> model
+    # "easy": trained weights as shipped, mild input outliers (2-12x the median channel); "realistic": with
+    # real models' outliers (an outlier-profile variant). Methods are reported on both.
+    regime: str = "easy"
 
     @property
     def available(self) -> bool:
@@ -53,12 +56,13 @@ def entries() -> dict[str, ZooEntry]:
     return dict(_ZOO)
 
 
-def get(name: str) -> ZooEntry:
+def get(name: str, shipped: bool = True) -> ZooEntry:
+    """The entry of `name`; shipped: its weights must be present (FileNotFoundError otherwise)."""
     _ensure_registered()
     if name not in _ZOO:
         raise UnknownZooModelError(f"unknown zoo model {name!r}; available: {', '.join(sorted(_ZOO)) or 'none'}")
     entry = _ZOO[name]
-    if not entry.available:
+    if shipped and not entry.available:
         raise FileNotFoundError(f"zoo model {name!r} has no shipped weights at {entry.folder}")
     return entry
 
