@@ -1,5 +1,6 @@
-"""NVFP4 models end to end: fake quantization, checkpoints (fp4 nibbles + E4M3 scale bytes, reloaded
-bitwise), and frozen layers on the emulated path (nn/emulated.py) against the fake-quant model."""
+"""NVFP4 and OCP MX models end to end: fake quantization, checkpoints (fp4 nibbles + E4M3 scale bytes;
+MX codes + E8M0 scale bytes; reloaded bitwise), and frozen layers on the emulated path (nn/emulated.py)
+against the fake-quant model."""
 
 from __future__ import annotations
 
@@ -31,6 +32,14 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 NVFP4 = "nvfp4-w4a4"
 FAMILIES = ["dit", "unet2d"]  # Linear layers, and Conv2d ones
 LAYER_MAX_REL = 2e-5  # float32 product: only the order of float rounding differs
+# OCP MX formats, W and A alike (dynamic inputs), and the bits each stores per weight: codes (fp4 two
+# per byte; fp6 and fp8 one per byte, tensors/packing.py) plus one E8M0 byte per block of 32
+MX_BITS = {"mxfp4": 4 + 8 / 32, "mxfp6_e2m3": 8 + 8 / 32, "mxfp6_e3m2": 8 + 8 / 32, "mxfp8_e4m3": 8 + 8 / 32,
+           "mxfp8_e5m2": 8 + 8 / 32}
+
+
+def mx_recipe(name: str) -> Recipe:
+    return Recipe(name=f"{name}-w-a", weight=QuantSpec.for_format(name), input=QuantSpec.for_format(name, dynamic=True))
 
 
 def quantized(family: str, recipe=NVFP4):
@@ -152,3 +161,56 @@ def test_int_weights_with_nvfp4_inputs_keep_the_integer_packing():
     packed = packed_layers(model).values()
     assert all(type(m) is PackedLinear and m.path == "float" for m in packed)  # fp4 inputs: float product
     assert max_rel(run("dit", model), expected) <= 1e-4
+
+
+# -- OCP MX ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", list(MX_BITS))
+def test_mx_model_saves_and_reloads_bitwise(name, family, tmp_path):
+    model = quantized(family, mx_recipe(name))
+    expected = run(family, model)
+    loaded = load_quantized(save_quantized(model, tmp_path / "q"))
+    layers = diffquant.quantized_layers(loaded)
+    assert all(layer.weight is None and layer.weight_codes.dtype == torch.uint8 for layer in layers.values())
+    assert torch.equal(run(family, loaded), expected)
+    for layer_name, layer in diffquant.quantized_layers(model).items():  # codes and qparams come back bitwise
+        reloaded = layers[layer_name]
+        assert torch.equal(reloaded.weight_codes, layer.weight_quantizer.codes(layer.weight_matrix(layer.weight)))
+        assert torch.equal(reloaded.weight_quantizer.scale, layer.weight_quantizer.scale)
+        assert reloaded.weight_quantizer.global_scale is None
+
+
+@pytest.mark.parametrize("name", list(MX_BITS))
+def test_mx_checkpoint_stores_codes_and_e8m0_scale_bytes(name, tmp_path):
+    model = quantized("dit", mx_recipe(name))
+    folder = save_quantized(model, tmp_path / "q")
+    stored = full = 0
+    with safe_open(folder / TENSORS, framework="pt") as f:
+        keys = f.keys()
+        assert not any(key.endswith("global_scale") for key in keys)  # one-level scales
+        for layer_name, layer in diffquant.quantized_layers(model).items():
+            codes, scale = f.get_tensor(f"{layer_name}.weight_codes"), f.get_tensor(f"{layer_name}.weight_quantizer.scale")
+            out, k = layer.weight_matrix(layer.weight).shape
+            per_byte = 2 if name == "mxfp4" else 1
+            assert codes.dtype == torch.uint8 and tuple(codes.shape) == (out, math.ceil(k / per_byte))
+            assert scale.dtype == torch.uint8 and scale.numel() == out * math.ceil(k / 32)
+            assert torch.equal(torch.pow(2.0, scale.double() - 127).float(), layer.weight_quantizer.scale)
+            stored += codes.numel() + scale.numel()
+            full += 2 * out * k
+    assert stored / full == pytest.approx(MX_BITS[name] / 16)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_frozen_mxfp4_model_is_emulated_and_matches_fake_quant(family, tmp_path):
+    model = quantized(family, mx_recipe("mxfp4"))
+    expected = run(family, model)
+    freeze(model, float_dtype=torch.float32)
+    packed = packed_layers(model)
+    assert packed and all(m.path == EMULATED for m in packed.values())
+    assert max_rel(run(family, model), expected) <= 1e-4
+    frozen_bytes = sum(m.weight.resident_bytes() for m in packed.values())
+    weights = sum(math.prod(m.weight.shape) for m in packed.values())
+    assert frozen_bytes * 8 / weights < 4.3  # codes and E8M0 scales stay packed
+    assert torch.equal(run(family, load_quantized(save_frozen(model, tmp_path / "q"))), expected)

@@ -1,5 +1,6 @@
 """Floating-point element formats (fp4_e2m1, fp6_e2m3, fp6_e3m2, fp8_e4m3, fp8_e5m2, ...) and the
-block formats built on them (nvfp4).
+block formats built on them (nvfp4; the OCP MX formats mxfp8_e4m3, mxfp8_e5m2, mxfp6_e3m2,
+mxfp6_e2m3, mxfp4).
 
 A code with sign s, exponent field E (e bits) and mantissa field F (m bits) has the value
 
@@ -44,6 +45,12 @@ _FP8_NONFINITE = {(4, 3): 1, (5, 2): 4}
 # NVIDIA NVFP4: E2M1 values in blocks of 16 along the input axis, each block scaled by an E4M3 value,
 # all of a tensor's blocks by one fp32 global scale (formats/scales.py).
 NVFP4_SPEC = (("granularity", "group"), ("group_size", 16), ("scale_dtype", "e4m3"))
+
+# OCP Microscaling (MX v1.0): blocks of 32 along the input axis, each scaled by a power of two (E8M0,
+# formats/scales.py), no global scale. Elements are the OCP element formats above (FP8 E4M3 keeps its
+# one NaN code, E5M2 its inf/NaN exponent; FP6 and FP4 have no non-finite codes).
+MX_SPEC = (("granularity", "group"), ("group_size", 32), ("scale_dtype", "e8m0"))
+MX_ELEMENTS = {"mxfp8_e4m3": (4, 3), "mxfp8_e5m2": (5, 2), "mxfp6_e3m2": (3, 2), "mxfp6_e2m3": (2, 3), "mxfp4": (2, 1)}
 
 
 @dataclass(frozen=True)
@@ -143,3 +150,13 @@ def _float_format(match: re.Match[str]) -> FloatFormat:
 @register_format(r"nvfp4")
 def _nvfp4(match: re.Match[str]) -> FloatFormat:
     return FloatFormat(name="nvfp4", bits=4, exponent_bits=2, mantissa_bits=1, spec_defaults=NVFP4_SPEC)
+
+
+@register_format(r"mxfp8_e4m3|mxfp8_e5m2|mxfp6_e3m2|mxfp6_e2m3|mxfp4")
+def _mx(match: re.Match[str]) -> FloatFormat:
+    name = match.group(0)
+    exponent_bits, mantissa_bits = MX_ELEMENTS[name]
+    bits = 1 + exponent_bits + mantissa_bits
+    return FloatFormat(name=name, bits=bits, exponent_bits=exponent_bits, mantissa_bits=mantissa_bits,
+                       nonfinite_codes=_FP8_NONFINITE[(exponent_bits, mantissa_bits)] if bits == 8 else 0,
+                       spec_defaults=MX_SPEC)

@@ -68,7 +68,7 @@ def qparams_from_range(
     extent, code_extent = range_extent(lo, hi, fmt, symmetric)
     if global_scale is None and scale_format.two_level:
         global_scale = scale_format.global_scale(extent.amax(), code_extent)
-    scale = scale_format.round(extent / code_extent, global_scale)
+    scale = scale_format.block_scales(extent, code_extent, global_scale)  # e8m0 reads the extent itself
     if symmetric:
         return scale, None
     lo = torch.minimum(lo, torch.zeros_like(lo))

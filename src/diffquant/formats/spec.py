@@ -26,17 +26,18 @@ STEP_INTERPOLATIONS = ("linear", "nearest")
 class QuantSpec:
     """How one tensor (a weight or a layer input) is quantized.
 
-    format:      number format name, e.g. "int8", "uint4", "fp8_e4m3", "nvfp4" (formats.get_format).
+    format:      number format name, e.g. "int8", "uint4", "fp8_e4m3", "nvfp4", "mxfp4" (formats.get_format).
                  A block format fixes some fields (QFormat.spec_defaults; nvfp4: group 16, e4m3
-                 scales): from_dict / for_format fill in the ones not given, and a spec that sets
-                 them otherwise is an error.
+                 scales; mxfp*: group 32, e8m0 scales): from_dict / for_format fill in the ones not
+                 given, and a spec that sets them otherwise is an error.
     granularity: "tensor" | "channel" | "token" | "group" (see module comment); `grain` is its object.
     group_size:  block length along the input/feature axis; required iff the granularity takes one ("group").
     symmetric:   zero point fixed at 0 (range ±absmax) or an affine range [min, max] with zero point.
     dynamic:     activations only — range computed from each input at run time instead of calibrated.
     per_step:    static activations only — one calibrated range per sampling step.
     scale_dtype: scale format the scales are rounded to and stored in: "float32", "float16",
-                 "bfloat16", or "e4m3" (two-level, with a float32 global scale; formats/scales.py).
+                 "bfloat16", "e4m3" (two-level, with a float32 global scale) or "e8m0" (powers of
+                 two, OCP MX); formats/scales.py.
     step_interpolation: with per_step, a run with another number of steps than calibrated reads its
                  ranges "linear"ly interpolated between the two nearest calibrated steps, or from the
                  "nearest" one (calib/steps.py: step_rows); no effect without per_step. Left out of
