@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +47,10 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
     roles: dict[str, dict[str, Any]] = {}
     for name, entry in manifest["layers"].items():
         row = roles.setdefault(entry["role"], {"layers": 0, "params": 0, "weight_bits": set(), "input_bits": set(),
-                                               "bytes": 0})
+                                               "bytes": 0, "weight_formats": Counter(), "input_formats": Counter()})
         row["layers"] += 1
+        row["weight_formats"][_format(entry["weight"])] += 1  # per layer: a format search mixes them
+        row["input_formats"][_format(entry["input"])] += 1
         row["params"] += _numel(entry["weight_shape"])
         row["bytes"] += layer_bytes[name]
         row["weight_bits"].add(_bits(entry["weight"]))
@@ -59,6 +61,8 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
     for row in roles.values():
         row["weight_bits"] = sorted(row["weight_bits"])
         row["input_bits"] = sorted(row["input_bits"])
+        row["weight_formats"] = dict(sorted(row["weight_formats"].items()))
+        row["input_formats"] = dict(sorted(row["input_formats"].items()))
     attention = manifest.get("attention", {})
     return {
         "path": str(path),
@@ -83,6 +87,10 @@ def _bits(spec: dict[str, Any] | None) -> int:
     return get_format(spec["format"]).bits  # the registry's, not the name's digits ("fp4_e2m1")
 
 
+def _format(spec: dict[str, Any] | None) -> str:
+    return "fp" if spec is None else spec["format"]
+
+
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
@@ -95,6 +103,9 @@ def format_info(info: dict[str, Any]) -> str:
         wb = "/".join(map(str, row["weight_bits"]))
         ab = "/".join(map(str, row["input_bits"]))
         lines.append(f"{role:<20}{row['layers']:>7}{row['params']:>12,}{wb:>8}{ab:>8}{row['bytes']:>12,}")
+    lines.append("formats per role (x layers):")
+    lines.extend(f"  {role:<18}W {_counts(row['weight_formats'])}  A {_counts(row['input_formats'])}"
+                 for role, row in sorted(info["roles"].items()))
     q, q16 = info["quantized_bytes"], info["quantized_bytes_16bit"]
     lines.append(f"quantized layers: {info['quantized_layers']}, {info['quantized_params']:,} params, "
                  f"{q:,} bytes vs {q16:,} at 16 bits ({q / max(q16, 1):.3f}x)")
@@ -105,6 +116,10 @@ def format_info(info: dict[str, Any]) -> str:
     lines.append(f"whole model: {info['total_params']:,} params, {f:,} bytes on disk vs {f16:,} at 16 bits "
                  f"({f / max(f16, 1):.3f}x)")
     return "\n".join(lines)
+
+
+def _counts(formats: dict[str, int]) -> str:
+    return ",".join(f"{name}x{count}" for name, count in formats.items())
 
 
 def info_json(info: dict[str, Any]) -> str:

@@ -3,6 +3,7 @@
 from diffquant.algorithms import (  # noqa: F401
     calibration_selection,
     efficientdm,
+    format_search,
     qat,
     range_search,
     reconstruction,
