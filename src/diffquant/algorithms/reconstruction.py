@@ -8,11 +8,12 @@ its sampling step). Blocks are reconstructed one at a time, in the order the mod
  1. Cache (one block at a time, to bound memory) the block's inputs and outputs in full precision and
     its inputs in the quantized model, where earlier blocks are already reconstructed. Each pass
     stops the denoiser at the block (a hook raises), so nothing after it is computed.
- 2. Learn, with Adam: AdaRound's V for every integer-format weight of the block and LSQ step sizes
-    for every static (calibrated) input quantizer (diffquant.nn.learnable). Per batch (rows of one
-    sampling step when the block has per-step input ranges, since a step's scale row is what a batch
-    trains), inputs are QDrop-mixed: each element from the FP input with probability qdrop_p, else
-    from the quantized one. Loss:
+ 2. Learn, with Adam: AdaRound's V for every weight of the block (integer or floating-point format:
+    up or down to the neighbouring grid value) and LSQ step sizes for every static (calibrated)
+    input quantizer (diffquant.nn.learnable). Per batch (rows of one sampling step when the block
+    has per-step input ranges, since a step's scale row is what a batch trains), inputs are
+    QDrop-mixed: each element from the FP input with probability qdrop_p, else from the quantized
+    one. Loss:
 
         L = E(B_q, B_fp) + eta · Σ_{inner quantized layers but the last run} E(ℓ_q, ℓ_fp)
             + lambda_round · Σ_weights 1 − |2h(V) − 1|^β
@@ -26,7 +27,8 @@ its sampling step). Blocks are reconstructed one at a time, in the order the mod
     and write the learned step sizes back into the quantizers.
 
 At the end every reconstructed weight is replaced by its decoded hardened codes, so each layer is an
-ordinary RTN-format layer (scales unchanged, codes in {floor, ceil}(W/s)): saving, freezing and
+ordinary RTN-format layer (scales unchanged, codes the grid neighbours of W/s: {floor, ceil} on an
+integer grid, the adjacent representable values on a floating-point one): saving, freezing and
 packing work unchanged. NB: afterwards `quantizers_disabled` computes with these weights, not with
 the original ones.
 
@@ -128,9 +130,10 @@ class BlockReconstruction(StageConfig):
     FP model rather than the quantized one (0: quantized inputs only, Q-Diffusion; 0.5: QDrop,
     EDA-DM). lambda_round: weight of the rounding regulariser; beta_start -> beta_end its annealing
     after the `warmup` fraction of iterations. lr_weight / lr_act: Adam learning rates of AdaRound's
-    V and of the step sizes. adaround / lsq: what is learned (weights of integer formats / static
-    input step sizes). seed: batches and QDrop masks. Must be the recipe's last stage (it calibrates
-    the job) and needs a calibration function to replay, e.g. diffquant.calib.replay(cal_set).
+    V and of the step sizes. adaround / lsq: what is learned (weight rounding, on integer and
+    floating-point grids / static input step sizes). seed: batches and QDrop masks. Must be the
+    recipe's last stage (it calibrates the job) and needs a calibration function to replay, e.g.
+    diffquant.calib.replay(cal_set).
     """
 
     type: ClassVar[str] = "block_reconstruction"

@@ -115,6 +115,24 @@ class FloatFormat(QFormat):
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         return _code_values(self.exponent_bits, self.mantissa_bits, self.nonfinite_codes)[codes.long()]
 
+    @property
+    def values(self) -> torch.Tensor:
+        """Every finite value, ascending float32, -max .. max, zero once (as +0)."""
+        return _signed_values(self.exponent_bits, self.mantissa_bits, self.nonfinite_codes)
+
+    def neighbours(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lo, hi), float32: adjacent grid values with lo <= x <= hi, no value strictly between them.
+
+        x on the grid gives lo = x and hi the next value up; from +-max on (|x| >= max) both are the
+        saturated value, as quantize() clamps. x in code units, like round().
+        """
+        values = self.values
+        last = values.numel() - 1
+        xf = x.detach().float().contiguous()
+        above = torch.searchsorted(values, xf, right=True)  # how many values are <= x
+        hi = torch.where(xf <= values[0], values[0], values[above.clamp(max=last)])
+        return values[(above - 1).clamp(0, last)], hi
+
 
 @functools.cache
 def _code_values(exponent_bits: int, mantissa_bits: int, nonfinite: int) -> torch.Tensor:
@@ -122,6 +140,12 @@ def _code_values(exponent_bits: int, mantissa_bits: int, nonfinite: int) -> torc
     finite = _magnitudes(exponent_bits, mantissa_bits, nonfinite)
     magnitudes = torch.cat([finite, torch.full((nonfinite,), float("nan"))])
     return torch.cat([magnitudes, -magnitudes])
+
+
+@functools.cache
+def _signed_values(exponent_bits: int, mantissa_bits: int, nonfinite: int) -> torch.Tensor:
+    magnitudes = _magnitudes(exponent_bits, mantissa_bits, nonfinite)
+    return torch.cat([-magnitudes[1:].flip(0), magnitudes])
 
 
 @functools.cache

@@ -5,14 +5,23 @@ quantizer, nn.attention), installed only while a block is reconstructed;
 afterwards the layer holds ordinary round-to-nearest-format state again, so saving, freezing and
 packing need to know nothing about how it was made.
 
-AdaRound (weights), over the quantizer's block view [blocks, len] with its scale s and zero point z:
+AdaRound (weights), over the quantizer's block view [blocks, len] with its scale s and zero point z.
+W/s lies between two neighbouring grid values lo ≤ W/s ≤ hi (`grid_neighbours`), and
 
-    W_soft = s · (clamp(floor(W/s) + h(V) + z, qmin, qmax) − z),
+    W_soft = s · (clamp(lo + h(V)·(hi − lo) + z, qmin, qmax) − z),
     h(V)   = clamp(sigmoid(V)·(ζ − γ) + γ, 0, 1),   ζ = 1.1, γ = −0.1  (rectified sigmoid)
 
-V starts where h(V) = W/s − floor(W/s), so W_soft = W inside the grid's range. The rounding
+On an integer grid lo = floor(W/s) and hi = lo + 1: AdaRound's floor(W/s) + h(V), bitwise (the range
+is clamped after the zero point is added). On a floating-point grid (fp4_e2m1, fp8_*, nvfp4, the MX
+formats; symmetric, no zero point) lo and hi are the adjacent representable values around W/s, both
+±max past the range (hi − lo = 0 there, nothing to learn); the grid is not uniform, so hi − lo
+varies with |W/s|. Block scales (NVFP4's E4M3 block scales and global scale, MX's E8M0 scales) stay
+as calibrated: only the element rounding is learned.
+
+V starts where h(V) = (W/s − lo) / (hi − lo), so W_soft = W inside the grid's range. The rounding
 regulariser Σ 1 − |2h − 1|^β pushes every h to 0 or 1; hardening rounds up where V ≥ 0 (h ≥ ½).
-Scales are never changed: the hardened codes lie in {floor, ceil}(W/s), clamped to the format.
+Scales are never changed: the hardened values are lo or hi exactly, codes of the format, clamped to
+its range.
 
 LSQ (static input step sizes): the calibrated scale becomes a parameter; rounding is straight-through
 and the step size's gradient is scaled by 1/√(N·Q_P) (N inputs per step size, Q_P = qmax), as in LSQ.
@@ -29,7 +38,8 @@ import math
 import torch
 from torch import nn
 
-from diffquant.formats.base import IntFormat
+from diffquant.formats.base import IntFormat, QFormat
+from diffquant.formats.floating import FloatFormat
 from diffquant.formats.ops import dequantize, fake_quantize
 from diffquant.formats.spec import QuantSpec
 from diffquant.nn.layers import QuantizedLayer
@@ -91,27 +101,31 @@ class AdaRoundWeight(OnFixedGrid):
         if base.scale is None:
             raise RuntimeError("AdaRound needs a calibrated weight quantizer (round-to-nearest scales first)")
         if not adaround_supports(base.spec):
-            raise NotImplementedError(f"AdaRound needs an integer grid, got format {base.spec.format!r}")
+            raise NotImplementedError(f"AdaRound needs an integer or floating-point grid, got format "
+                                      f"{base.spec.format!r}")
         self.base = base
         self.shape = torch.Size(weight2d.shape)
         blocks = base.spec.grain.view(weight2d.detach().float(), base.spec.group_size)
         scaled = blocks / base.scale
-        self.register_buffer("floor", torch.floor(scaled))
-        self.v = nn.Parameter(inverse_rectified_sigmoid((scaled - self.floor).clamp(0.0, 1.0)))
+        lo, hi = grid_neighbours(base.spec.qformat, scaled)
+        self.register_buffer("lo", lo)
+        self.register_buffer("step", hi - lo)  # exact: both on the grid; 0 where saturated
+        position = torch.where(self.step > 0, (scaled - lo) / self.step, torch.zeros_like(scaled))
+        self.v = nn.Parameter(inverse_rectified_sigmoid(position.clamp(0.0, 1.0)))
 
     def soft_rounding(self) -> torch.Tensor:
         return rectified_sigmoid(self.v)
 
     def hard_rounding(self) -> torch.Tensor:
-        return (self.v >= 0).to(self.floor.dtype)
+        return (self.v >= 0).to(self.lo.dtype)
 
     def regularizer(self, beta: float) -> torch.Tensor:
         return rounding_regularizer(self.soft_rounding(), beta)
 
     def _grid_codes(self, rounding: torch.Tensor) -> torch.Tensor:
-        """floor(W/s) + rounding (+ zero point), clamped to the format: codes in block_view layout."""
+        """lo + rounding·(hi − lo) (+ zero point), clamped to the format: codes in block_view layout."""
         fmt, zero_point = self.spec.qformat, self.base.zero_point
-        codes = self.floor + rounding
+        codes = self.lo + rounding * self.step  # hard rounding: lo or hi exactly
         if zero_point is not None:
             codes = codes + zero_point
         return codes.clamp(fmt.qmin, fmt.qmax)
@@ -212,7 +226,19 @@ class LSQWeight(OverQuantizer):
 
 
 def adaround_supports(spec: QuantSpec) -> bool:
-    return isinstance(spec.qformat, IntFormat)  # float grids (fp4, ...) have no floor / ceil pair
+    return isinstance(spec.qformat, IntFormat | FloatFormat)
+
+
+def grid_neighbours(fmt: QFormat, scaled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi): the neighbouring grid values around W/s that AdaRound chooses between (module
+    docstring). Integers: floor and floor + 1, unclamped (the zero point is added and the range clamped
+    afterwards, as quantize() does). Floating point: FloatFormat.neighbours (±max past the range)."""
+    if isinstance(fmt, FloatFormat):
+        return fmt.neighbours(scaled)
+    if isinstance(fmt, IntFormat):
+        lo = torch.floor(scaled)
+        return lo, lo + 1
+    raise NotImplementedError(f"no learned rounding on the grid of format {fmt.name!r}")
 
 
 def lsq_supports(quantizer: nn.Module | None) -> bool:
