@@ -316,9 +316,10 @@ def test_progress_callbacks_see_the_model_the_stage_leaves():
 
 
 def test_progress_callbacks_never_distil_and_do_not_count_as_training_time():
-    burn_s, calls = 0.3, []
+    burn_s, calls, callback_walls = 0.3, [], []
 
     def callback(progress):
+        wall = time.perf_counter()
         before = {k: v.clone() for k, v in progress.model.state_dict().items()}
         outputs(progress.model, HELD_OUT)  # denoiser calls: the distillation hook must stay quiet
         torch.randn(100)  # and the callback's random draws must not move training's
@@ -327,14 +328,18 @@ def test_progress_callbacks_never_distil_and_do_not_count_as_training_time():
         start = time.thread_time()
         while time.thread_time() - start < burn_s:
             pass
+        callback_walls.append(time.perf_counter() - wall)
 
+    total = time.perf_counter()
     with progress_callback(callback):
         model = quantized(rounds=3)
+    total = time.perf_counter() - total
     (report,) = model._diffquant_state.stage_reports
     assert calls == [True] * 4
     assert len(report["round_losses"]) == 3
     assert report["training_cpu_seconds"] < burn_s, report  # four callbacks would add 1.2 s
-    assert report["training_seconds"] < 4 * burn_s, report
+    # Wall time: the callbacks' is not in training's, however busy the machine (no fixed bound).
+    assert report["training_seconds"] <= total - sum(callback_walls), (report, total, callback_walls)
     torch.testing.assert_close(outputs(model, HELD_OUT), outputs(quantized(rounds=3), HELD_OUT), rtol=0, atol=0)
 
 

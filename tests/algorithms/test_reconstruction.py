@@ -119,8 +119,10 @@ def test_hardened_codes_are_floor_or_ceil_and_commit_as_rtn_codes(name):
     assert torch.equal(layer.weight_quantizer.codes(layer.weight), hardened)
 
 
-def test_rounding_regulariser_alone_drives_every_h_to_zero_or_one():
-    quantizer, weight = calibrated(SPECS["int4-channel-symmetric"])
+@pytest.mark.parametrize("spec", [SPECS["int4-channel-symmetric"], QuantSpec("fp4_e2m1", "channel", scale_dtype="float16")],
+                         ids=["int4", "fp4_e2m1"])
+def test_rounding_regulariser_alone_drives_every_h_to_zero_or_one(spec):
+    quantizer, weight = calibrated(spec)
     ada = AdaRoundWeight(quantizer, weight)
     assert float(((ada.soft_rounding() > 0) & (ada.soft_rounding() < 1)).float().mean()) > 0.9
     config = BlockReconstruction(iterations=100, warmup=0.0)

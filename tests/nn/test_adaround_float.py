@@ -231,21 +231,6 @@ def test_hardened_float_codes_are_lo_or_hi_and_commit_as_rtn_codes(name):
     assert torch.equal(wq(layer.weight), layer.weight)
 
 
-def test_regulariser_drives_float_h_to_zero_or_one():
-    quantizer, weight = calibrated(FLOAT_SPECS["fp4_e2m1-channel"])
-    ada = AdaRoundWeight(quantizer, weight)
-    assert float(((ada.soft_rounding() > 0) & (ada.soft_rounding() < 1)).float().mean()) > 0.9
-    config = BlockReconstruction(iterations=100, warmup=0.0)
-    opt = torch.optim.Adam([ada.v], lr=0.2)
-    for i in range(config.iterations):
-        opt.zero_grad()
-        ada.regularizer(config.beta_at(i)).backward()
-        opt.step()
-    h = ada.soft_rounding()
-    assert torch.all((h == 0) | (h == 1))
-    assert float(ada.regularizer(2.0).detach()) == 0.0
-
-
 # -- block reconstruction of the tiny DiT -------------------------------------------------------------
 
 DIT = TINY_MODELS["dit"]
