@@ -374,6 +374,19 @@ TINY_MODELS: dict[str, TinyModel] = {
 }
 
 
+def dit_set(rows_per_step: int, steps: int, seed: int):
+    """A recorded calibration set of seeded tiny-DiT inputs: `rows_per_step` rows at each of `steps` steps."""
+    from diffquant.calib import CalibrationSet
+
+    g = torch.Generator().manual_seed(seed)
+    n = rows_per_step * steps
+    inputs = {"hidden_states": torch.randn(n, 4, 8, 8, generator=g),
+              "timestep": torch.randint(0, 1000, (n,), generator=g),
+              "class_labels": torch.randint(0, 10, (n,), generator=g)}
+    return CalibrationSet(inputs, torch.arange(steps).repeat_interleave(rows_per_step), torch.arange(n),
+                          torch.ones(n, dtype=torch.bool), static={"return_dict": False})
+
+
 def run_dit_at_step0(model: nn.Module, batch: int = 2) -> torch.Tensor:
     """One no-grad forward of the tiny DiT at sampling step 0: a calibration function, or the output
     that tests compare (seeded inputs, so every call sees the same batch)."""

@@ -19,7 +19,7 @@ import diffquant
 from diffquant.algorithms.block_data import DenoiserCall, Rows, execution_order, find_blocks, group_records
 from diffquant.algorithms.reconstruction import BlockReconstruction, Reconstructor
 from diffquant.api import CalibrationRequiredError, gather_stats, quantized_layers
-from diffquant.calib import CalibrationSet, replay, sampling_step
+from diffquant.calib import replay, sampling_step
 from diffquant.checkpoint import load_quantized, save_quantized
 from diffquant.formats import QuantSpec
 from diffquant.formats.ops import block_view, sqnr_db, unblock_view
@@ -37,7 +37,7 @@ from diffquant.nn.learnable import (
 from diffquant.plan import plan_layers
 from diffquant.recipes import Recipe, RecipeError, get_preset
 from diffquant.recipes.config import stage_from_dict
-from tests.tiny_models import TINY_MODELS
+from tests.tiny_models import TINY_MODELS, dit_set
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -217,16 +217,6 @@ def test_unet_blocks_are_resnets_attentions_and_lone_samplers_in_run_order():
 
 
 # -- the tiny DiT ----------------------------------------------------------------------------------
-
-
-def dit_set(rows_per_step: int, steps: int, seed: int) -> CalibrationSet:
-    g = torch.Generator().manual_seed(seed)
-    n = rows_per_step * steps
-    inputs = {"hidden_states": torch.randn(n, 4, 8, 8, generator=g),
-              "timestep": torch.randint(0, 1000, (n,), generator=g),
-              "class_labels": torch.randint(0, 10, (n,), generator=g)}
-    return CalibrationSet(inputs, torch.arange(steps).repeat_interleave(rows_per_step), torch.arange(n),
-                          torch.ones(n, dtype=torch.bool), static={"return_dict": False})
 
 
 CALIBRATION = dit_set(32, 2, seed=1)

@@ -11,7 +11,7 @@ from torch import nn
 import diffquant
 from diffquant.algorithms.reconstruction import BlockReconstruction
 from diffquant.api import quantized_layers
-from diffquant.calib import CalibrationSet, replay, sampling_step
+from diffquant.calib import replay, sampling_step
 from diffquant.checkpoint import load_quantized, save_quantized
 from diffquant.formats import QuantSpec, get_format
 from diffquant.formats.ops import block_view, dequantize, sqnr_db, unblock_view
@@ -26,7 +26,7 @@ from diffquant.nn.learnable import (
     rectified_sigmoid,
 )
 from diffquant.recipes import Recipe
-from tests.tiny_models import TINY_MODELS
+from tests.tiny_models import TINY_MODELS, dit_set
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -243,16 +243,6 @@ WEIGHTS = {
 }
 # learned rounding alone (no step sizes), the same settings for every weight format
 LEARNED = BlockReconstruction(iterations=50, batch_size=32, lr_weight=1e-2, lsq=False)
-
-
-def dit_set(rows_per_step: int, steps: int, seed: int) -> CalibrationSet:
-    g = torch.Generator().manual_seed(seed)
-    n = rows_per_step * steps
-    inputs = {"hidden_states": torch.randn(n, 4, 8, 8, generator=g),
-              "timestep": torch.randint(0, 1000, (n,), generator=g),
-              "class_labels": torch.randint(0, 10, (n,), generator=g)}
-    return CalibrationSet(inputs, torch.arange(steps).repeat_interleave(rows_per_step), torch.arange(n),
-                          torch.ones(n, dtype=torch.bool), static={"return_dict": False})
 
 
 CALIBRATION = dit_set(32, 2, seed=1)
