@@ -26,6 +26,7 @@ from diffquant.nn.learnable import (
     rectified_sigmoid,
 )
 from diffquant.recipes import Recipe
+from tests.algorithms.test_reconstruction import grid_position  # W/s (+ z) in block view
 from tests.tiny_models import TINY_MODELS, dit_set
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -56,13 +57,6 @@ def calibrated(spec: QuantSpec, seed: int = 0) -> tuple[WeightQuantizer, torch.T
     quantizer = WeightQuantizer(spec)
     quantizer.calibrate(weight)
     return quantizer, weight
-
-
-def position(quantizer: WeightQuantizer, weight: torch.Tensor) -> torch.Tensor:
-    """W/s (+ z) in the quantizer's block view: where the weight sits on the grid, in code units."""
-    spec = quantizer.spec
-    zero = 0 if quantizer.zero_point is None else quantizer.zero_point
-    return block_view(weight, spec.granularity, spec.group_size) / quantizer.scale + zero
 
 
 def grid_index(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -116,7 +110,7 @@ def test_float_neighbours_bracket_w_over_s_adjacent_on_the_grid(name):
     quantizer, weight = calibrated(FLOAT_SPECS[name])
     fmt = quantizer.spec.qformat
     ada = AdaRoundWeight(quantizer, weight)
-    scaled, lo, hi = position(quantizer, weight), ada.lo, ada.lo + ada.step
+    scaled, lo, hi = grid_position(quantizer, weight), ada.lo, ada.lo + ada.step
     saturated = scaled.abs() >= fmt.qmax
     assert torch.all(lo <= hi)
     inside = ~saturated
@@ -140,7 +134,7 @@ def test_soft_value_starts_at_w_over_s_and_hard_rounding_is_round_to_nearest(nam
     quantizer, weight = calibrated(FLOAT_SPECS[name])
     spec, fmt = quantizer.spec, quantizer.spec.qformat
     ada = AdaRoundWeight(quantizer, weight)
-    scaled = position(quantizer, weight)
+    scaled = grid_position(quantizer, weight)
     soft = ada.lo + ada.soft_rounding() * ada.step
     inside = scaled.abs() < fmt.qmax
     assert float((soft - scaled)[inside].abs().max().detach()) < 1e-5 * fmt.qmax
@@ -293,7 +287,7 @@ def test_learned_fp4_weights_are_codes_next_to_w_over_s(name, fp_dit, runs):
         codes = wq.codes(weight2d)
         assert torch.equal(wq.decode(codes), weight2d)  # representable: decodes back exactly
         original = layer.weight_matrix(fp_dit.get_submodule(path).weight.detach())
-        lo, hi = fmt.neighbours(position(wq, original))
+        lo, hi = fmt.neighbours(grid_position(wq, original))
         value = wq.spec.grain.view(fmt.decode(codes), wq.spec.group_size)
         assert torch.all((value == lo) | (value == hi)), path
         rtn_codes = rtn_wq.codes(rtn_layers[path].weight_matrix(rtn_layers[path].weight.detach()))
