@@ -110,6 +110,8 @@ INT8_TOKEN = QuantSpec("int8", "token", dynamic=True)
 INT4_TOKEN_G64 = QuantSpec("int4", "group", group_size=64, dynamic=True)
 INT4_G128 = QuantSpec("int4", "group", group_size=128, scale_dtype="float16")
 INT4_TOKEN_G128 = QuantSpec("int4", "group", group_size=128, dynamic=True)
+FP4_CHANNEL = QuantSpec("fp4_e2m1", "channel", scale_dtype="float16")
+MXFP4 = QuantSpec.for_format("mxfp4")
 
 
 def diffquant_method(name: str, weight: QuantSpec, inputs: QuantSpec | None, rank: int | None = None,
@@ -144,6 +146,10 @@ diffquant_method(f"diffquant W4A4+r{LOW_RANK}", INT4_G64, INT4_TOKEN_G64, rank=L
 # Groups of 128 on both sides: half the group-wise rescales of the preset's 64 (a coarser format).
 diffquant_method("diffquant W4A4 g128", INT4_G128, INT4_TOKEN_G128)
 diffquant_method("diffquant W4A16", INT4_G64, None)
+# FP4 weights (E2M1 per channel; OCP MXFP4: blocks of 32, E8M0 scales) with INT8 inputs on the integer GEMM:
+# E2M1 x 2 are integers (nn/packed_weight.py, CodeLevels), decoded by the kernels' nibble table.
+diffquant_method("diffquant FP4-W4A8", FP4_CHANNEL, INT8_TOKEN)
+diffquant_method("diffquant MXFP4-W4A8", MXFP4, INT8_TOKEN)
 # The same layers on torch._int_mm with per-segment rescale passes (kernels/segmented.py): what the
 # fused kernels of the "vnni" backend replace, and the path of CPUs without them.
 diffquant_method("diffquant W8A8 [int_mm]", INT8_CHANNEL, INT8_TOKEN, backend="int_mm")

@@ -95,12 +95,45 @@ def test_candidates_come_from_the_bit_width_and_the_registry():
         return [s.format for s in candidate_specs(spec, include_int)]
 
     assert names(QuantSpec("fp4_e2m1", "channel")) == ["fp4_e2m1", "fp4_e1m2", "fp4_e3m0"]
-    assert names(QuantSpec("fp8_e4m3", "tensor")) == ["fp8_e4m3", "fp8_e5m2"]  # no fp8_e3m4 in the registry
+    assert names(QuantSpec("fp8_e4m3", "tensor")) == ["fp8_e4m3", *(f"fp8_e{e}m{7 - e}" for e in (1, 2, 3, 5, 6, 7))]
     assert names(QuantSpec("fp6_e2m3", "channel"), include_int=True)[-1] == "int6"
     assert names(QuantSpec("int4", "channel", symmetric=False)) == ["fp4_e1m2", "fp4_e2m1", "fp4_e3m0"]
     nvfp4 = candidate_specs(QuantSpec.for_format("nvfp4"), False)  # the block layout stays
     assert [s.format for s in nvfp4] == ["nvfp4", "fp4_e1m2", "fp4_e3m0"]
     assert {(s.granularity, s.group_size, s.scale_dtype) for s in nvfp4} == {("group", 16, "e4m3")}
+
+
+def test_named_candidates_replace_the_automatic_list():
+    fp8 = QuantSpec("fp8_e4m3", "tensor", split_shortcut=True)
+    assert [s.format for s in candidate_specs(fp8, False, ("int8",))] == ["int8"]
+    int8 = candidate_specs(fp8, False, ("int8", "fp8_e5m2"))[0]
+    assert int8.symmetric and int8.split_shortcut  # the spec's layout, symmetric like the FP spec
+    asym = QuantSpec("int8", "tensor", symmetric=False)
+    assert candidate_specs(asym, False, ("int8",)) == [asym]  # the spec itself: its zero point kept
+    w = QuantSpec("fp4_e1m2", "channel", scale_dtype="float16")
+    assert [s.format for s in candidate_specs(w, False, ("fp4_e2m1",))] == ["fp4_e2m1"]
+    with pytest.raises(RecipeError, match="8 bits.*fp4_e2m1 has 4"):
+        candidate_specs(QuantSpec("fp4_e2m1", "channel"), False, ("fp8_e4m3",))
+
+
+@pytest.mark.parametrize(("field", "value", "match"), [
+    ("input_formats", ["fp9_x"], "input_formats"), ("weight_formats", [], "weight_formats is empty"),
+    ("weight_formats", "fp4_e2m1", "weight_formats")])
+def test_bad_candidate_lists_are_recipe_errors(field, value, match):
+    with pytest.raises(RecipeError, match=match):
+        stage_from_dict({"type": "format_search", field: value})
+
+
+def test_fixed_weight_format_searches_only_the_clipping():
+    model = TINY_MODELS["dit"].build()
+    r = recipe(FormatSearch(weight_formats=("fp4_e2m1",), input_formats=("int8",)),
+               input=QuantSpec("int8", "tensor"))
+    q = diffquant.quantize(model, r, calibration=runner("dit", 1), progress=False)
+    layers = quantized_layers(q)
+    assert {layer.weight_quantizer.spec.format for layer in layers.values()} == {"fp4_e2m1"}
+    assert {layer.input_quantizer.spec.format for layer in layers.values()} == {"int8"}
+    assert Recipe.from_dict(r.to_dict()) == r
+    assert r.to_dict()["stages"][0]["input_formats"] == ["int8"]
 
 
 # -- tiny models -------------------------------------------------------------------------------------
@@ -155,7 +188,7 @@ def test_chosen_formats_and_clipping_are_in_the_plan_the_layers_and_the_report(s
         choice = report["layers"][name]
         assert layer.weight_quantizer.spec == state.plan[name].weight
         assert layer.weight_quantizer.spec.format == choice["weight"] in FP4_SPLITS
-        assert layer.input_quantizer.spec.format == choice["input"] in ("fp8_e4m3", "fp8_e5m2")
+        assert layer.input_quantizer.spec.format == choice["input"] and choice["input"].startswith("fp8_")
         assert len(choice["input_clip"]) == 2 == layer.input_quantizer.scale.shape[0]  # one factor per step
         w = layer.weight_matrix(layer.weight.detach())
         absmax = w.abs().amax(dim=1, keepdim=True)

@@ -153,7 +153,7 @@ def test_encode_refuses_values_off_the_grid():
 
 @pytest.mark.parametrize(
     "name, message",
-    [("fp4_e3m1", "is not 4 bits"), ("fp8_e3m4", "unsupported floating-point format"),
+    [("fp4_e3m1", "is not 4 bits"), ("fp8_e3m5", "is not 8 bits"),
      ("fp9_e4m4", "unsupported floating-point format"), ("fp2_e1m0", "unsupported floating-point format"),
      ("fp4_e0m3", "is not 4 bits")],
 )

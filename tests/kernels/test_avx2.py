@@ -59,6 +59,29 @@ def test_int16_sums_stay_exact_over_many_quads(name):
         assert torch.all(y == a_value * b_value * 4096)
 
 
+@pytest.mark.skipif("avx2" not in RUNS_HERE, reason="the avx2 kernels do not run here")
+def test_the_maddubs_build_sizes_its_int16_chunks_by_the_table(monkeypatch):
+    """avx2.c's own guard past takes_levels (max(u) <= 127): a table of max(u) = 200 stays exact against 4-bit
+    activations (chunks of 32767 / (2 * 200 * 8) = 10 quads) and is refused against 8-bit ones, where one
+    pair of products could saturate int16."""
+    f = kernels.get_backend("avx2").fused
+    levels = torch.tensor([-100, *range(-7, 7), 100], dtype=torch.int16)  # u in [0, 200]
+    assert not f.takes_levels(levels)
+    monkeypatch.setattr(f, "takes_levels", lambda levels: True)
+    b = codes((512, 9), -8, 8, seed=10)
+    b[:, 0] = 7  # index 15: u = 200
+    for a_low, a_high in ((-8, 8), (-128, 128)):
+        a = codes((6, 512), a_low, a_high, seed=11)
+        a[0] = a_low
+        args = (a, f.pack(b, 4), 9, 4, 512, torch.ones(6, 1), torch.ones(1, 9))
+        if a_low == -8:
+            expected = a.long() @ (levels.long()[b.long() + 8])
+            assert torch.equal(f.matmul(*args, levels=levels).long(), expected)
+        else:
+            with pytest.raises(RuntimeError, match="rejected"):
+                f.matmul(*args, levels=levels)
+
+
 @on_avx2_backends
 @pytest.mark.parametrize("bits", [4, 8])
 def test_plain_gemm_is_exact_for_any_k_and_keeps_weights_compact(name, bits):

@@ -20,6 +20,7 @@ from diffquant.kernels import (
     vnni,
 )
 from diffquant.kernels.native import pack_strips, unpack_strips
+from diffquant.kernels.reference import reference_levels
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -198,6 +199,118 @@ def test_fused_matmul_rejects_segments_it_cannot_cut(name):
         f.matmul(a, f.pack(b, 8), 3, 8, 6, torch.ones(2, 2), torch.ones(2, 3))
     assert not f.supports(8, 6, 12) and not f.supports(4, 4, 12)
     assert f.supports(4, 64, 4096) and f.supports(8, 12, 36)
+
+
+def random_levels(seed: int) -> torch.Tensor:
+    levels = torch.randint(-60, 68, (16,), generator=torch.Generator().manual_seed(seed))
+    levels[5], levels[12] = -60, 67  # max(u) = 127: the widest table vpmaddubsw takes at |a| = 128
+    return levels.to(torch.int16)
+
+
+# 16 signed integer levels that nibbles index (FusedKernels' `levels`): FP4 E2M1 and E1M2 times 2, a random table.
+LEVELS = {
+    "e2m1x2": torch.tensor([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=torch.int8),
+    "e1m2x2": torch.tensor([*range(8), 0, *range(-1, -8, -1)], dtype=torch.int8),
+    "random127": random_levels(30),
+}
+LEVEL_LENGTHS = [32, 64, 4096]  # K = 4096: groups of 32, 64, and one segment
+
+
+def extreme_activations(m: int, k: int, seed: int) -> torch.Tensor:
+    """Random codes, row 0 all -128 and row 1 all 127: the largest products at every position."""
+    a = codes((m, k), 8, seed)
+    a[0], a[1] = -128, 127
+    return a
+
+
+def level_indices(k: int, n: int, levels: torch.Tensor, seed: int) -> torch.Tensor:
+    """Random indices, stored as index - 8; column 0 all at the largest unsigned level u = levels - min (the int16
+    chunks' worst case against rows of -128), column 1 at the smallest."""
+    b = codes((k, n), 4, seed)
+    u = levels.long() - int(levels.min())
+    b[:, 0], b[:, 1] = int(u.argmax()) - 8, int(u.argmin()) - 8
+    return b
+
+
+@native_kernels
+@pytest.mark.parametrize("length", LEVEL_LENGTHS)
+@pytest.mark.parametrize("table", LEVELS)
+def test_levels_decode_nibbles_exactly(name, table, length, threads):
+    """Unit scales: y is the exact sum of a * levels[index] over all of K (every partial sum exact in float32,
+    so any one wrong product shows); one-hot weight scales: the first and the last segment alone."""
+    threads(2)
+    m, k, n, levels, f = 9, 4096, 37, LEVELS[table], fused(name)
+    a, b = extreme_activations(m, k, seed=20), level_indices(k, n, levels, seed=21)
+    expected = reference_segment_accumulations(a, reference_levels(b, levels), length)
+    partial = expected.cumsum(0)
+    assert torch.equal(partial.float().long(), partial)
+    packed, segments = f.pack(b, 4), k // length
+    y = f.matmul(a, packed, n, 4, length, torch.ones(m, segments), torch.ones(segments, n), levels=levels)
+    assert torch.equal(y.to(torch.int64), partial[-1])
+    for s in {0, segments - 1}:
+        one_hot = torch.zeros(segments, n)
+        one_hot[s] = 1
+        y = f.matmul(a, packed, n, 4, length, torch.ones(m, segments), one_hot, levels=levels)
+        assert torch.equal(y.to(torch.int64), expected[s])
+
+
+@native_kernels
+@pytest.mark.parametrize("length", LEVEL_LENGTHS)
+@pytest.mark.parametrize("table", LEVELS)
+def test_levels_through_the_rescale_and_the_epilogue(name, table, length, threads):
+    """Random scales, an addend and a bias: float32 against the float64 reference; bf16 is that float32 output
+    rounded once (the same epilogue)."""
+    threads(2)
+    m, k, n, levels, f = 9, 4096, 37, LEVELS[table], fused(name)
+    g = torch.Generator().manual_seed(22)
+    a, b = extreme_activations(m, k, seed=23), level_indices(k, n, levels, seed=24)
+    segments = k // length
+    a_scales, b_scales = torch.rand(m, segments, generator=g) + 0.1, torch.rand(segments, n, generator=g) + 0.1
+    bias, addend = torch.randn(n, generator=g), torch.randn(m, n, generator=g) * 1000
+    packed = f.pack(b, 4)
+    y = f.matmul(a, packed, n, 4, length, a_scales, b_scales, bias, torch.float32, addend, levels=levels)
+    expected = (reference_segmented_matmul(a, reference_levels(b, levels), length, a_scales, b_scales)
+                + addend.double() + bias.double())
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+    y16 = f.matmul(a, packed, n, 4, length, a_scales, b_scales, bias, torch.bfloat16, addend, levels=levels)
+    assert y16.dtype == torch.bfloat16 and torch.equal(y16, y.to(torch.bfloat16))
+
+
+@native_kernels
+@pytest.mark.parametrize("case", [case for case in CASES if case[3] <= 4], ids=case_id)
+def test_the_int4_table_gives_the_plain_nibble_path_bit_for_bit(name, case, threads):
+    """levels = the int4 codes themselves (offset 8, through the decode table) and levels=None (no table: the
+    path the tests above hold to the reference) give the same bits."""
+    m, k, n, bits, length, t = case
+    threads(t)
+    g = torch.Generator().manual_seed(25)
+    a, b, f = codes((m, k), 8, seed=26), codes((k, n), bits, seed=27), fused(name)
+    args = (a, f.pack(b, bits), n, bits, length, torch.rand(m, k // length, generator=g),
+            torch.rand(k // length, n, generator=g), torch.randn(n, generator=g), torch.bfloat16)
+    assert torch.equal(f.matmul(*args, levels=torch.arange(-8, 8, dtype=torch.int8)), f.matmul(*args))
+
+
+@native_kernels
+def test_tables_the_kernels_cannot_take_are_refused(name):
+    """max(u) = max - min: 127 at most for vpmaddubsw (avx2), 255 for vpdpbusd; a table the kernels do not take
+    is a ValueError, as is one for 8-bit codes."""
+    f = fused(name)
+    assert all(f.takes_levels(levels) for levels in LEVELS.values())
+    span200 = torch.tensor([0] * 15 + [200], dtype=torch.int16)
+    span255 = torch.arange(-128, 128, 17, dtype=torch.int16)  # -128, -111, ..., 127
+    assert f.takes_levels(span200) is (name != "avx2") and f.takes_levels(span255) is (name != "avx2")
+    assert not f.takes_levels(span255 + (torch.arange(16) == 0) * -1)  # span 256: no build
+    assert not f.takes_levels(LEVELS["e2m1x2"].float()) and not f.takes_levels(LEVELS["e2m1x2"][:8])
+    a, b = extreme_activations(5, 64, seed=28), level_indices(64, 20, span255, seed=29)
+    args = (a, f.pack(b, 4), 20, 4, 32, torch.ones(5, 2), torch.ones(2, 20))
+    if name == "avx2":
+        with pytest.raises(ValueError, match="spanning at most 127"):
+            f.matmul(*args, levels=span200)
+    else:  # the widest byte table, exactly
+        expected = reference_segment_accumulations(a, reference_levels(b, span255), 64)[0]
+        assert torch.equal(f.matmul(*args, levels=span255).to(torch.int64), expected)
+    with pytest.raises(ValueError, match="8-bit codes"):
+        f.matmul(a, f.pack(b, 8), 20, 8, 32, torch.ones(5, 2), torch.ones(2, 20), levels=LEVELS["e2m1x2"])
 
 
 QUANT_SPECS = {

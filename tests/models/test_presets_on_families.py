@@ -36,7 +36,7 @@ MIN_SQNR_DB = {
     # FP8 E4M3 keeps 3 mantissa bits: ~12-15 dB under INT8's per-channel / per-token grid on these random
     # Gaussian weights in every family (measured: fp8-w8a8 19.7 dB on the UNets, 29-54 dB on the
     # transformers; MX's power-of-two block scales 0-7 dB less again), so the FP W8A8 floors are lower.
-    "fp8-w8a8": 15.0, "mxfp8-w8a8": 14.0, "mxfp4-w4a4": 5.0, "fp-w4a8": 8.0,
+    "fp8-w8a8": 15.0, "mxfp8-w8a8": 14.0, "mxfp4-w4a4": 5.0, "fp-w4a8": 8.0, "int-w4a8": 8.0,
 }
 # Training stages at their defaults are for real models (their effect is tested in tests/algorithms):
 # here a few iterations / rounds, and no checkpoints written.

@@ -1,5 +1,6 @@
 """NVFP4 and OCP MX models end to end: fake quantization, checkpoints (fp4 nibbles + E4M3 scale bytes;
-MX codes + E8M0 scale bytes; reloaded bitwise), and frozen layers on the emulated path (nn/emulated.py)
+MX codes + E8M0 scale bytes; reloaded bitwise), and frozen layers on the emulated path (nn/emulated.py; MXFP4 weights
+are packed for the integer GEMM instead: tests/nn/test_packed_levels.py)
 against the fake-quant model."""
 
 from __future__ import annotations
@@ -203,12 +204,14 @@ def test_mx_checkpoint_stores_codes_and_e8m0_scale_bytes(name, tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_frozen_mxfp4_model_is_emulated_and_matches_fake_quant(family, tmp_path):
+def test_frozen_mxfp4_model_takes_the_float_path_and_matches_fake_quant(family, tmp_path):
+    # MXFP4 weights are integers times powers of two (tests/nn/test_packed_levels.py): a PackedWeight, not
+    # emulated; with MXFP4 inputs (no integer codes) the product is the float path's
     model = quantized(family, mx_recipe("mxfp4"))
     expected = run(family, model)
     freeze(model, float_dtype=torch.float32)
     packed = packed_layers(model)
-    assert packed and all(m.path == EMULATED for m in packed.values())
+    assert packed and all(m.path == "float" and "int8 levels" in repr(m.weight) for m in packed.values())
     assert max_rel(run(family, model), expected) <= 1e-4
     frozen_bytes = sum(m.weight.resident_bytes() for m in packed.values())
     weights = sum(math.prod(m.weight.shape) for m in packed.values())

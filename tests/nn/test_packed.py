@@ -167,6 +167,10 @@ WEIGHT_SPECS = {
     "w4-group8": QuantSpec("int4", "group", group_size=8, scale_dtype="float16"),
     "w8-uint-asym": QuantSpec("uint8", "channel", symmetric=False),
     "w3-tensor": QuantSpec("int3", "tensor"),
+    # FP4 grids are integers times a power of two (nn/packed_weight.py: CodeLevels): the same integer paths
+    "fp4-e2m1-channel": QuantSpec("fp4_e2m1", "channel", scale_dtype="float16"),
+    "fp4-e3m0-group4": QuantSpec("fp4_e3m0", "group", group_size=4),
+    "mxfp4": QuantSpec.for_format("mxfp4"),
 }
 LAYERS = {
     "linear-ragged": lambda: nn.Linear(20, 6),

@@ -4,8 +4,10 @@ absmax) with the lowest layer-output MSE on the layer's own calibration inputs.
 
 Candidates, for a spec of b bits: the spec's own format first, then every fp{b}_e{E}m{M} (E + M = b - 1,
 E >= 1) that the format registry builds (4 bits: E1M2, E2M1, E3M0; 6 bits: E1M4 … E5M0; 8 bits: E4M3,
-E5M2), and int{b} only with `include_int`; each keeps the spec's layout (granularity, group size,
-scale format; floating-point candidates are symmetric). Clipping factors: 1, 1 − clip_step, …
+E5M2), and int{b} only with `include_int`; `weight_formats` / `input_formats` name a side's candidates
+instead (e.g. [fp4_e2m1]: the clipping alone, the fixed-format ablation; [int8]: INT8 inputs with searched
+clipping). Each keeps the spec's layout (granularity, group size, scale format; floating-point candidates
+are symmetric). Clipping factors: 1, 1 − clip_step, …
 
 Search, in `prepare` on the full-precision model (two replays of the calibration function):
 
@@ -64,20 +66,25 @@ Candidate = tuple[QuantSpec, float]  # (spec, clipping factor)
 @dataclass(frozen=True)
 class FormatSearch(StageConfig):
     """Per layer the FP exponent/mantissa split and clipping factor with the lowest layer-output MSE.
-    weights / inputs: which side is searched; include_int: int{b} is a candidate too; clips factors
-    1, 1 − clip_step, …; rows: input rows per call scored; seed: of the row subsets."""
+    weights / inputs: which side is searched; include_int: int{b} is a candidate too; weight_formats /
+    input_formats: that side's candidates by name (of the spec's bit width; None: the automatic list);
+    clips factors 1, 1 − clip_step, …; rows: input rows per call scored; seed: of the row subsets."""
 
     type: ClassVar[str] = "format_search"
     needs_calibration: ClassVar[bool] = True
     weights: bool = True
     inputs: bool = True
     include_int: bool = False
+    weight_formats: tuple[str, ...] | None = None
+    input_formats: tuple[str, ...] | None = None
     clips: int = 6
     clip_step: float = 0.1
     rows: int = 256
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("weight_formats", "input_formats"):
+            _check_format_names(self, name)
         for name in ("clips", "rows"):
             check_int(self, name)
         check_int(self, "seed", minimum=0)
@@ -87,6 +94,10 @@ class FormatSearch(StageConfig):
                               f"positive), got clip_step {self.clip_step!r} with {self.clips} clips")
         if not (self.weights or self.inputs):
             raise RecipeError("format_search weights and inputs are both false: the stage would search nothing")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()  # lists for YAML / JSON
+        return {**data, **{k: list(data[k]) for k in ("weight_formats", "input_formats") if data[k] is not None}}
 
     @property
     def factors(self) -> list[float]:
@@ -119,6 +130,21 @@ class FormatSearch(StageConfig):
                 install_input_clips(job, name, layer, choice["input_clip"])
 
 
+def _check_format_names(stage: FormatSearch, name: str) -> None:
+    """A candidate list: None, or registered format names (stored as a tuple)."""
+    names = getattr(stage, name)
+    if names is None:
+        return
+    object.__setattr__(stage, name, tuple(names))
+    if not names:
+        raise RecipeError(f"format_search {name} is empty: leave it out for the automatic candidates")
+    for fmt in names:
+        try:
+            get_format(fmt)
+        except UnknownFormatError as exc:
+            raise RecipeError(f"format_search {name}: {exc}") from None
+
+
 def format_counts(plan: dict[str, LayerPlan], choices: dict[str, dict[str, Any]]) -> dict[str, dict[str, int]]:
     """How many searched layers took each format, per side."""
     return {side: dict(Counter(getattr(plan[name], attr).format for name, choice in choices.items() if side in choice))
@@ -137,26 +163,39 @@ def _element(fmt: QFormat) -> tuple:
     return "other", fmt.name
 
 
-def candidate_specs(spec: QuantSpec, include_int: bool) -> list[QuantSpec]:
-    """The spec's own format (unless it is an integer format without include_int) and every other
-    floating-point split of its bit width the registry builds, int{b} with include_int; the spec's layout."""
+def candidate_specs(spec: QuantSpec, include_int: bool, names: tuple[str, ...] | None = None) -> list[QuantSpec]:
+    """`names` in the spec's layout, each of the spec's bit width (RecipeError otherwise); without names, the
+    spec's own format (unless it is an integer format without include_int) and every other floating-point
+    split of its bit width the registry builds, int{b} with include_int."""
+    if names is not None:
+        return [_candidate(spec, name, explicit=True) for name in names]
     bits = spec.bits
     own = spec.qformat
-    names = [f"fp{bits}_e{e}m{bits - 1 - e}" for e in range(1, bits)] + ([f"int{bits}"] if include_int else [])
+    names = tuple(f"fp{bits}_e{e}m{bits - 1 - e}" for e in range(1, bits)) + ((f"int{bits}",) if include_int else ())
     specs = [spec] if isinstance(own, FloatFormat) or include_int else []
     seen = {_element(own)}
-    layout = {"granularity": spec.granularity, "group_size": spec.group_size, "scale_dtype": spec.scale_dtype}
     for name in names:
         try:
             fmt = get_format(name)
             if _element(fmt) in seen:
                 continue
-            specs.append(spec.with_changes(format=name, symmetric=spec.symmetric or not fmt.has_zero_point,
-                                           **layout))
+            specs.append(_candidate(spec, name))
             seen.add(_element(fmt))
         except (UnknownFormatError, SpecError):
             continue  # a split the registry does not build (fp8_e3m4) or a layout it does not take
     return specs
+
+
+def _candidate(spec: QuantSpec, name: str, explicit: bool = False) -> QuantSpec:
+    """The spec with format `name`, its layout kept (symmetric where the format has no zero point)."""
+    fmt = get_format(name)
+    if explicit and fmt.bits != spec.bits:
+        raise RecipeError(f"format_search candidate {name} has {fmt.bits} bits; the recipe's spec "
+                          f"{spec.format} has {spec.bits}: the search keeps the bit width")
+    if fmt == spec.qformat:
+        return spec
+    layout = {"granularity": spec.granularity, "group_size": spec.group_size, "scale_dtype": spec.scale_dtype}
+    return spec.with_changes(format=name, symmetric=spec.symmetric or not fmt.has_zero_point, **layout)
 
 
 def clipped_weight_qparams(spec: QuantSpec, matrix: torch.Tensor,
@@ -208,14 +247,16 @@ class LayerSearch:
         self.weight = w
         self.weight_candidates: list[Candidate] = []
         if plan.weight is not None and config.weights:
-            self.weight_candidates = [(s, f) for s in candidate_specs(plan.weight, config.include_int)
+            self.weight_candidates = [(s, f) for s in candidate_specs(plan.weight, config.include_int,
+                                                                         config.weight_formats)
                                       for f in config.factors]
         self.weight_errors = torch.zeros(len(self.weight_candidates), dtype=torch.float64)
         self.weight_choice: Candidate | None = None if plan.weight is None else (plan.weight, 1.0)
         self.input_candidates: list[Candidate] = []
         if plan.input is not None and config.inputs:
             factors = [1.0] if plan.input.dynamic else config.factors
-            self.input_candidates = [(s, f) for s in candidate_specs(plan.input, config.include_int) for f in factors]
+            self.input_candidates = [(s, f) for s in candidate_specs(plan.input, config.include_int, config.input_formats)
+                                     for f in factors]
         self.ranges: dict[int | None, ChannelRange] = {}
         self.input_errors: dict[int | None, torch.Tensor] = {}
 

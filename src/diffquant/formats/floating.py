@@ -39,7 +39,8 @@ from diffquant.formats.base import QFormat, UnknownFormatError, register_format
 
 _FLOAT32_EXPONENT = 0x7F800000  # exponent field of a float32's bits
 
-# Non-finite top codes of the 8-bit formats (OCP FP8); formats of fewer bits have none (OCP MX).
+# Non-finite top codes of the OCP FP8 formats; every other split (the other 8-bit ones, E1M6 ... E6M1, which
+# a format search may pick: METHODS.md §9; formats of fewer bits, OCP MX) has none.
 _FP8_NONFINITE = {(4, 3): 1, (5, 2): 4}
 
 # NVIDIA NVFP4: E2M1 values in blocks of 16 along the input axis, each block scaled by an E4M3 value,
@@ -164,9 +165,9 @@ def _float_format(match: re.Match[str]) -> FloatFormat:
     name = match.group(0)
     if bits != 1 + exponent_bits + mantissa_bits or exponent_bits < 1:
         raise UnknownFormatError(f"format {name!r}: sign + e{exponent_bits} + m{mantissa_bits} is not {bits} bits")
-    if not 3 <= bits <= 8 or (bits == 8 and (exponent_bits, mantissa_bits) not in _FP8_NONFINITE):
-        raise UnknownFormatError(f"unsupported floating-point format {name!r}: 3-7 bits, or fp8_e4m3 / fp8_e5m2")
-    nonfinite = _FP8_NONFINITE.get((exponent_bits, mantissa_bits), 0) if bits == 8 else 0
+    if not 3 <= bits <= 8:
+        raise UnknownFormatError(f"unsupported floating-point format {name!r}: 3-8 bits")
+    nonfinite = _FP8_NONFINITE.get((exponent_bits, mantissa_bits), 0)
     return FloatFormat(name=name, bits=bits, exponent_bits=exponent_bits, mantissa_bits=mantissa_bits,
                        nonfinite_codes=nonfinite)
 

@@ -15,6 +15,8 @@
  *            nibbles: [NB][K8][8][4]   byte = u(8p + j, 8s + c) | u(8p + 4 + j, 8s + c) << 4     (half that)
  *          offset: 8 for nibbles (<= 4-bit formats); for bytes 128 in the dpbusd build and 0 in the maddubs
  *          build, whose byte codes must lie in [-127, 127] (below)
+ *   lut    uint8 [16] or NULL (nibbles only): nibbles are indices, u = lut[nibble] (levels - min(levels) of a
+ *          16-entry table such as FP4's, offset = -min(levels)); NULL: u = nibble (codes plus 8)
  *   sa     f32 [M, G] activation scales (row stride sa_rs; 0 = one row shared by all)
  *   sw     f32 [G, ldsw] weight scales, ldsw >= 8*NB (padded)
  *   bias   f32 [N] or NULL
@@ -26,10 +28,11 @@
  *
  * Exact int32 sums without VNNI. vpmaddubsw multiplies unsigned by signed bytes and adds adjacent products in
  * saturating int16, so each kind of weight takes the products whose pair sums cannot saturate:
- *   nibbles (u = w + 8 in [0, 15]) x a in [-128, 127]: a pair is at most 2*15*128 = 3840, so the int16 sums
- *     of `chunk` = 32767 / (2*15*max|a|) consecutive quads are exact (8 quads for 8-bit activations, all of
- *     a 64-input group for 4-bit ones); vpmaddwd with ones then widens them into int32. Each group's int32
- *     accumulator starts at -8 * sum_{k in g} a[m, k], as in vnni.c.
+ *   nibbles (u = w + 8 in [0, 15], or lut[nibble] in [0, umax]) x a in [-128, 127]: a pair is at most
+ *     2*umax*128 (umax = 15 without a table), so the int16 sums of `chunk` = 32767 / (2*umax*max|a|)
+ *     consecutive quads are exact (8 quads for 8-bit activations, all of a 64-input group for 4-bit ones;
+ *     a table needs chunk >= 1, i.e. umax <= 127 for 8-bit activations); vpmaddwd with ones then widens them
+ *     into int32. Each group's int32 accumulator starts at -offset * sum_{k in g} a[m, k], as in vnni.c.
  *   bytes (w in [-127, 127]) x a in [-128, 127]: sign transfer, |a| (u8, up to 128) times sign(a)*w (s8, in
  *     [-127, 127]): a pair is at most 2*128*127 = 32512 < 32767, exact with no split into two GEMMs. The signs
  *     of a quad's four activations are one of 16 patterns, so instead of negating weights per product
@@ -71,7 +74,7 @@ enum { OUT_F32, OUT_BF16, OUT_I32 };
 
 typedef struct {
     const int8_t *a; int64_t lda, ka;
-    const uint8_t *w; int32_t bits4; int32_t offset;
+    const uint8_t *w; int32_t bits4; int32_t offset; const uint8_t *lut;
     const float *sa; int64_t sa_rs;
     const float *sw; int64_t ldsw;
     const float *bias; const float *addend; int64_t ld_addend; void *y; int64_t ldy; int32_t out;
@@ -320,20 +323,31 @@ static void tile_any(const Gemm *g, int mr, int nr, int64_t m0, int64_t s0, cons
 #endif
 }
 
-/* The nr strips from s0 over all of K: a view of byte weights, or nibbles unpacked into `buf`. */
-static const uint8_t *panel_of(const Gemm *g, int64_t s0, int nr, uint8_t *buf) {
+/* Unpack the nibbles of nr strips from s0 into `buf`, each through the table when `decode` (one vpshufb per
+ * 32 codes, on the panel only: the resident weight stays 4-bit). */
+static inline __attribute__((always_inline)) void unpack_nibbles(const Gemm *g, int64_t s0, int nr, uint8_t *buf,
+                                                                 const int decode) {
     const int64_t k4 = g->K / 4, k8 = g->K / 8;
-    if (!g->bits4) return g->w + s0 * k4 * QUAD_BYTES;
     const __m256i low = _mm256_set1_epi8(0x0F);
+    const __m256i table = decode ? _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)g->lut)) : low;
     for (int v = 0; v < nr; v++) {
         const uint8_t *src = g->w + (s0 + v) * k8 * QUAD_BYTES;
         uint8_t *dst = buf + v * k4 * QUAD_BYTES;
         for (int64_t p = 0; p < k8; p++) {
             const __m256i x = _mm256_loadu_si256((const __m256i *)(src + p * QUAD_BYTES));
-            _mm256_store_si256((__m256i *)(dst + 2 * p * QUAD_BYTES), _mm256_and_si256(x, low));
-            _mm256_store_si256((__m256i *)(dst + (2 * p + 1) * QUAD_BYTES), _mm256_and_si256(_mm256_srli_epi16(x, 4), low));
+            __m256i lo = _mm256_and_si256(x, low), hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), low);
+            if (decode) lo = _mm256_shuffle_epi8(table, lo), hi = _mm256_shuffle_epi8(table, hi);
+            _mm256_store_si256((__m256i *)(dst + 2 * p * QUAD_BYTES), lo);
+            _mm256_store_si256((__m256i *)(dst + (2 * p + 1) * QUAD_BYTES), hi);
         }
     }
+}
+
+/* The nr strips from s0 over all of K: a view of byte weights, or nibbles unpacked into `buf`. */
+static const uint8_t *panel_of(const Gemm *g, int64_t s0, int nr, uint8_t *buf) {
+    if (!g->bits4) return g->w + s0 * (g->K / 4) * QUAD_BYTES;
+    if (g->lut) unpack_nibbles(g, s0, nr, buf, 1);
+    else unpack_nibbles(g, s0, nr, buf, 0);  /* today's nibbles, no shuffle */
     return buf;
 }
 
@@ -586,10 +600,13 @@ static int32_t packed_amax(const Gemm *g, int threads) {
 /* Validate, pack A, run the items. Returns 0 on success, -1 on bad arguments or allocation failure. */
 static int run_gemm(Gemm *g, int32_t threads) {
     if (g->M <= 0 || g->N <= 0 || g->L <= 0 || g->L % 4 || g->K % g->L || (g->bits4 && g->K % 8) || g->lda < g->ka ||
-        g->ka > g->K || g->ka < 0 || g->ldy < g->N)
+        g->ka > g->K || g->ka < 0 || g->ldy < g->N || (g->lut && !g->bits4))
         return -1;
     g->mode = HAVE_DPBUSD ? DOT_DPBUSD : g->bits4 ? DOT_NIBBLE16 : DOT_SIGN;
-    if (g->mode == DOT_SIGN ? g->offset != 0 : g->offset != (g->bits4 ? 8 : 128)) return -1;
+    /* a table brings its own offset (-min(levels)); without one the layout fixes it */
+    if (!g->lut && (g->mode == DOT_SIGN ? g->offset != 0 : g->offset != (g->bits4 ? 8 : 128))) return -1;
+    int32_t umax = g->lut ? 0 : 15;  /* largest unsigned nibble code: bounds the int16 sums (DOT_NIBBLE16) */
+    for (int i = 0; g->lut && i < 16; i++) umax = g->lut[i] > umax ? g->lut[i] : umax;
     g->arow = g->mode == DOT_SIGN ? 8 : 4;
     const int t = clamp_threads(threads), packers = g->M >= 64 ? t : 1;
     plan_work(&g->plan, g->M, g->K * g->arow / 4, ((g->N + 7) / 8 + NR - 1) / NR, t, MR);
@@ -598,12 +615,13 @@ static int run_gemm(Gemm *g, int32_t threads) {
     g->corr = malloc(sizeof(int32_t) * (size_t)(g->M * (g->K / g->L)));
     g->ap = malloc((size_t)((g->M + MR - 1) / MR * MR * (g->K / 4) * g->arow));
     g->scratch = scratch_bytes(g) ? aligned_alloc(32, (size_t)t * scratch_bytes(g)) : NULL;
-    const int ok = g->corr && g->ap && (!scratch_bytes(g) || g->scratch);
+    int ok = g->corr && g->ap && (!scratch_bytes(g) || g->scratch);
     if (ok) {
         parallel(pack_a, g, packers);
         const int32_t amax = packed_amax(g, packers);
-        g->chunk = amax ? 32767 / (2 * 15 * amax) : g->K;  /* quads whose int16 pair sums stay exact */
-        parallel(gemm_items, g, t);
+        g->chunk = amax && umax ? 32767 / (2 * umax * amax) : g->K;  /* quads whose int16 pair sums stay exact */
+        ok = g->mode != DOT_NIBBLE16 || g->chunk >= 1;  /* a table too wide for these activations' pairs */
+        if (ok) parallel(gemm_items, g, t);
     }
     free(g->corr);
     free(g->ap);
@@ -613,10 +631,11 @@ static int run_gemm(Gemm *g, int32_t threads) {
 
 int dq_gemm(const int8_t *a, int64_t lda, const uint8_t *w, int32_t bits4, int32_t offset, const float *sa,
             int64_t sa_rs, const float *sw, int64_t ldsw, const float *bias, const float *addend, int64_t ld_addend,
-            void *y, int64_t ldy, int32_t out_bf16, int64_t M, int64_t N, int64_t K, int64_t L, int32_t threads) {
-    Gemm g = {.a = a, .lda = lda, .ka = K, .w = w, .bits4 = bits4, .offset = offset, .sa = sa, .sa_rs = sa_rs,
-              .sw = sw, .ldsw = ldsw, .bias = bias, .addend = addend, .ld_addend = ld_addend, .y = y, .ldy = ldy,
-              .out = out_bf16 ? OUT_BF16 : OUT_F32, .M = M, .N = N, .K = K, .L = L};
+            void *y, int64_t ldy, int32_t out_bf16, int64_t M, int64_t N, int64_t K, int64_t L, int32_t threads,
+            const uint8_t *lut) {
+    Gemm g = {.a = a, .lda = lda, .ka = K, .w = w, .bits4 = bits4, .offset = offset, .lut = lut, .sa = sa,
+              .sa_rs = sa_rs, .sw = sw, .ldsw = ldsw, .bias = bias, .addend = addend, .ld_addend = ld_addend, .y = y,
+              .ldy = ldy, .out = out_bf16 ? OUT_BF16 : OUT_F32, .M = M, .N = N, .K = K, .L = L};
     return run_gemm(&g, threads);
 }
 

@@ -13,7 +13,9 @@ Backends (kernels/backend.py; both prefer no split, no copy and no float pass pe
 
 Notation and weight layout: kernels/native.py, with strips of 8 outputs (one ymm of int32). Offsets: 8 for
 <= 4-bit codes; for 8-bit codes 128 (vpdpbusd) or 0 (sign transfer, which has no place for -128: the fused
-path declines such weights and the plain GEMM adds them back from a second, 1-bit-valued part).
+path declines such weights and the plain GEMM adds them back from a second, 1-bit-valued part). Nibbles
+decoded through 16 levels (FP4): levels spanning <= 255 with vpdpbusd, <= 127 with vpmaddubsw (a pair of
+products at |a| = 128 must fit int16).
 
 Resident bytes: both backends keep weights in this layout (<= 4-bit two per byte): W8 0.25x fp32, W4 group-64
 with fp16 scales 0.133x. Plain int8 GEMMs (`matmul`, the zero-point paths of kernels/segmented.py) run on
@@ -158,7 +160,7 @@ class Avx2Backend(Avx2Family):
     priority = 25
     required = frozenset({"avx2", "fma"})
     fused = NativeFusedKernels("avx2", NativeLibrary("avx2.c", AVX2_FLAGS, SIGNATURES), "dq_gemm", STRIP,
-                               sign_transfer_offset)
+                               sign_transfer_offset, level_span=127)
     dot_product = "vpmaddubsw, sign transfer by variant tables"
 
 

@@ -42,7 +42,13 @@ class FusedKernels(Protocol):
     with `+ addend` (float32 [M, N]: a low-rank branch's output), `+ bias` and the cast to `out_dtype` as
     its epilogue (float32 accumulation, one rounding), and symmetric dynamic activation quantization (of
     x / divisor: the smoothing vector folded in). Packed modules use them where `supports` says so of the
-    shape and `accepts` of the codes (int8 [K, N]), and neither side has a zero point; everything else goes through `matmul` (kernels/segmented.py)."""
+    shape and `accepts` of the codes (int8 [K, N]), and neither side has a zero point; everything else goes
+    through `matmul` (kernels/segmented.py).
+
+    levels: 16 signed integers (int8 / int16 [16]) that <= 4-bit codes index: `pack(index - 8, bits)` stores
+    the index, and matmul multiplies by levels[index] instead of the code (FP4 E2M1 x 2 =
+    [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, ..., -12]), exactly, with the weight still 4-bit resident;
+    `takes_levels` says whether these kernels can (a table they cannot take is a ValueError in matmul)."""
 
     def supports(self, bits: int, length: int, k: int) -> bool: ...
 
@@ -54,7 +60,10 @@ class FusedKernels(Protocol):
 
     def matmul(self, a: torch.Tensor, packed: torch.Tensor, n: int, bits: int, length: int,
                a_scales: torch.Tensor, b_scales: torch.Tensor, bias: torch.Tensor | None = None,
-               out_dtype: torch.dtype = torch.float32, addend: torch.Tensor | None = None) -> torch.Tensor: ...
+               out_dtype: torch.dtype = torch.float32, addend: torch.Tensor | None = None,
+               levels: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def takes_levels(self, levels: torch.Tensor) -> bool: ...
 
     def quantize(self, x: torch.Tensor, length: int, qmin: int, qmax: int,
                  divisor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None: ...

@@ -109,11 +109,18 @@ class TritonKernels:
     unpack = staticmethod(unpack_weight)
 
     @staticmethod
+    def takes_levels(levels: torch.Tensor) -> bool:
+        """Nibbles are always codes plus 8 here: no decode table (FusedKernels' `levels`)."""
+        return False
+
+    @staticmethod
     def matmul(a: torch.Tensor, packed: torch.Tensor, n: int, bits: int, length: int, a_scales: torch.Tensor,
                b_scales: torch.Tensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
-               addend: torch.Tensor | None = None) -> torch.Tensor:
+               addend: torch.Tensor | None = None, levels: torch.Tensor | None = None) -> torch.Tensor:
         """y [M, N] = sum_s a_scales[:, s] * b_scales[s] * (a_s @ b_s) + addend + bias in float32, then cast to
         out_dtype (module docstring); the addend, the bias and the cast are torch ops after the kernel here."""
+        if levels is not None:
+            raise ValueError("the triton kernels take no decode table (levels): takes_levels is False")
         m, k = a.shape
         depth, fold_each = _tile_depth(length, k)
         a = a if a.stride(1) == 1 else a.contiguous()

@@ -18,6 +18,9 @@ stored as u = b + offset (mod 256) in uint8:
                (K % 8 == 0; offset 8)
     bits > 4:  [NB, K/4, strip, 4], one code per byte (offset 128 for vpdpbusd; 0 for avx2.c's sign transfer)
 with NB = ceil(N / strip). The C sources spell the same layout with their strip width (16: vnni.c, 8: avx2.c).
+A nibble may also be an index into 16 signed integer levels (the fused matmul's `levels`, e.g. FP4 E2M1 x 2):
+packed the same way (b = index - 8); the kernels decode the panels they unpack per item through the table
+u = levels - min(levels) and subtract offset = -min(levels) from the sums, so weights stay 4-bit resident.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-pthread")
 log = logging.getLogger("diffquant.kernels")
 
 _p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
-GEMM_ARGS = [_p, _i64, _p, _i32, _i32, _p, _i64, _p, _i64, _p, _p, _i64, _p, _i64, _i32, _i64, _i64, _i64, _i64, _i32]
+GEMM_ARGS = [_p, _i64, _p, _i32, _i32, _p, _i64, _p, _i64, _p, _p, _i64, _p, _i64, _i32, _i64, _i64, _i64, _i64, _i32,
+             _p]  # ..., threads, lut (uint8 [16] or NULL)
 QUANTIZE_ARGS = [_p, _i64, _i32, _i64, _i64, _i64, _i64, _f32, _f32, _p, _p, _p, _i32]
 
 
@@ -164,6 +168,16 @@ def dpbusd_offset(bits: int) -> int:
     return 8 if bits <= 4 else 128
 
 
+LEVEL_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def level_table(levels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """16 signed integer levels -> the kernels' decode table u = levels - min(levels) (uint8 [16]) and the
+    offset -min(levels) the accumulators take off again."""
+    low = int(levels.min())
+    return (levels.to(torch.int64) - low).to(torch.uint8).contiguous(), -low
+
+
 def pack_strips(b: torch.Tensor, bits: int, strip: int, offset: int) -> torch.Tensor:
     """int8 [K, N] signed codes -> uint8 strips (module docstring)."""
     if bits <= 4 and offset != 8:
@@ -195,11 +209,14 @@ def unpack_strips(packed: torch.Tensor, k: int, n: int, bits: int, offset: int) 
 class NativeFusedKernels:
     """FusedKernels (kernels/backend.py) on a NativeLibrary: its `gemm` entry point (GEMM_ARGS: the
     group-wise product with bias and output cast as its epilogue) and `dq_quantize_symmetric`, on the strip
-    layout above with `offsets(bits)` added to the codes."""
+    layout above with `offsets(bits)` added to the codes. level_span: the widest decode table (max(u)) its
+    products stay exact with: 255 for vpdpbusd (u is a byte), 127 for vpmaddubsw (int16 pair sums against
+    |a| <= 128, avx2.c)."""
 
     def __init__(self, name: str, library: NativeLibrary, gemm: str, strip: int,
-                 offsets: Callable[[int], int]) -> None:
+                 offsets: Callable[[int], int], level_span: int = 255) -> None:
         self.name, self.library, self.gemm, self.strip, self.offsets = name, library, gemm, strip, offsets
+        self.level_span = level_span
 
     def __deepcopy__(self, memo: dict) -> NativeFusedKernels:
         return self  # one per process, like the library it calls (a copied module shares it)
@@ -214,6 +231,13 @@ class NativeFusedKernels:
         -128 has no place there."""
         return self.offsets(bits) != 0 or b.numel() == 0 or int(b.min()) > -128
 
+    def takes_levels(self, levels: torch.Tensor) -> bool:
+        """Can matmul decode nibbles through these 16 signed integer levels? Their span max - min is the
+        unsigned table's largest entry, which must fit this library's products (level_span)."""
+        if levels.dtype not in LEVEL_DTYPES or levels.shape != (16,):
+            return False
+        return int(levels.max()) - int(levels.min()) <= self.level_span
+
     def pack(self, b: torch.Tensor, bits: int) -> torch.Tensor:
         return pack_strips(b, bits, self.strip, self.offsets(bits))
 
@@ -222,11 +246,20 @@ class NativeFusedKernels:
 
     def matmul(self, a: torch.Tensor, packed: torch.Tensor, n: int, bits: int, length: int, a_scales: torch.Tensor,
                b_scales: torch.Tensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
-               addend: torch.Tensor | None = None) -> torch.Tensor:
+               addend: torch.Tensor | None = None, levels: torch.Tensor | None = None) -> torch.Tensor:
         """y [M, N] = sum_s a_scales[:, s] * b_scales[s] * (a_s @ b_s) + addend + bias, accumulated in float32
         and cast to out_dtype once; float32 and bfloat16 outputs are written by the kernel. addend: float32
-        [M, N] with unit column stride (a low-rank branch's output), or None."""
+        [M, N] with unit column stride (a low-rank branch's output), or None. levels: 16 signed integers
+        (bits <= 4, a table `takes_levels` takes): b = levels[nibble] with the nibbles `pack` stored."""
         m, k = a.shape
+        lut, offset = None, self.offsets(bits)
+        if levels is not None:
+            if bits > 4 or not self.takes_levels(levels):
+                shown = levels.tolist() if levels.numel() <= 16 else tuple(levels.shape)
+                raise ValueError(f"the {self.name} kernels decode <= 4-bit codes through 16 integer levels spanning "
+                                 f"at most {self.level_span} (max - min), not {bits}-bit codes through {levels.dtype} "
+                                 f"levels {shown}")
+            lut, offset = level_table(levels)
         if addend is not None and (addend.dtype != torch.float32 or addend.shape != (m, n) or addend.stride(1) != 1):
             raise ValueError(f"the epilogue adds a float32 [{m}, {n}] addend with unit column stride, "
                              f"not {addend.dtype} {tuple(addend.shape)}")
@@ -239,11 +272,11 @@ class NativeFusedKernels:
         bias = None if bias is None else bias.float().contiguous()
         with torch.profiler.record_function(f"diffquant::{self.name}_gemm"):  # named in profiles; ~1 us otherwise
             status = getattr(self.library.require(), self.gemm)(
-                _ptr(a), row_stride(a), _ptr(packed), int(bits <= 4), self.offsets(bits),
+                _ptr(a), row_stride(a), _ptr(packed), int(bits <= 4), offset,
                 _ptr(a_scales), 0 if a_scales.shape[0] == 1 else a_scales.stride(0), _ptr(b_scales), width,
                 None if bias is None else _ptr(bias), None if addend is None else _ptr(addend),
                 0 if addend is None else row_stride(addend), _ptr(y), n, int(y.dtype == torch.bfloat16), m, n, k,
-                length, torch.get_num_threads())
+                length, torch.get_num_threads(), None if lut is None else _ptr(lut))
         check_status(status, f"{self.name} {self.gemm}")
         return y if direct else y.to(out_dtype)
 

@@ -22,6 +22,12 @@ def reference_int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.to(torch.int64) @ b.to(torch.int64)
 
 
+def reference_levels(b: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """The integers that <= 4-bit codes b = index - 8 stand for through 16 levels (FusedKernels' `levels`):
+    int64 [K, N] = levels[b + 8], for the references below."""
+    return levels.to(torch.int64)[b.to(torch.int64) + 8]
+
+
 def reference_segment_accumulations(a: torch.Tensor, b: torch.Tensor, length: int) -> torch.Tensor:
     """Exact per-segment sums: int64 [S, M, N], acc[s] = a[:, s*L:(s+1)*L] @ b[s*L:(s+1)*L]."""
     m, k = a.shape

@@ -9,6 +9,8 @@
  *   w      uint8 weight codes plus `offset` (8 for <= 4-bit formats, 128 for 5..8-bit), VNNI order:
  *            bits8: [NB][K4][16][4]   byte = u(4q + j, 16s + c)                          (K*NB*16 bytes)
  *            bits4: [NB][K8][16][4]   byte = u(8p + j, 16s + c) | u(8p + 4 + j, 16s + c) << 4  (half that)
+ *   lut    uint8 [16] or NULL (bits4 only): nibbles are indices, u = lut[nibble] (levels - min(levels) of a
+ *          16-entry table such as FP4's, offset = -min(levels)); NULL: u = nibble (codes plus 8)
  *   sa     f32 [M, G] activation scales (row stride sa_rs; 0 = one row shared by all)
  *   sw     f32 [G, ldsw] weight scales, ldsw >= 16*NB (padded)
  *   bias   f32 [N] or NULL
@@ -37,7 +39,7 @@
 
 typedef struct {
     const int8_t *a; int64_t lda;
-    const uint8_t *w; int32_t bits4; int32_t offset;
+    const uint8_t *w; int32_t bits4; int32_t offset; const uint8_t *lut;
     const float *sa; int64_t sa_rs;
     const float *sw; int64_t ldsw;
     const float *bias; const float *addend; int64_t ld_addend; void *y; int64_t ldy; int32_t out_bf16;
@@ -114,21 +116,32 @@ static void tile_any(const Gemm *g, int mr, int nr, int64_t m0, int64_t s0, cons
     switch (mr) { case 1: TILE_NR(1); break; case 2: TILE_NR(2); break; case 3: TILE_NR(3); break; default: TILE_NR(4); }
 }
 
-/* The nr strips from s0 over all of K: a view of 8-bit weights, or 4-bit weights unpacked into `buf`
- * (an L2-resident panel, so nibbles stay the resident form and unpacking costs one pass per M block). */
-static const uint8_t *panel_of(const Gemm *g, int64_t s0, int nr, uint8_t *buf) {
+/* Unpack the nibbles of nr strips from s0 into `buf`, each through the table when `decode` (one vpshufb per
+ * 64 codes, on the panel only: the resident weight stays 4-bit). */
+static inline __attribute__((always_inline)) void unpack_nibbles(const Gemm *g, int64_t s0, int nr, uint8_t *buf,
+                                                                 const int decode) {
     const int64_t k4 = g->K / 4, k8 = g->K / 8;
-    if (!g->bits4) return g->w + s0 * k4 * QUAD_BYTES;
     const __m512i low = _mm512_set1_epi8(0x0F);
+    const __m512i table = decode ? _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)g->lut)) : low;
     for (int v = 0; v < nr; v++) {
         const uint8_t *src = g->w + (s0 + v) * k8 * QUAD_BYTES;
         uint8_t *dst = buf + v * k4 * QUAD_BYTES;
         for (int64_t p = 0; p < k8; p++) {
             __m512i x = _mm512_loadu_si512(src + p * QUAD_BYTES);
-            _mm512_storeu_si512(dst + 2 * p * QUAD_BYTES, _mm512_and_si512(x, low));
-            _mm512_storeu_si512(dst + (2 * p + 1) * QUAD_BYTES, _mm512_and_si512(_mm512_srli_epi16(x, 4), low));
+            __m512i lo = _mm512_and_si512(x, low), hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), low);
+            if (decode) lo = _mm512_shuffle_epi8(table, lo), hi = _mm512_shuffle_epi8(table, hi);
+            _mm512_storeu_si512(dst + 2 * p * QUAD_BYTES, lo);
+            _mm512_storeu_si512(dst + (2 * p + 1) * QUAD_BYTES, hi);
         }
     }
+}
+
+/* The nr strips from s0 over all of K: a view of 8-bit weights, or 4-bit weights unpacked into `buf`
+ * (an L2-resident panel, so nibbles stay the resident form and unpacking costs one pass per M block). */
+static const uint8_t *panel_of(const Gemm *g, int64_t s0, int nr, uint8_t *buf) {
+    if (!g->bits4) return g->w + s0 * (g->K / 4) * QUAD_BYTES;
+    if (g->lut) unpack_nibbles(g, s0, nr, buf, 1);
+    else unpack_nibbles(g, s0, nr, buf, 0);  /* today's nibbles, no shuffle */
     return buf;
 }
 
@@ -167,11 +180,12 @@ static void pack_a(void *ctx, int tid, int threads) {
 int dq_vnni_gemm(const int8_t *a, int64_t lda, const uint8_t *w, int32_t bits4, int32_t offset,
                  const float *sa, int64_t sa_rs, const float *sw, int64_t ldsw, const float *bias,
                  const float *addend, int64_t ld_addend, void *y, int64_t ldy, int32_t out_bf16, int64_t M, int64_t N,
-                 int64_t K, int64_t L, int32_t threads) {
-    if (M <= 0 || N <= 0 || L <= 0 || L % 4 || K % L || (bits4 && K % 8) || lda < K || ldy < N) return -1;
+                 int64_t K, int64_t L, int32_t threads, const uint8_t *lut) {
+    if (M <= 0 || N <= 0 || L <= 0 || L % 4 || K % L || (bits4 && K % 8) || lda < K || ldy < N || (lut && !bits4))
+        return -1;
     const int t = clamp_threads(threads);
-    Gemm g = {.a = a, .lda = lda, .w = w, .bits4 = bits4, .offset = offset, .sa = sa, .sa_rs = sa_rs, .sw = sw,
-              .ldsw = ldsw, .bias = bias, .addend = addend, .ld_addend = ld_addend, .y = y, .ldy = ldy,
+    Gemm g = {.a = a, .lda = lda, .w = w, .bits4 = bits4, .offset = offset, .lut = lut, .sa = sa, .sa_rs = sa_rs,
+              .sw = sw, .ldsw = ldsw, .bias = bias, .addend = addend, .ld_addend = ld_addend, .y = y, .ldy = ldy,
               .out_bf16 = out_bf16, .M = M, .N = N, .K = K, .L = L};
     plan_work(&g.plan, M, K, ((N + 15) / 16 + NR - 1) / NR, t, MR);
     g.corr = malloc(sizeof(int32_t) * (size_t)(M * (K / L)));

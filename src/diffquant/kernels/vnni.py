@@ -15,6 +15,8 @@ Notation (kernels/backend.py, kernels/segmented.py):
                                  bits <= 4: [NB, K/8, 16, 4], two codes per byte (K % 8 == 0)
                                  bits > 4:  [NB, K/4, 16, 4], one code per byte
                                NB = ceil(N / 16) strips of 16 outputs (N padded with code 0)
+    levels    int [16] or None bits <= 4: a nibble is an index, b = levels[nibble] (FP4 E2M1 x 2, ...):
+                               max - min <= 255 (vnni.c decodes u = levels - min(levels) per panel)
     a_scales  float32 [M, S] or [1, S]
     b_scales  float32 [S, N] or [S, 1]
     y         float32 [M, N] = sum_s a_scales[:, s] * b_scales[s] * (a_s @ b_s), integer sums exact

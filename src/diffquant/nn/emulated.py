@@ -25,7 +25,7 @@ from diffquant.formats.spec import QuantSpec
 from diffquant.nn.layers import QConv2d, QLinear, QuantizedLayer
 from diffquant.nn.packed import FLOAT_PATH, PACKED_TYPES, PATHS, KernelPath, PackedLayer, PackedLinear
 from diffquant.nn.packed_conv import ConvGeometry, PackedConv2d
-from diffquant.nn.packed_weight import integer_codes
+from diffquant.nn.packed_weight import gemm_weight
 from diffquant.nn.quantizers import ActivationQuantizer, WeightQuantizer
 from diffquant.tensors.packing import pack_format_codes, unpack_format_codes
 
@@ -35,9 +35,10 @@ EMULATED_PATH = PATHS[EMULATED] = KernelPath(EMULATED, integer=False, product=FL
 
 
 def needs_emulation(spec: QuantSpec) -> bool:
-    """Weights the integer GEMM cannot hold: non-integer grids, and two-level scales (its packed
-    weight keeps one scale per group, no global scale)."""
-    return not integer_codes(spec) or spec.scale_format.two_level
+    """Weights the integer GEMM cannot hold: grids that are not integers times one power of two (FP8, FP6;
+    FP4 is: nn/packed_weight.py, CodeLevels), and two-level scales (its packed weight keeps one scale per
+    group, no global scale)."""
+    return not gemm_weight(spec) or spec.scale_format.two_level
 
 
 class EmulatedWeight(nn.Module):

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from diffquant.formats.base import IntFormat, QFormat
+from diffquant.formats.floating import FloatFormat
 from diffquant.formats.spec import QuantSpec
 from diffquant.kernels import FusedKernels, IntGemmBackend
 from diffquant.kernels.layouts import pack_int4_halves, unpack_int4_halves
@@ -29,10 +30,50 @@ def integer_codes(spec: QuantSpec) -> bool:
     return isinstance(spec.qformat, IntFormat) and spec.bits <= 8
 
 
+@dataclass(frozen=True)
+class CodeLevels:
+    """A floating-point format whose values are integers times one power of two: table[code] is the int8
+    integer a stored code multiplies as, `unit` the value of integer 1 (so decode(code) = table[code] * unit).
+    E2M1: {0, .5, 1, 1.5, 2, 3, 4, 6} = {0, 1, 2, 3, 4, 6, 8, 12} / 2, so FP4 weights run exactly on the int8 GEMM."""
+
+    table: torch.Tensor
+    unit: float
+
+
+@functools.cache
+def code_levels(fmt: QFormat) -> CodeLevels | None:
+    """The CodeLevels of a floating-point format of at most 4 bits (nibble codes, one 16-entry table) whose
+    scaled values fit int8; None for every other format (integer formats are their own codes)."""
+    if not isinstance(fmt, FloatFormat) or fmt.bits > 4:
+        return None
+    values = fmt.decode(torch.arange(2 ** fmt.bits)).double()
+    for shift in range(8):
+        scaled = values * 2 ** shift
+        if torch.equal(scaled, scaled.round()) and float(scaled.abs().max()) <= 127:
+            return CodeLevels(scaled.to(torch.int8), 2.0 ** -shift)
+    return None
+
+
+def gemm_weight(spec: QuantSpec) -> bool:
+    """Weights the int8 GEMM multiplies exactly: integer formats, and FP formats with CodeLevels (one-level scales)."""
+    levels_ok = code_levels(spec.qformat) is not None and not spec.scale_format.two_level
+    return integer_codes(spec) or levels_ok
+
+
 def compact(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """values in `dtype` if that is lossless (scales rounded to their storage dtype), else float32."""
     narrow = values.detach().to(dtype)
     return narrow if torch.equal(narrow.float(), values.detach().float()) else values.detach().float()
+
+
+def stored_scales(spec: QuantSpec, scale: torch.Tensor) -> torch.Tensor:
+    """Scales as the spec's one-level scale format stores them where that is lossless (fp16 values, E8M0
+    exponent bytes: one byte per MXFP4 block of 32), else float32."""
+    try:
+        stored = spec.scale_format.encode(scale.detach())
+    except ValueError:  # not representable (e.g. a learned scale that is no power of two)
+        return scale.detach().float()
+    return stored if torch.equal(spec.scale_format.decode(stored), scale.detach().float()) else scale.detach().float()
 
 
 # -- segments -------------------------------------------------------------------------------------
@@ -150,6 +191,9 @@ class PackedWeight(nn.Module):
     """A frozen weight: offset-centred codes as the GEMM's b [K_pad, N], scales [groups, N].
 
     backend: the integer GEMM the codes feed, or None for a weight only ever dequantized (float path).
+    FP formats with CodeLevels (FP4: E2M1, E1M2, E3M0; MXFP4) keep their stored codes as the nibbles; the
+    GEMM multiplies levels.table[code] (decoded per call, or by the fused kernel's nibble table) and the
+    scales take the levels' power-of-two unit.
     Buffers: `codes` (uint8 [K_pad/2, N] nibbles for <= 4-bit formats, else int8 [K_pad, N]; the
     backend's own layout when its fused kernels take this weight (`fused`, kernels/vnni.py); None
     when the backend keeps its own prepared copy), `scale` (stored dtype), `zero_point` (int8,
@@ -162,23 +206,33 @@ class PackedWeight(nn.Module):
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         spec = quantizer.spec
-        if not integer_codes(spec):
-            raise NotImplementedError(f"packed weights need an integer format, got {spec.format!r}")
+        if not gemm_weight(spec):
+            raise NotImplementedError(f"packed weights need an integer format or FP4 levels, got {spec.format!r}")
         self.spec, self.plan, self.backend, self.shape, self.dtype = spec, plan, backend, torch.Size(shape), dtype
         self.out_features = codes.shape[0]
-        self.offset = code_offset(spec.qformat)
+        levels = code_levels(spec.qformat)
+        # FP codes sit in the nibbles as code - 8 (stored code = nibble), like an int4's
+        self.offset = 8 if levels is not None else code_offset(spec.qformat)
+        self.register_buffer("levels", None if levels is None else levels.table.to(codes.device))
+        self.unit = 1.0 if levels is None else levels.unit
         b = torch.zeros(plan.k_pad + plan.k_pad % 2, self.out_features, dtype=torch.int8, device=codes.device)
         b[:plan.k] = (codes.t().to(torch.int16) - self.offset).to(torch.int8)
         self._store_qparams(quantizer)
-        self.register_buffer("segment_sums", self._sums(b) if with_sums else None)
+        self.register_buffer("segment_sums", self._sums(self._decoded(b)) if with_sums else None)
         self.fused = self._fused_kernels(backend, with_sums, b[:plan.k_pad])
-        keep_codes = backend is None or backend.prepare_free or self.fused is not None
+        # levels keep the stored codes: the decoded integers cannot give back -0's code
+        own_layout = backend is None or backend.prepare_free or self.fused is not None
+        keep_codes = own_layout or self.levels is not None
         self.nibbles = spec.bits <= 4 and keep_codes and self.fused is None
         if self.fused is not None:
             self.register_buffer("codes", self.fused.pack(b[:plan.k_pad], spec.bits))
         else:
             self.register_buffer("codes", (pack_int4_halves(b) if self.nibbles else b) if keep_codes else None)
-        self.prepared = None if keep_codes else backend.prepare_segments(b[:plan.k_pad], plan.length)
+        self.prepared = None if own_layout else backend.prepare_segments(self._decoded(b[:plan.k_pad]), plan.length)
+
+    def _decoded(self, b: torch.Tensor) -> torch.Tensor:
+        """The integers the GEMM multiplies, from offset-centred stored codes (themselves without levels)."""
+        return b if self.levels is None else self.levels[b.long() + self.offset]
 
     def _fused_kernels(self, backend: IntGemmBackend | None, with_sums: bool, b: torch.Tensor) -> FusedKernels | None:
         """The backend's fused kernels where they take this weight: no zero point on either side."""
@@ -187,13 +241,15 @@ class PackedWeight(nn.Module):
             return None
         if not fused.supports(self.spec.bits, self.plan.length, self.plan.k_pad):
             return None
+        if self.levels is not None and not fused.takes_levels(self.levels):
+            return None
         return fused if fused.accepts(b, self.spec.bits) else None
 
     def _store_qparams(self, quantizer: WeightQuantizer) -> None:
         spec, n = quantizer.spec, self.out_features
-        self.register_buffer("scale", compact(spec.grain.by_output(quantizer.scale, n), spec.torch_scale_dtype))
+        self.register_buffer("scale", stored_scales(spec, spec.grain.by_output(quantizer.scale, n)))
         zero = None if quantizer.zero_point is None else spec.grain.by_output(quantizer.zero_point.float(), n)
-        if self.offset:
+        if code_offset(spec.qformat):  # an unsigned format's zero point moves with its codes
             zero = torch.zeros_like(self.scale, dtype=torch.float32) if zero is None else zero
             zero = zero - self.offset
         self.register_buffer("zero_point", None if zero is None else zero.to(torch.int8))
@@ -207,9 +263,13 @@ class PackedWeight(nn.Module):
         return self.scale.device
 
     def int8_codes(self) -> torch.Tensor:
-        """int8 [K_pad, N] (unpacked per call from nibbles, or recovered from the backend's copy)."""
-        if self.codes is None:
-            return torch.cat([self.backend.unprepare(p) for p in self.prepared])
+        """The integers the GEMM multiplies, int8 [K_pad, N] (unpacked per call from nibbles and decoded
+        through the levels, or recovered from the backend's copy)."""
+        return self._decoded(self.stored_codes()) if self.codes is not None else torch.cat(
+            [self.backend.unprepare(p) for p in self.prepared])
+
+    def stored_codes(self) -> torch.Tensor:
+        """The offset-centred stored codes, int8 [K_pad, N] (resident codes only)."""
         if self.fused is not None:
             return self.fused.unpack(self.codes, self.plan.k_pad, self.out_features, self.spec.bits)
         codes = unpack_int4_halves(self.codes) if self.nibbles else self.codes
@@ -226,15 +286,20 @@ class PackedWeight(nn.Module):
         epilogue, + addend + bias in the epilogue's dtype (added and cast by the kernel where it can)."""
         if epilogue is None:
             return self.fused.matmul(a, self.codes, self.out_features, self.spec.bits, self.plan.length, a_scales,
-                                     self.segment_scales())
+                                     self.segment_scales(), levels=self.levels)
         addend = epilogue.fusable_addend()
         y = self.fused.matmul(a, self.codes, self.out_features, self.spec.bits, self.plan.length, a_scales,
-                              self.segment_scales(), epilogue.bias, epilogue.dtype, addend)
+                              self.segment_scales(), epilogue.bias, epilogue.dtype, addend, levels=self.levels)
         return y if addend is not None or epilogue.addend is None else y + epilogue.addend.to(y.dtype)
 
     def segment_scales(self) -> torch.Tensor:
-        """float32 [S, N] (or [S, 1] per tensor)."""
-        return self.plan.weight_rows(self.scale.float())
+        """float32 [S, N] (or [S, 1] per tensor), times the levels' unit (a power of two: exact)."""
+        scale = self.scale_values()
+        return self.plan.weight_rows(scale if self.unit == 1.0 else scale * self.unit)
+
+    def scale_values(self) -> torch.Tensor:
+        """The scales the maths multiplies by, float32 (decoded from E8M0 bytes where stored so)."""
+        return self.scale.float() if self.scale.is_floating_point() else self.spec.scale_format.decode(self.scale)
 
     def segment_zero(self) -> torch.Tensor | None:
         return None if self.zero_point is None else self.plan.weight_rows(self.zero_point.float())
@@ -251,13 +316,13 @@ class PackedWeight(nn.Module):
 
     def layer_codes(self) -> torch.Tensor:
         """Codes [N, K] in the format's storage dtype, as a QuantizedLayer holds them."""
-        codes = self.int8_codes()[:self.plan.k].t().to(torch.int16) + self.offset
+        codes = self.stored_codes()[:self.plan.k].t().to(torch.int16) + self.offset
         return codes.to(self.spec.qformat.storage_dtype()).contiguous()
 
     def quantizer(self) -> WeightQuantizer:
         """A WeightQuantizer with this weight's qparams (float32, block_view layout)."""
         quantizer = WeightQuantizer(self.spec)
-        quantizer.scale = self.spec.grain.from_output(self.scale.float())
+        quantizer.scale = self.spec.grain.from_output(self.scale_values())
         if not self.spec.symmetric:
             quantizer.zero_point = self.spec.grain.from_output(self.zero_point.float() + self.offset)
         return quantizer
@@ -269,5 +334,7 @@ class PackedWeight(nn.Module):
     def extra_repr(self) -> str:
         layout = "int4 nibbles" if self.nibbles else ("int8" if self.codes is not None else "prepared")
         layout = f"{self.backend.name} fused" if self.fused is not None else layout
-        return f"{self.spec.format} {self.spec.granularity}, {layout}, segments={self.plan.count}x{self.plan.length}"
+        levels = "" if self.levels is None else f", codes x {self.unit:g} = int8 levels"
+        return (f"{self.spec.format} {self.spec.granularity}, {layout}{levels}, "
+                f"segments={self.plan.count}x{self.plan.length}")
 
