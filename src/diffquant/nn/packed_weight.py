@@ -265,11 +265,13 @@ class PackedWeight(nn.Module):
     def int8_codes(self) -> torch.Tensor:
         """The integers the GEMM multiplies, int8 [K_pad, N] (unpacked per call from nibbles and decoded
         through the levels, or recovered from the backend's copy)."""
-        return self._decoded(self.stored_codes()) if self.codes is not None else torch.cat(
-            [self.backend.unprepare(p) for p in self.prepared])
+        return self._decoded(self.stored_codes())
 
     def stored_codes(self) -> torch.Tensor:
-        """The offset-centred stored codes, int8 [K_pad, N] (resident codes only)."""
+        """The offset-centred stored codes, int8 [K_pad, N]: resident, or (integer formats only: levels keep
+        their codes) recovered from the backend's copy."""
+        if self.codes is None:
+            return torch.cat([self.backend.unprepare(p) for p in self.prepared])
         if self.fused is not None:
             return self.fused.unpack(self.codes, self.plan.k_pad, self.out_features, self.spec.bits)
         codes = unpack_int4_halves(self.codes) if self.nibbles else self.codes
