@@ -158,6 +158,8 @@ diffquant_method("diffquant W8A8 [fbgemm]", INT8_CHANNEL, INT8_TOKEN, backend="f
 # diffquant's AVX2 kernels where another backend is the default (on AVX-512 VNNI machines).
 diffquant_method("diffquant W8A8 [avx2]", INT8_CHANNEL, INT8_TOKEN, backend="avx2")
 diffquant_method("diffquant W4A4 [avx2]", INT4_G64, INT4_TOKEN_G64, backend="avx2")
+diffquant_method("diffquant W4A8 [avx2]", INT4_CHANNEL, INT8_TOKEN, backend="avx2")
+diffquant_method("diffquant FP4-W4A8 [avx2]", FP4_CHANNEL, INT8_TOKEN, backend="avx2")
 
 
 # -- peers (optional `bench` extra; each skipped cleanly when its package is missing) ----------------------

@@ -6,8 +6,8 @@ machinery into benchmarks/quality/fp-ablation/ (results.json, README.md, grids):
   * FP4 weights with INT8 per-token inputs (fp-w4a8's setting): fixed E2M1 vs searched split, with and
     without the clipping search, round-to-nearest; INT4 at the same effort; the learned-rounding rows are
     fp-w4a8 / int-w4a8 (optionally re-run here with --learned; on the scoreboard at 1000 samples).
-  * INT vs FP at 4, 6 and 8 bits: weights alone (per channel, inputs in float) and inputs alone (per token,
-    dynamic, weights in float), FP with its split searched per layer, round-to-nearest.
+  * INT vs FP at 4, 6 and 8 bits: weights alone (per channel, inputs in float) and inputs (per token,
+    dynamic, beside INT8 per-channel weights), FP with its split searched per layer, round-to-nearest.
 Then prints and writes fp-ablation/ABLATION.md: PSNR / SSIM vs FP and eps SQNR per row.
 """
 
@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 
 from diffquant.atomic import write_text_atomic
-from diffquant.eval.report import ReportConfig, run_report
+from diffquant.eval.report import ReportConfig, load_rows, run_report
 from diffquant.recipes import Recipe
 
 OUT = Path(__file__).parent / "fp-ablation"
@@ -61,10 +61,11 @@ for bits, fp in ((4, "fp4_e2m1"), (6, "fp6_e2m3"), (8, "fp8_e4m3")):
                                 dict(weight=weight(f"int{bits}"), input=None))
     ROWS[f"abl-w{bits}-fp"] = ("INT vs FP, weights only (A: float)", f"FP{bits}, split searched, absmax",
                                dict(weight=weight(fp), input=None, stages=search(clips=1)))
-    ROWS[f"abl-a{bits}-int"] = ("INT vs FP, inputs only (W: float)", f"INT{bits} per token",
-                                dict(weight=None, input=token(f"int{bits}")))
-    ROWS[f"abl-a{bits}-fp"] = ("INT vs FP, inputs only (W: float)", f"FP{bits} per token, split searched",
-                               dict(weight=None, input=token(fp), stages=search(weights=False)))
+    # inputs beside INT8 per-channel weights (~50 dB alone): activation-only recipes do not reload yet
+    ROWS[f"abl-a{bits}-int"] = ("INT vs FP, inputs (W: INT8 per channel)", f"INT{bits} per token",
+                                dict(weight=weight("int8"), input=token(f"int{bits}")))
+    ROWS[f"abl-a{bits}-fp"] = ("INT vs FP, inputs (W: INT8 per channel)", f"FP{bits} per token, split searched",
+                               dict(weight=weight("int8"), input=token(fp), stages=search(weights=False)))
 LEARNED = {
     "abl-e2m1-learned": ("W4 (A: INT8 per token)", "FP4 E2M1 fixed, clipping searched, learned rounding",
                          dict(weight=weight("fp4_e2m1"), input=INT8_TOKEN, stages=[*search(["fp4_e2m1"]), RECONSTRUCTION])),
@@ -95,6 +96,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=256, help="samples per row (default 256)")
     parser.add_argument("--learned", action="store_true", help="also the fixed-E2M1 learned-rounding row (~15 min)")
     parser.add_argument("--only", nargs="*", default=None, help="row names to run (default: all)")
+    parser.add_argument("--table-only", action="store_true", help="only rewrite ABLATION.md from results.json")
     args = parser.parse_args()
     plan = {**ROWS, **(LEARNED if args.learned else {})}
     plan = {k: v for k, v in plan.items() if args.only is None or k in args.only}
@@ -102,8 +104,8 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     recipes = tuple(str(write_recipe(name, fields, folder)) for name, (_, _, fields) in plan.items())
     command = f"python benchmarks/quality/fp_ablation.py --model {args.model} --samples {args.samples}"
-    rows = run_report(ReportConfig(out=OUT, models=(args.model,), recipes=recipes, samples=args.samples,
-                                   command=command))
+    rows = load_rows(OUT / "results.json") if args.table_only else run_report(
+        ReportConfig(out=OUT, models=(args.model,), recipes=recipes, samples=args.samples, command=command))
     text = (f"# FP quantization ablation ({args.model}, {args.samples} samples)\n\n`{command}`"
             f"{' --learned' if args.learned else ''}\n\nCPU and date per row: results.json. fp-w4a8 / int-w4a8 "
             f"(learned rounding, 1000 samples): benchmarks/quality/README.md.\n\n"
