@@ -35,10 +35,9 @@ EMULATED_PATH = PATHS[EMULATED] = KernelPath(EMULATED, integer=False, product=FL
 
 
 def needs_emulation(spec: QuantSpec) -> bool:
-    """Weights the integer GEMM cannot hold: grids that are not integers times one power of two (FP8, FP6;
-    FP4 is: nn/packed_weight.py, CodeLevels), and two-level scales (its packed weight keeps one scale per
-    group, no global scale)."""
-    return not gemm_weight(spec) or spec.scale_format.two_level
+    """Weights the integer GEMM cannot hold (nn/packed_weight.py, gemm_weight): grids that are not integers
+    times one power of two (FP8, FP6; FP4 is: CodeLevels), and two-level scales."""
+    return not gemm_weight(spec)
 
 
 class EmulatedWeight(nn.Module):

@@ -55,9 +55,9 @@ def code_levels(fmt: QFormat) -> CodeLevels | None:
 
 
 def gemm_weight(spec: QuantSpec) -> bool:
-    """Weights the int8 GEMM multiplies exactly: integer formats, and FP formats with CodeLevels (one-level scales)."""
-    levels_ok = code_levels(spec.qformat) is not None and not spec.scale_format.two_level
-    return integer_codes(spec) or levels_ok
+    """Weights a PackedWeight holds for the int8 GEMM: integer formats and FP formats with CodeLevels, with
+    one-level scales (it keeps one scale per group, no global scale)."""
+    return (integer_codes(spec) or code_levels(spec.qformat) is not None) and not spec.scale_format.two_level
 
 
 def compact(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -69,11 +69,12 @@ def compact(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def stored_scales(spec: QuantSpec, scale: torch.Tensor) -> torch.Tensor:
     """Scales as the spec's one-level scale format stores them where that is lossless (fp16 values, E8M0
     exponent bytes: one byte per MXFP4 block of 32), else float32."""
+    values = scale.detach().float()
     try:
-        stored = spec.scale_format.encode(scale.detach())
+        stored = spec.scale_format.encode(values)
     except ValueError:  # not representable (e.g. a learned scale that is no power of two)
-        return scale.detach().float()
-    return stored if torch.equal(spec.scale_format.decode(stored), scale.detach().float()) else scale.detach().float()
+        return values
+    return stored if torch.equal(spec.scale_format.decode(stored), values) else values
 
 
 # -- segments -------------------------------------------------------------------------------------
