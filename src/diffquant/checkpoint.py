@@ -121,11 +121,12 @@ def _low_rank_tensors(name: str, layer: QuantizedLayer, entry: dict[str, Any]) -
 
 
 def _layer_tensors(name: str, layer: QuantizedLayer, entry: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The layer's tensors with the float weight replaced by packed codes and stored-dtype scales."""
-    tensors = {f"{name}.{k}": v for k, v in layer.state_dict().items() if k != "weight"}
+    """The layer's tensors with the float weight replaced by packed codes and stored-dtype scales (an
+    activation-only layer keeps its float weight)."""
+    wq = layer.weight_quantizer
+    tensors = {f"{name}.{k}": v for k, v in layer.state_dict().items() if k != "weight" or wq is None}
     if layer.low_rank is not None:
         tensors.update(_low_rank_tensors(name, layer, entry))
-    wq = layer.weight_quantizer
     if wq is None:
         return tensors
     codes = layer.weight_codes if layer.weight_codes is not None else wq.codes(layer.weight_matrix(layer.weight))

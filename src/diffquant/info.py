@@ -32,6 +32,7 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
     """Per-role and total figures of a quantized model or pipeline folder."""
     folder = _model_folder(Path(path))
     manifest = read_manifest(folder)
+    stages = stage_scalars(manifest.get("stage_reports", []))
     layer_bytes: dict[str, int] = defaultdict(int)
     total_params = 0
     with safe_open(folder / TENSORS, framework="pt") as f:
@@ -78,7 +79,14 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
         "total_params": total_params,
         "file_bytes": (folder / TENSORS).stat().st_size,
         "file_bytes_16bit": 2 * total_params,
+        "stages": stages,
     }
+
+
+def stage_scalars(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each recipe stage's report reduced to its type and scalar figures (seconds, training seconds,
+    trained share ...; lists and tables left out)."""
+    return [{k: v for k, v in report.items() if isinstance(v, int | float | str)} for report in reports]
 
 
 def _bits(spec: dict[str, Any] | None) -> int:
@@ -115,6 +123,8 @@ def format_info(info: dict[str, Any]) -> str:
     f, f16 = info["file_bytes"], info["file_bytes_16bit"]
     lines.append(f"whole model: {info['total_params']:,} params, {f:,} bytes on disk vs {f16:,} at 16 bits "
                  f"({f / max(f16, 1):.3f}x)")
+    lines.extend(f"stage {stage['type']}: " + ", ".join(f"{k} {v}" for k, v in stage.items() if k != "type")
+                 for stage in info["stages"])
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ accessor from here, so none of them needs another's module (or an import inside 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -112,6 +113,7 @@ class QuantizationJob:
     training: TrainingObjective | None = None  # for stages that train on data
     attention: tuple[str, ...] = ()  # attention modules that get the recipe's operand quantizers
     stage_reports: list[dict[str, Any]] = field(init=False)  # one per recipe stage, see report()
+    reference: nn.Module | None = field(default=None, init=False)  # see keep_reference()
 
     def __post_init__(self) -> None:
         self.stage_reports = [{"type": stage.type, "seconds": 0.0} for stage in self.recipe.stages]
@@ -121,6 +123,14 @@ class QuantizationJob:
         kept); saved with the model (checkpoint manifest "stage_reports"), so results stay reviewable."""
         index = next(i for i, s in enumerate(self.recipe.stages) if s is stage)
         self.stage_reports[index].update(summary)
+
+    def keep_reference(self) -> nn.Module:
+        """A frozen copy of the model as it is now, made once per job: called from a stage's prepare (the
+        full-precision model), for stages that distil from it after other stages changed the weights
+        (block reconstruction replaces them by their decoded codes). Costs a second copy of the model."""
+        if self.reference is None:
+            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        return self.reference
 
     def require_training(self) -> TrainingObjective:
         if self.training is None:

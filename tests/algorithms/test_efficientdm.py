@@ -32,6 +32,7 @@ from diffquant.nn.qalora import QALoRAWeight, install_qalora, merge_qalora
 from diffquant.plan import plan_layers
 from diffquant.recipes import Recipe, RecipeError, get_preset
 from diffquant.recipes.config import stage_from_dict
+from tests.algorithms.sampler_calls import counted, interrupted_at, refuse_training_images, reseedable
 from tests.algorithms.test_reconstruction import DIT, dit_set
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -184,28 +185,12 @@ def test_result_is_an_ordinary_model_that_saves_reloads_and_freezes(tmp_path, di
 
 
 def test_distillation_reads_no_training_data(monkeypatch):
-    import diffquant.zoo.data as data
-
-    def refuse(*_args, **_kwargs):
-        raise AssertionError("EfficientDM must not read training images")
-
-    for name in ("resolve_root", "_read_bytes", "_find_file"):
-        monkeypatch.setattr(data, name, refuse)
+    refuse_training_images(monkeypatch)
     quantized(rounds=1)
 
 
 def test_fresh_noise_every_round_when_the_sampler_can_be_reseeded():
-    seeds = []
-    base = replay(CALIBRATION, 32)
-
-    def calibration(model):
-        base(model)
-
-    def reseeded(seed):
-        seeds.append(seed)
-        return base
-
-    calibration.reseeded = reseeded
+    calibration, seeds = reseedable(replay(CALIBRATION, 32))
     diffquant.quantize(DIT.build(), recipe(rounds=3, seed=7), calibration=calibration, progress=False)
     assert seeds == [7, 8, 9]
 
@@ -231,14 +216,8 @@ def test_lora_skip_and_scale_aware_learning_rates():
 def test_an_interrupted_run_resumes_to_the_same_result(tmp_path):
     stage = dict(rounds=4, checkpoint_dir=str(tmp_path / "ckpt"))
     uninterrupted = outputs(quantized(**{**stage, "checkpoint_dir": ""}), HELD_OUT)
-    base, rounds = replay(CALIBRATION, 32), []
-
-    def failing(model):
-        rounds.append(1)
-        if len(rounds) == 3:
-            raise KeyboardInterrupt
-        base(model)
-
+    base = replay(CALIBRATION, 32)
+    failing = interrupted_at(base, 3)
     model = DIT.build()
     weights = copy.deepcopy(model.state_dict())
     with pytest.raises(KeyboardInterrupt):
@@ -247,12 +226,7 @@ def test_an_interrupted_run_resumes_to_the_same_result(tmp_path):
     assert not any(isinstance(m, QALoRAWeight | LSQActivation) for m in model.modules())
     assert (tmp_path / "ckpt" / "latest" / "state.json").is_file()
 
-    calls = []
-
-    def counting(model):
-        calls.append(1)
-        base(model)
-
+    counting, calls = counted(base)
     resumed = diffquant.quantize(DIT.build(), recipe(**stage), calibration=counting, progress=False)
     assert len(calls) == 1 + 3  # statistics, then the three rounds left
     torch.testing.assert_close(outputs(resumed, HELD_OUT), uninterrupted, rtol=0, atol=1e-5)

@@ -223,3 +223,19 @@ def test_missing_low_rank_tensors_are_named(tmp_path):
     save_file(tensors, folder / TENSORS)
     with pytest.raises(CheckpointError, match=r"low-rank branch but \['.*low_rank_up'\] are missing"):
         load_quantized(folder, verify=False)
+
+
+def test_activation_only_recipe_round_trips_with_float_weights(tmp_path):
+    """A recipe without a weight format keeps each layer's float weight in the checkpoint (bitwise)."""
+    from tests.io.conftest import dit_calibration
+
+    recipe = Recipe.from_dict({"name": "a8-only", "weight": None,
+                               "input": {"format": "int8", "granularity": "token", "dynamic": True}})
+    model = diffquant.quantize(TINY_MODELS["dit"].build(), recipe, calibration=dit_calibration, progress=False)
+    folder = save_quantized(model, tmp_path / "q")
+    loaded = load_quantized(folder)
+    tensors = load_file(folder / TENSORS)
+    assert not any(k.endswith(".weight_codes") for k in tensors)
+    for name, layer in diffquant.quantized_layers(model).items():
+        assert torch.equal(tensors[f"{name}.weight"], layer.weight.detach())
+    assert torch.equal(dit_output(loaded), dit_output(model))

@@ -90,6 +90,7 @@ def test_quantize_pipeline_folder_with_calibration(dit_pipeline_folder, tmp_path
         assert (out / part).read_bytes() == (dit_pipeline_folder / part).read_bytes(), f"{part} was not copied"
     table = cli("info", str(out)).stdout
     assert "smoothquant-w8a8" in table and "attn.q" in table
+    assert "stage smoothquant: seconds " in table  # what each stage reported, scalars only
 
 
 def test_outliers_of_a_pipeline_folder_before_and_after_a_profile(dit_pipeline_folder):

@@ -33,6 +33,7 @@ MIN_SQNR_DB = {
     "qdiffusion-w8a8": 25.0, "qdiffusion-w4a8": 8.0, "edadm-w8a8": 25.0, "edadm-w4a8": 8.0, "edadm-w4a4": 3.0,
     "w4a8-static": 8.0, "w4a4-static": 3.0,
     "efficientdm-w8a8": 25.0, "efficientdm-w4a8": 8.0, "efficientdm-w4a4": 3.0,
+    "quest-w4a8": 8.0, "quest-w4a4": 3.0,
     # FP8 E4M3 keeps 3 mantissa bits: ~12-15 dB under INT8's per-channel / per-token grid on these random
     # Gaussian weights in every family (measured: fp8-w8a8 19.7 dB on the UNets, 29-54 dB on the
     # transformers; MX's power-of-two block scales 0-7 dB less again), so the FP W8A8 floors are lower.
@@ -41,7 +42,7 @@ MIN_SQNR_DB = {
 # Training stages at their defaults are for real models (their effect is tested in tests/algorithms):
 # here a few iterations / rounds, and no checkpoints written.
 AFFORDABLE = {"block_reconstruction": dict(iterations=20, batch_size=2),
-              "efficientdm": dict(rounds=2, checkpoint_dir="")}
+              "efficientdm": dict(rounds=2, checkpoint_dir=""), "quest": dict(rounds=2, checkpoint_dir="")}
 
 
 def affordable(preset: str):

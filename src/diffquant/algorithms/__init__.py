@@ -5,6 +5,7 @@ from diffquant.algorithms import (  # noqa: F401
     efficientdm,
     format_search,
     qat,
+    quest,
     range_search,
     reconstruction,
     smoothquant,

@@ -57,6 +57,14 @@ def tree_map(tree: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     return unflatten(tree, iter([fn(x) if isinstance(x, torch.Tensor) else x for x in flatten(tree)]))
 
 
+def first_float_tensor(output: Any) -> torch.Tensor:
+    """The first floating-point tensor of a denoiser's output (its prediction, whatever the wrapping)."""
+    for leaf in flatten(output):
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+            return leaf
+    raise TypeError(f"the denoiser returned no floating-point tensor ({type(output).__name__})")
+
+
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape \
@@ -133,19 +141,22 @@ def full_precision(switches: list[nn.Module]) -> contextlib.AbstractContextManag
     return quantization_enabled(switches, False)
 
 
-def record_calls(model: nn.Module, calibration: Callable[[nn.Module], object],
-                 layers: list[nn.Module]) -> list[DenoiserCall]:
+def record_calls(model: nn.Module, calibration: Callable[[nn.Module], object], layers: list[nn.Module],
+                 first_only: bool = False) -> list[DenoiserCall]:
     """Run the calibration function in full precision (`layers`: the quantized layers and attention
-    operand quantizers to switch off) and keep every denoiser call's inputs."""
+    operand quantizers to switch off) and keep every denoiser call's inputs (on the CPU); `first_only`:
+    stop at the first call, without running it or the rest of the calibration."""
     calls: list[DenoiserCall] = []
 
     def pre(_module, args, kwargs):
         cpu = lambda t: t.detach().to("cpu", copy=True)  # noqa: E731
         calls.append(DenoiserCall(current_step(), tree_map(args, cpu), tree_map(kwargs, cpu)))
+        if first_only:
+            raise _Stop
 
     handle = model.register_forward_pre_hook(pre, with_kwargs=True)
     try:
-        with torch.no_grad(), full_precision(layers):
+        with torch.no_grad(), full_precision(layers), contextlib.suppress(_Stop):
             calibration(model)
     finally:
         handle.remove()

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffquant.algorithms.block_data import flatten
+from diffquant.algorithms.block_data import first_float_tensor
 from diffquant.algorithms.reconstruction import only_learning
 from diffquant.algorithms.training import (
     Observed,
@@ -152,13 +152,6 @@ OBJECTIVES = ("distillation", "data")
 
 def _key(name: str) -> str:
     return name.replace(".", "/")  # ModuleDict keys cannot contain dots
-
-
-def _first_tensor(output) -> torch.Tensor:
-    for leaf in flatten(output):
-        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
-            return leaf
-    raise TypeError(f"the denoiser returned no floating-point tensor ({type(output).__name__})")
 
 
 class Distiller:
@@ -304,11 +297,11 @@ class Distiller:
         if torch.is_inference_mode_enabled():
             raise RuntimeError("efficientdm needs gradients: run the sampler under torch.no_grad(), "
                                "not torch.inference_mode()")
-        teacher = _first_tensor(output).detach().float()
+        teacher = first_float_tensor(output).detach().float()
         self._busy = True
         try:
             with torch.enable_grad(), quantization_enabled(self.switches, True):
-                student = _first_tensor(module(*args, **kwargs)).float()
+                student = first_float_tensor(module(*args, **kwargs)).float()
                 loss = F.mse_loss(student, teacher)
             self.optim.zero_grad(set_to_none=True)
             loss.backward()

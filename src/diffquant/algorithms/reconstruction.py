@@ -100,7 +100,7 @@ def _per_step(quantizer: nn.Module | None) -> bool:
 Operand = tuple[AttentionQuantizers, str]
 
 
-def _operands(module: nn.Module) -> dict[str, Operand]:
+def attention_operands(module: nn.Module) -> dict[str, Operand]:
     """The attention operand quantizers under `module` by "<attention path>.<operand>"."""
     return {f"{path}.{op}" if path else op: (quantizers, op)
             for path, quantizers in attention_quantizers(module).items() for op in quantizers.quantizers()}
@@ -207,7 +207,7 @@ class Reconstructor:
                         len(skipped), sorted(skipped)[:3])
         original = {name: layer.input_quantizer.scale.clone() for name, layer in self.layers.items()
                     if lsq_supports(layer.input_quantizer)}
-        original_operands = {key: getattr(q, op).scale.clone() for key, (q, op) in _operands(self.model).items()
+        original_operands = {key: getattr(q, op).scale.clone() for key, (q, op) in attention_operands(self.model).items()
                              if lsq_supports(getattr(q, op))}
         try:
             for name in tqdm(order, desc="reconstruct blocks", disable=not self.progress):
@@ -225,7 +225,7 @@ class Reconstructor:
             restore(layer)
             if name in original:
                 layer.input_quantizer.scale.copy_(original[name])
-        for key, (quantizers, op) in _operands(self.model).items():
+        for key, (quantizers, op) in attention_operands(self.model).items():
             quantizer = getattr(quantizers, op)
             if isinstance(quantizer, LSQActivation):
                 quantizer = quantizer.base
@@ -244,7 +244,7 @@ class Reconstructor:
 
     def learnable_operands(self, block: nn.Module) -> dict[str, Operand]:
         """The block's attention operand quantizers whose step sizes are learned (static, one-level scales)."""
-        return {key: (q, op) for key, (q, op) in _operands(block).items()
+        return {key: (q, op) for key, (q, op) in attention_operands(block).items()
                 if self.config.lsq and lsq_supports(getattr(q, op))}
 
     def reconstruct_block(self, name: str, layers: dict[str, QuantizedLayer],

@@ -36,7 +36,7 @@ from diffquant.eval.evaluation import EvalSettings, EvalTarget, Evaluation
 from diffquant.eval.fp_cache import FPImageCache, default_cache_dir
 from diffquant.eval.output import save_grid, write_json_atomic
 from diffquant.eval.stats import ReferenceStats, classifier_features, load_reference_stats
-from diffquant.eval.targets import recipe_and_bits, resolve_target, weight_bytes
+from diffquant.eval.targets import recipe_and_bits, resolve_target, stage_figures, weight_bytes
 from diffquant.formats.ops import sqnr_db
 from diffquant.nn.attention import attention_summary
 from diffquant.zoo.classifier import load_classifier, predict
@@ -167,7 +167,7 @@ def run_evaluation(target: EvalTarget, settings: EvalSettings, judge: Judge) -> 
         "feature_distance_vs_fp": metrics.feature_distance(q_feat, fp_feat),
         "eps_sqnr_db": sum(per_step) / len(per_step), "eps_sqnr_db_per_step": per_step,
         "wall_time_s": q_wall, "fp_wall_time_s": fp_wall,
-        "weight_bytes": total_bytes, "quantized_layer_bytes": q_bytes,
+        "weight_bytes": total_bytes, "quantized_layer_bytes": q_bytes, "stages": stage_figures(target.model.denoiser),
         "frozen": settings.frozen, "kernel_backend": backend, "kernel_paths": paths,
         "samples": settings.samples, "steps": steps, "seed": settings.seed,
         "sqnr_samples": min(settings.sqnr_samples, settings.samples),

@@ -15,7 +15,7 @@ from diffquant import zoo
 from diffquant.api import STATE_ATTR, quantized_layers
 from diffquant.checkpoint import is_quantized_folder, save_quantized
 from diffquant.eval.evaluation import EvalTarget
-from diffquant.info import checkpoint_info
+from diffquant.info import checkpoint_info, stage_scalars
 from diffquant.zoo.model import LatentDiffusionModel
 
 FP_RECIPE, FP_BITS = "fp", "W16A16"
@@ -78,6 +78,12 @@ def recipe_of(denoiser: torch.nn.Module) -> Any:
 def recipe_and_bits(denoiser: torch.nn.Module) -> tuple[str, str]:
     recipe = recipe_of(denoiser)
     return (FP_RECIPE, FP_BITS) if recipe is None else (recipe.name, recipe.label)
+
+
+def stage_figures(denoiser: torch.nn.Module) -> list[dict[str, Any]]:
+    """What each stage of the denoiser's recipe reported, scalars only ([] for a full-precision model)."""
+    state = getattr(denoiser, STATE_ATTR, None)
+    return [] if state is None else stage_scalars(state.stage_reports)
 
 
 def weight_bytes(denoiser: torch.nn.Module, folder: Path | None = None) -> tuple[int, int]:
