@@ -1,6 +1,8 @@
 """What the ablation scripts of benchmarks/quality share: each row is a recipe written to <out>/recipes/ and
 evaluated by `diffquant report`'s machinery into <out>/ (results.json, README.md, grids); <out>/ABLATION.md
-gets a table of PSNR / SSIM vs FP and eps SQNR per row. A script gives its rows and calls `main`."""
+(ABLATION-<model>.md for another model than the script's default) gets a table of PSNR / SSIM vs FP,
+eps SQNR, FID, the quantization's seconds and the share of parameters trained per row. A script gives
+its rows and calls `main`."""
 
 from __future__ import annotations
 
@@ -25,13 +27,14 @@ def write_recipe(name: str, fields: dict, folder: Path, label: str) -> Path:
 
 def table(rows: list[dict], plan: Rows) -> str:
     by_name = {r["recipe"]: r for r in rows}
-    lines = ["| group | recipe | what | PSNR vs FP (dB) | SSIM vs FP | eps SQNR (dB) | samples | quantize s | "
-             "trained share |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| group | recipe | what | PSNR vs FP (dB) | SSIM vs FP | eps SQNR (dB) | FID (x FP) | samples | "
+             "quantize s | trained share |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, (group, what, _) in plan.items():
         row = by_name.get(name)
         if row is not None:
             lines.append(f"| {group} | `{name}` | {what} | {row['psnr_vs_fp']:.2f} | {row['ssim_vs_fp']:.4f} | "
-                         f"{row['eps_sqnr_db']:.2f} | {row['samples']} | {_stage_cells(row.get('stages'))} |")
+                         f"{row['eps_sqnr_db']:.2f} | {row['fid']:.2f} ({row['fid'] / row['fp_fid']:.2f}x) | "
+                         f"{row['samples']} | {_stage_cells(row.get('stages'))} |")
     return "\n".join(lines)
 
 
@@ -71,5 +74,5 @@ def main(script: str, label: str, doc: str, out: Path, rows: Rows, optional: dic
     results = [*load_rows(SCOREBOARD), *results] if shown else results
     text = (f"# {doc.splitlines()[0].rstrip(':.')} ({args.model})\n\n`{command}`\n\n{note}\n\n"
             f"{table([r for r in results if r['model'] == args.model], {**shown, **every})}\n")
-    write_text_atomic(out / "ABLATION.md", text)
+    write_text_atomic(out / ("ABLATION.md" if args.model == model else f"ABLATION-{args.model}.md"), text)
     print(text)

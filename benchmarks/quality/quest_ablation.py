@@ -33,6 +33,8 @@ ROWS: Rows = {
     "abl-quest-no-cma": (GROUP, "no L_CMA (cma 0)", variant(cma=0.0)),
     "abl-quest-all-layers": (GROUP, "every quantized layer fine-tuned (layers: all)", variant(layers="all")),
     "abl-quest-flat": (GROUP, "not progressive (both groups from the first round)", variant(progressive=False)),
+    "abl-quest-lr10": (GROUP, "10x the authors' learning rates (weights 1e-4, step sizes 1e-3)",
+                       variant(lr_weight=1e-4, lr_act=1e-3)),
 }
 NOTE = ("CPU, date and samples per row: results.json; quantize s: the stages' wall time (block reconstruction "
         "and fine-tuning), trained share: the denoiser's parameters QuEST fine-tuned. The scoreboard rows "

@@ -129,7 +129,11 @@ class QuantizationJob:
         full-precision model), for stages that distil from it after other stages changed the weights
         (block reconstruction replaces them by their decoded codes). Costs a second copy of the model."""
         if self.reference is None:
-            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+            reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+            for module in reference.modules():  # a copy of the plain function: the caller's hooks stay on theirs
+                module._forward_pre_hooks.clear()
+                module._forward_hooks.clear()
+            self.reference = reference
         return self.reference
 
     def require_training(self) -> TrainingObjective:

@@ -15,6 +15,7 @@ from torch import nn
 
 import diffquant
 from diffquant.algorithms.block_data import DenoiserCall, execution_order
+from diffquant.algorithms.calibration_selection import CalibrationSelection
 from diffquant.algorithms.quest import ATTENTION_ROLES, TIME_ROLES, QuEST, layer_groups
 from diffquant.algorithms.reconstruction import BlockReconstruction
 from diffquant.algorithms.training import progress_callback
@@ -23,7 +24,7 @@ from diffquant.calib import replay, sampling_step
 from diffquant.checkpoint import load_quantized, save_quantized
 from diffquant.formats import QuantSpec
 from diffquant.formats.ops import sqnr_db
-from diffquant.freeze import freeze
+from diffquant.freeze import freeze, packed_layers
 from diffquant.info import checkpoint_info, format_info
 from diffquant.nn.learnable import LSQActivation
 from diffquant.plan import plan_layers
@@ -117,6 +118,16 @@ def test_first_and_last_layers_a_call_runs_read_8_bit_inputs():
 # -- training ---------------------------------------------------------------------------------------
 
 
+def test_the_reference_is_a_frozen_copy_without_the_callers_hooks():
+    model = DIT.build()
+    model.register_forward_pre_hook(lambda *_: None)
+    job = diffquant.api.QuantizationJob(model, recipe(), plan_layers(model, recipe()), progress=False)
+    reference = job.keep_reference()
+    assert reference is not model and job.keep_reference() is reference and model._forward_pre_hooks
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in reference.modules())
+    assert not any(p.requires_grad for p in reference.parameters()) and not reference.training
+
+
 def test_the_sampler_follows_the_full_precision_model_after_block_reconstruction_changed_the_weights():
     fp = DIT.build()
     seen = []
@@ -185,6 +196,17 @@ def test_fresh_noise_every_round_when_the_sampler_can_be_reseeded():
     assert seeds == [7, 8, 9]
 
 
+def test_composes_with_a_calibration_selection():
+    """After EDA-DM's / Q-Diffusion's selection the rounds replay the selected samples (8 of 32 rows here)."""
+    rows = []
+    model = DIT.build()
+    model.register_forward_pre_hook(lambda _m, _args, kwargs: rows.append(len(kwargs["hidden_states"])), with_kwargs=True)
+    selection = CalibrationSelection(method="uniform", samples=8)
+    diffquant.quantize(model, recipe(selection, rounds=2), calibration=replay(CALIBRATION, 32), progress=False)
+    assert [r["type"] for r in model._diffquant_state.stage_reports] == ["calibration_selection", "quest"]
+    assert rows[-2:] == [4, 4]  # the last round's calls: the selection's 4 rows per step (of 16)
+
+
 def test_result_is_an_ordinary_model_that_saves_reloads_and_freezes(tmp_path):
     model = quantized(rounds=2)
     assert not any(isinstance(m, LSQActivation) for m in model.modules())
@@ -200,7 +222,9 @@ def test_result_is_an_ordinary_model_that_saves_reloads_and_freezes(tmp_path):
     assert torch.equal(outputs(reloaded, HELD_OUT), expected)
     (report,) = reloaded._diffquant_state.stage_reports
     assert report["type"] == "quest" and len(report["round_losses"]) == 2
-    assert sqnr_db(expected, outputs(freeze(reloaded), HELD_OUT)) > 30
+    frozen = freeze(reloaded)
+    assert sqnr_db(expected, outputs(frozen, HELD_OUT)) > 30
+    assert {layer.path for layer in packed_layers(frozen).values()} == {"int"}  # per-step static inputs: integer GEMM
 
 
 def test_an_interrupted_run_resumes_to_the_same_result(tmp_path):

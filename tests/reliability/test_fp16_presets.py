@@ -33,6 +33,7 @@ DIT_FP16_MIN_SQNR_DB = {
     "w4a16": 30.0, "w4a4": 24.0, "w4a4-static": 23.0, "w4a8": 30.0, "w4a8-static": 30.0,
     "w8a8": 47.0, "w8a8-static": 47.0,
     "fp8-w8a8": 36.0, "mxfp8-w8a8": 30.0, "mxfp4-w4a4": 20.5, "fp-w4a8": 30.0, "int-w4a8": 30.0,
+    "quest-w4a4": 24.0, "quest-w4a8": 29.5,
 }
 # the float16 UNet (convolutions, skip concatenations): the presets that gave NaN or crashed before,
 # and the cheap ones; those over ~5 s are in the slow tier
@@ -41,11 +42,13 @@ UNET_FP16_MIN_SQNR_DB = {
     "qdiffusion-w8a8": 29.0, "qdiffusion-w4a8": 13.0, "edadm-w8a8": 28.0, "edadm-w4a8": 14.0,
     "svdquant-nvfp4": 12.0, "svdquant-w4a4": 10.0,
     "fp8-w8a8": 16.0, "mxfp8-w8a8": 14.5, "mxfp4-w4a4": 3.5, "fp-w4a8": 12.0, "int-w4a8": 12.0,
+    "quest-w4a4": 6.0, "quest-w4a8": 12.0,
 }
 UNET_SLOW = {"qdiffusion-w8a8", "qdiffusion-w4a8", "edadm-w8a8", "edadm-w4a8", "svdquant-nvfp4", "svdquant-w4a4",
-             "fp-w4a8", "int-w4a8"}
+             "fp-w4a8", "int-w4a8", "quest-w4a4", "quest-w4a8"}
+# quest-w4a4: its Adam steps go through float32 masters of the 16-bit weights (before: Inf weights)
 DIT_BF16_MIN_SQNR_DB = {"w8a8": 40.0, "w8a8-static": 40.0, "nvfp4-w4a4": 24.0, "svdquant-w4a4": 33.0,
-                        "fp8-w8a8": 34.5, "mxfp4-w4a4": 20.5}
+                        "fp8-w8a8": 34.5, "mxfp4-w4a4": 20.5, "quest-w4a4": 24.0}
 
 
 def cast_inputs(value, dtype: torch.dtype):

@@ -213,7 +213,9 @@ class SelectiveTrainer:
         learned = nn.ModuleDict({**{_key(n): layer for n, layer in self.layers.items()},
                                  **{_key(k) + "#operand": q for k, q in operands.items()}})
         self.steps = [p for q in [*inputs.values(), *operands.values()] for p in q.parameters(recurse=False)]
-        self.optim = adam_with_decay([{"params": self.weights(), "lr": cfg.lr_weight},
+        # Adam updates float32 masters of 16-bit weights: its float16 state underflows (eps 1e-8 is 0 there)
+        self.masters = [(w, w if w.dtype == torch.float32 else nn.Parameter(w.detach().float())) for w in self.weights()]
+        self.optim = adam_with_decay([{"params": [master for _, master in self.masters], "lr": cfg.lr_weight},
                                       {"params": self.steps, "lr": cfg.lr_act}])
         try:
             self.train(calibration, learned, ckpt)
@@ -313,12 +315,23 @@ class SelectiveTrainer:
                 loss = self.loss(student, first_float_tensor(output).detach().float())
             self.optim.zero_grad(set_to_none=True)
             loss.backward()
-            self.optim.step()
+            self.step()
         finally:
             self._outputs = {"fp": {}, "q": {}}
         self._losses.append(float(loss.detach()))
         self._bar.update()
         return output
+
+    def step(self) -> None:
+        """One Adam step, through the float32 masters of 16-bit weights."""
+        for weight, master in self.masters:
+            if master is not weight and weight.grad is not None:
+                master.grad, weight.grad = weight.grad.float(), None
+        self.optim.step()
+        with torch.no_grad():
+            for weight, master in self.masters:
+                if master is not weight:
+                    weight.copy_(master)
 
     def loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         total = self.config.lambda_g * F.mse_loss(student, teacher)
