@@ -29,6 +29,8 @@ def variant(**quest) -> dict:
 
 
 ROWS: Rows = {
+    "abl-quest-start": (GROUP, "its fine-tuning off (1 round at learning rates 1e-12): the PTQ start with the INT8 ends",
+                        variant(rounds=1, lr_weight=1e-12, lr_act=1e-12)),
     "abl-quest-no-tla": (GROUP, "no L_TLA (tla 0)", variant(tla=0.0)),
     "abl-quest-no-cma": (GROUP, "no L_CMA (cma 0)", variant(cma=0.0)),
     "abl-quest-all-layers": (GROUP, "every quantized layer fine-tuned (layers: all)", variant(layers="all")),
