@@ -48,9 +48,10 @@ def _stage_cells(stages: list[dict] | None) -> str:
 
 def main(script: str, label: str, doc: str, out: Path, rows: Rows, optional: dict[str, tuple[str, Rows]],
          note: str, model: str, samples: int, scoreboard: dict[str, str] | None = None) -> None:
-    """The command line of an ablation script (`label` starts its recipes' descriptions): rows (all, or --only some; `optional` rows behind their
-    flag: name -> (help, rows)) evaluated on --model, then ABLATION.md rewritten with every row known and
-    the `scoreboard` rows (recipe -> what) of benchmarks/quality/results.json beside them."""
+    """The command line of an ablation script (`label` starts its recipes' descriptions): rows (all, or
+    --only some; `optional` rows behind their flag: name -> (help, rows)) evaluated on --model, then
+    ABLATION.md rewritten with every row known and the `scoreboard` rows (recipe -> what) of
+    benchmarks/quality/results.json beside them."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--model", default=model)
     parser.add_argument("--samples", type=int, default=samples, help=f"samples per row (default {samples})")

@@ -84,5 +84,5 @@ NOTE = ("CPU, date and samples per row: results.json (the learned rows at 1000 s
 
 
 if __name__ == "__main__":
-    main("fp_ablation", "issue-21 ablation", __doc__, OUT, ROWS, {"learned": ("also the learned-rounding rows (~10 min each)", LEARNED)},
-         NOTE, model="fmnist-dit", samples=256)
+    main("fp_ablation", "issue-21 ablation", __doc__, OUT, ROWS,
+         {"learned": ("also the learned-rounding rows (~10 min each)", LEARNED)}, NOTE, model="fmnist-dit", samples=256)

@@ -55,6 +55,8 @@ from diffquant.algorithms.training import (
     TrainingClock,
     adam_with_decay,
     decay_linearly,
+    module_key,
+    round_sampler,
     stage_checkpointer,
     train_steps,
     written_back,
@@ -150,10 +152,6 @@ OBJECTIVES = ("distillation", "data")
 # -- the training loop ----------------------------------------------------------------------------
 
 
-def _key(name: str) -> str:
-    return name.replace(".", "/")  # ModuleDict keys cannot contain dots
-
-
 class Distiller:
     """Runs the stage on one model: adapters, optimizer, rounds, merge (module docstring)."""
 
@@ -234,8 +232,8 @@ class Distiller:
 
     def learned(self, loras: dict[str, QALoRAWeight], acts: dict[str, LSQActivation]) -> nn.ModuleDict:
         """The trained modules in one module, for checkpoints."""
-        return nn.ModuleDict({**{_key(n): q for n, q in loras.items()},
-                              **{_key(n) + "#input": q for n, q in acts.items()}})
+        return nn.ModuleDict({**{module_key(n): q for n, q in loras.items()},
+                              **{module_key(n) + "#input": q for n, q in acts.items()}})
 
     def train_on_data(self, training, loras: dict[str, QALoRAWeight], acts: dict[str, LSQActivation]) -> None:
         """The ablation without distillation: the same adapters and quantizers on the diffusion loss."""
@@ -269,7 +267,7 @@ class Distiller:
                 observed.report(start, cfg.rounds, clock)
                 for r in range(start, cfg.rounds):
                     decay_linearly(self.optim, r / cfg.rounds)
-                    sampler = calibration.reseeded(cfg.seed + r) if hasattr(calibration, "reseeded") else calibration
+                    sampler = round_sampler(calibration, cfg.seed + r)
                     sampler(self.model)
                     if not self._losses:
                         raise RuntimeError("the calibration function never called the denoiser")

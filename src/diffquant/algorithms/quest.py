@@ -64,6 +64,8 @@ from diffquant.algorithms.training import (
     TrainingClock,
     adam_with_decay,
     decay_linearly,
+    module_key,
+    round_sampler,
     stage_checkpointer,
     written_back,
 )
@@ -181,13 +183,11 @@ class SelectiveTrainer:
             raise RecipeError("quest found no layer to fine-tune: no quantized time-embedding or attention layer "
                               "with a weight quantizer (try layers: all)")
         # the layers whose outputs enter the loss, with their term's weight
-        self.matched = {**{n: config.cma for n in self.groups["attention"]},
-                        **{n: config.tla for n in self.groups["time"]}}
-        self.matched = {n: w for n, w in self.matched.items() if w > 0}
+        terms = [(self.groups["attention"], config.cma), (self.groups["time"], config.tla)]
+        self.matched = {n: weight for names, weight in terms if weight > 0 for n in names}
         self.round_losses: list[float] = []
         self._losses: list[float] = []
         self._busy = False
-        self._phase = 0
         self._outputs: dict[str, dict[str, list[torch.Tensor]]] = {"fp": {}, "q": {}}
 
     # -- setup ---------------------------------------------------------------------------------
@@ -210,8 +210,8 @@ class SelectiveTrainer:
         ckpt = stage_checkpointer(cfg, self.layers)  # keyed by the starting layers: before anything is installed
         originals = [w.detach().clone() for w in self.weights()]
         inputs, operands = self.install()
-        learned = nn.ModuleDict({**{_key(n): layer for n, layer in self.layers.items()},
-                                 **{_key(k) + "#operand": q for k, q in operands.items()}})
+        learned = nn.ModuleDict({**{module_key(n): layer for n, layer in self.layers.items()},
+                                 **{module_key(k) + "#operand": q for k, q in operands.items()}})
         self.steps = [p for q in [*inputs.values(), *operands.values()] for p in q.parameters(recurse=False)]
         # Adam updates float32 masters of 16-bit weights: its float16 state underflows (eps 1e-8 is 0 there)
         self.masters = [(w, w if w.dtype == torch.float32 else nn.Parameter(w.detach().float())) for w in self.weights()]
@@ -234,10 +234,11 @@ class SelectiveTrainer:
             if write:
                 lsq.write_back()
             self.layers[name].input_quantizer = lsq.base
+        owners = attention_operands(self.model)
         for key, lsq in operands.items():
             if write:
                 lsq.write_back()
-            quantizers, op = attention_operands(self.model)[key]
+            quantizers, op = owners[key]
             setattr(quantizers, op, lsq.base)
 
     def train(self, calibration, learned: nn.Module, ckpt) -> None:
@@ -262,16 +263,16 @@ class SelectiveTrainer:
     def train_round(self, r: int, calibration) -> None:
         cfg = self.config
         decay_linearly(self.optim, r / cfg.rounds)
-        self._phase = self.phase_of(r)
-        sampler = calibration.reseeded(cfg.seed + r) if hasattr(calibration, "reseeded") else calibration
-        with only_learning(self.model, [*self.weights(self._phase), *self.steps]):
+        phase = self.phase_of(r)
+        sampler = round_sampler(calibration, cfg.seed + r)
+        with only_learning(self.model, [*self.weights(phase), *self.steps]):
             sampler(self.model)
         if not self._losses:
             raise RuntimeError("the calibration function never called the denoiser")
         self.round_losses.append(sum(self._losses) / len(self._losses))
         if self._bar.total is None:
             self._bar.total, self._bar.n = len(self._losses) * cfg.rounds, len(self._losses) * (r + 1)
-        self._bar.set_postfix(round=f"{r + 1}/{cfg.rounds}", phase=self._phase + 1, loss=f"{self.round_losses[-1]:.4g}")
+        self._bar.set_postfix(round=f"{r + 1}/{cfg.rounds}", phase=phase + 1, loss=f"{self.round_losses[-1]:.4g}")
         self._losses = []
 
     @contextlib.contextmanager
@@ -360,7 +361,3 @@ class SelectiveTrainer:
                 "trained_share": round(trained / total, 6), "step_sizes": len(self.steps),
                 "training_seconds": round(self.wall_time_s, 3), "training_cpu_seconds": round(self.cpu_time_s, 3),
                 "round_losses": [round(loss, 6) for loss in self.round_losses]}
-
-
-def _key(name: str) -> str:
-    return name.replace(".", "/")  # ModuleDict keys cannot contain dots

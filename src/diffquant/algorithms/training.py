@@ -52,6 +52,18 @@ def stage_checkpointer(stage, layers: dict[str, QuantizedLayer]) -> Checkpointer
     return Checkpointer(folder, meta={"run": run})
 
 
+def module_key(name: str) -> str:
+    """A module path as an nn.ModuleDict key (keys cannot contain dots), for the learned-module dicts that
+    training checkpoints save."""
+    return name.replace(".", "/")
+
+
+def round_sampler(calibration: Callable[[nn.Module], object], seed: int) -> Callable[[nn.Module], object]:
+    """The calibration function for one training round: from fresh noise where it has `reseeded(seed)`
+    (zoo models, diffquant.calib.pipeline_calibration), else as it is (a replay gives the same inputs)."""
+    return calibration.reseeded(seed) if hasattr(calibration, "reseeded") else calibration
+
+
 def adam_with_decay(groups: list[dict]) -> torch.optim.Adam:
     """Adam over parameter groups that remember their initial rate (see `decay_linearly`)."""
     groups = [g for g in groups if g["params"]]
