@@ -28,7 +28,7 @@ def write_recipe(name: str, fields: dict, folder: Path, label: str) -> Path:
 def table(rows: list[dict], plan: Rows) -> str:
     by_name = {r["recipe"]: r for r in rows}
     lines = ["| group | recipe | what | PSNR vs FP (dB) | SSIM vs FP | eps SQNR (dB) | FID (x FP) | samples | "
-             "quantize s | trained share |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "quantize s | trained share | codes changed |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, (group, what, _) in plan.items():
         row = by_name.get(name)
         if row is not None:
@@ -39,11 +39,16 @@ def table(rows: list[dict], plan: Rows) -> str:
 
 
 def _stage_cells(stages: list[dict] | None) -> str:
-    """The quantization's seconds (its stages') and the share of parameters a training stage trained."""
+    """The quantization's seconds (its stages'), the share of parameters a training stage trained and the
+    share of their codes it changed."""
     if not stages:
-        return "– | –"
-    shares = [s["trained_share"] for s in stages if "trained_share" in s]
-    return f"{sum(s['seconds'] for s in stages):.0f} | " + (f"{shares[0]:.1%}" if shares else "–")
+        return "– | – | –"
+    seconds = f"{sum(s['seconds'] for s in stages):.0f}"
+    trainer = next((s for s in stages if "trained_share" in s), None)
+    if trainer is None:
+        return f"{seconds} | – | –"
+    changed = f"{trainer['codes_changed']:.3%}" if "codes_changed" in trainer else "–"
+    return f"{seconds} | {trainer['trained_share']:.1%} | {changed}"
 
 
 def main(script: str, label: str, doc: str, out: Path, rows: Rows, optional: dict[str, tuple[str, Rows]],

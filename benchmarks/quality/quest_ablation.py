@@ -39,7 +39,8 @@ ROWS: Rows = {
                        variant(lr_weight=1e-4, lr_act=1e-3)),
 }
 NOTE = ("CPU, date and samples per row: results.json; quantize s: the stages' wall time (block reconstruction "
-        "and fine-tuning), trained share: the denoiser's parameters QuEST fine-tuned. The scoreboard rows "
+        "and fine-tuning), trained share: the denoiser's parameters QuEST fine-tuned, codes changed: the share "
+        "of their weight codes the fine-tuning moved off the block reconstruction's. The scoreboard rows "
         "(benchmarks/quality/results.json) are the full method and its round-to-nearest baseline.")
 
 

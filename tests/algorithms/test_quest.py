@@ -152,9 +152,34 @@ def fp_dit():
 
 def test_fine_tuning_beats_its_round_to_nearest_start_on_held_out_inputs(fp_dit):
     reference = outputs(fp_dit, HELD_OUT)
-    start = sqnr_db(reference, outputs(quantized(rounds=1, lr_weight=1e-12, lr_act=1e-12, end_format=""), HELD_OUT))
-    tuned = sqnr_db(reference, outputs(quantized(end_format=""), HELD_OUT))
+    frozen_start = quantized(rounds=1, lr_weight=1e-12, lr_act=1e-12, end_format="")
+    fine_tuned = quantized(end_format="")
+    start, tuned = (sqnr_db(reference, outputs(m, HELD_OUT)) for m in (frozen_start, fine_tuned))
     assert tuned > start + 0.5, (start, tuned)
+    moved = [m._diffquant_state.stage_reports[-1]["codes_changed"] for m in (frozen_start, fine_tuned)]
+    assert moved[0] == 0 and 0.01 < moved[1] < 0.5, moved  # latent weights cross half a step only when they train
+
+
+def test_per_input_channel_step_sizes_are_learned_per_step_and_freeze_on_the_float_path(fp_dit):
+    """quest-w4a4's input format (the paper's A4: static, per input channel, one range per step)."""
+    channel = dict(W4A4_STEPS, input=QuantSpec("int4", "channel", symmetric=False, per_step=True))
+
+    def tuned(**stage) -> nn.Module:
+        r = Recipe(name="test-quest-channel", stages=(QuEST(**{**FAST, "end_format": "", **stage}),), **channel)
+        return diffquant.quantize(DIT.build(), r, calibration=replay(CALIBRATION, 32), progress=False)
+
+    models = [tuned(rounds=1, lr_weight=1e-12, lr_act=1e-12), tuned()]  # the start, then the fine-tuned
+    layer_pairs = zip(*(quantized_layers(m).values() for m in models), strict=True)
+    for before, after in layer_pairs:
+        scale = after.input_quantizer.scale
+        assert scale.shape[0] == 2 and scale.shape[-1] == after.weight.shape[1]  # [steps, C_in]
+        assert not torch.equal(scale, before.input_quantizer.scale)
+    reference = outputs(fp_dit, HELD_OUT)
+    assert sqnr_db(reference, outputs(models[1], HELD_OUT)) > sqnr_db(reference, outputs(models[0], HELD_OUT)) + 0.5
+    expected = outputs(models[1], HELD_OUT)
+    frozen = freeze(models[1])
+    assert sqnr_db(expected, outputs(frozen, HELD_OUT)) > 30
+    assert {layer.path for layer in packed_layers(frozen).values()} == {"float"}  # a scale per k: no integer GEMM
 
 
 def test_only_the_selected_weights_train_time_layers_first():
@@ -287,4 +312,5 @@ def test_presets_start_from_block_reconstruction_with_per_step_static_inputs(nam
     preset = get_preset(name)
     assert [s.type for s in preset.stages] == ["block_reconstruction", "quest"]
     assert preset.input.bits == bits and preset.input.per_step and not preset.input.dynamic
+    assert preset.input.granularity == {4: "channel", 8: "tensor"}[bits]  # the paper's A4; per tensor at A8
     assert preset.stages[-1].lr_weight == 1e-5 and preset.stages[-1].lambda_g == 2.0

@@ -162,6 +162,22 @@ def test_lsq_step_size_gradient_is_lsqs():
     assert torch.allclose(lsq(x).detach(), base(x), rtol=0, atol=1e-6)  # the forward it replaces
 
 
+def test_a_learned_step_stays_above_its_floor_and_writes_back_finite():
+    """Adam's absolute steps can carry a small step size through 0 (a time-embedding channel's, per
+    channel); the step in force stays at >= 2^-10 of its calibrated value, its gradient finite."""
+    base = ActivationQuantizer(QuantSpec("int4", "channel", symmetric=False))
+    base.scale, base.zero_point = torch.tensor([1e-4, 0.05]), torch.tensor([-8.0, -8.0])
+    lsq = LSQActivation(base)
+    with torch.no_grad():
+        lsq.scale.copy_(torch.tensor([-3e-4, 0.05]))  # where one Adam step of lr 4e-4 can leave it
+    x = torch.tensor([[2e-4, 0.1], [2e-4, -0.2]], requires_grad=True)
+    out = lsq(x)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all() and torch.isfinite(lsq.scale.grad).all()
+    lsq.write_back()
+    assert base.scale[0] == pytest.approx(1e-4 * 2**-10, rel=1e-3) and base.scale[1] == pytest.approx(0.05)
+
+
 # -- caching, batches and blocks -------------------------------------------------------------------
 
 

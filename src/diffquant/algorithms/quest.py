@@ -1,7 +1,7 @@
 """QuEST (METHODS.md §3): data-free selective fine-tuning of the layers that read the time embedding and of
 the attention-related layers, so that W4A4 with static activations stays readable.
 
-The stage starts from what the recipe's earlier stages left (the quest presets: Q-Diffusion's block
+The stage starts from what the recipe's earlier stages left (the quest presets: block
 reconstruction, AdaRound weights and LSQ input step sizes) and calibrates whatever is still uncalibrated
 (round-to-nearest weights, static input ranges). Then:
 
@@ -39,7 +39,8 @@ First and last layers: the inputs of the first and the last quantized layer a de
 Resumable like EfficientDM: after every round the learned tensors and the optimizer go to a checkpoint
 (default ~/.cache/diffquant/train/quest-<hash of config and starting layers>), removed at the end; the
 model is put back as the stage found it when training fails. Reported: the share of the denoiser's
-parameters trained, the layers per group, the training time and the loss per round.
+parameters trained, the share of their codes that fine-tuning changed, the layers per group, the training
+time and the loss per round.
 """
 
 from __future__ import annotations
@@ -197,9 +198,11 @@ class SelectiveTrainer:
                     if lsq_supports(getattr(q, op))}
         return inputs, operands
 
+    def trained(self, phase: int | None = None) -> list[str]:
+        return [n for p in self.phases for n in p] if phase is None else self.phases[phase]
+
     def weights(self, phase: int | None = None) -> list[nn.Parameter]:
-        names = [n for p in self.phases for n in p] if phase is None else self.phases[phase]
-        return [self.layers[n].weight for n in names]
+        return [self.layers[n].weight for n in self.trained(phase)]
 
     def phase_of(self, round_index: int) -> int:
         return len(self.phases) * round_index // self.config.rounds
@@ -226,8 +229,21 @@ class SelectiveTrainer:
             self._put_back(inputs, operands, write=False)
             raise
         self._put_back(inputs, operands, write=True)
+        self.codes_changed = self.share_of_codes_changed(originals)
         if self.round_losses:
             log.info("quest: loss %.4g (first round) -> %.4g (last round)", self.round_losses[0], self.round_losses[-1])
+
+    @torch.no_grad()
+    def share_of_codes_changed(self, originals: list[torch.Tensor]) -> float:
+        """The share of the trained weights' codes that fine-tuning moved: what the step reached, since a
+        latent weight on a grid point (as AdaRound leaves it) changes nothing until it crosses half a step."""
+        changed = total = 0
+        for name, original in zip(self.trained(), originals, strict=True):
+            layer = self.layers[name]
+            codes = [layer.weight_quantizer.codes(layer.weight_matrix(w)) for w in (layer.weight, original)]
+            changed += int((codes[0] != codes[1]).sum())
+            total += codes[0].numel()
+        return changed / max(total, 1)
 
     def _put_back(self, inputs: dict[str, LSQActivation], operands: dict[str, LSQActivation], write: bool) -> None:
         for name, lsq in inputs.items():
@@ -358,6 +374,7 @@ class SelectiveTrainer:
         total = sum(p.numel() for p in self.reference.parameters())
         return {"layers": {group: len(names) for group, names in self.groups.items()},
                 "phases": len(self.phases), "trained_parameters": trained, "model_parameters": total,
-                "trained_share": round(trained / total, 6), "step_sizes": len(self.steps),
+                "trained_share": round(trained / total, 6),
+                "codes_changed": round(self.codes_changed, 6), "step_sizes": len(self.steps),
                 "training_seconds": round(self.wall_time_s, 3), "training_cpu_seconds": round(self.cpu_time_s, 3),
                 "round_losses": [round(loss, 6) for loss in self.round_losses]}

@@ -57,15 +57,20 @@ def global_scale_from_range(
 
 def qparams_from_range(
     lo: torch.Tensor, hi: torch.Tensor, fmt: QFormat, symmetric: bool, scale_format: ScaleFormat | torch.dtype,
-    global_scale: torch.Tensor | None = None,
+    global_scale: torch.Tensor | None = None, relative_floor: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero point (None when symmetric) covering [lo, hi] on the format's grid.
 
     scale_format: a ScaleFormat (QuantSpec.scale_format) or a torch float dtype. Two-level formats
     use `global_scale`, computed over all the given blocks when None (global_scale_from_range).
+    relative_floor: no block's extent below this fraction of the median block's (blocks seen only at or
+    near 0 are exact under either step, and a learned step's gradient divides by its square, which
+    underflows to 0 at float32's smallest step).
     """
     scale_format = get_scale_format(scale_format)
     extent, code_extent = range_extent(lo, hi, fmt, symmetric)
+    if relative_floor and extent.numel() > 1:
+        extent = extent.clamp_min(extent.median() * relative_floor)
     if global_scale is None and scale_format.two_level:
         global_scale = scale_format.global_scale(extent.amax(), code_extent)
     scale = scale_format.block_scales(extent, code_extent, global_scale)  # e8m0 reads the extent itself

@@ -47,6 +47,9 @@ from diffquant.nn.quantizers import ActivationQuantizer, WeightQuantizer, comput
 
 ZETA, GAMMA = 1.1, -0.1
 _TINY = torch.finfo(torch.float32).tiny
+# A learned input step never below 2^-10 of its calibrated value: Adam's updates are absolute (~lr), so a
+# small step size (a time embedding's per input channel, ~1e-4) can be carried through 0 (then NaN)
+LSQ_MIN_SHARE = 2.0**-10
 
 
 def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
@@ -169,17 +172,18 @@ class LSQActivation(OverQuantizer):
             raise ValueError("LSQ learns calibrated static step sizes with a one-level scale format")
         self.base = base
         self.scale = nn.Parameter(base.scale.detach().clone())
+        self.register_buffer("floor", (base.scale.detach() * LSQ_MIN_SHARE).clamp_min(_TINY), persistent=False)
         learn_zero_point = learn_zero_point and base.zero_point is not None
         # a learned zero point is a float; fake_quantize rounds it straight-through
         self.zero_point = nn.Parameter(base.zero_point.detach().float().clone()) if learn_zero_point else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.scale
+        scale = torch.maximum(self.scale, self.floor)
         zero_point = self.base.zero_point if self.zero_point is None else self.zero_point
         if self.spec.per_step:
             scale, zero_point = step_qparams(scale, zero_point, self.spec.step_interpolation)
         per_scale = max(x.numel() // scale.numel(), 1)
-        scale = grad_scale(scale.clamp_min(_TINY), 1.0 / math.sqrt(per_scale * self.spec.qformat.qmax))
+        scale = grad_scale(scale, 1.0 / math.sqrt(per_scale * self.spec.qformat.qmax))
         scale, zero_point = self.base.per_channel(scale, x.shape[-1]), self.base.per_channel(zero_point, x.shape[-1])
         xc = x.to(compute_dtype(x))  # float16: _TINY and small step sizes would round to 0
         return fake_quantize(xc, scale.to(xc.dtype), None if zero_point is None else zero_point.to(xc.dtype),
@@ -189,7 +193,7 @@ class LSQActivation(OverQuantizer):
     def write_back(self) -> None:
         """The learned step sizes, rounded to the spec's scale format (and learned zero points, rounded
         onto the format's range), into the base quantizer."""
-        self.base.scale.copy_(self.spec.scale_format.round(self.scale.detach().float()))
+        self.base.scale.copy_(self.spec.scale_format.round(torch.maximum(self.scale.detach(), self.floor).float()))
         if self.zero_point is not None:
             fmt = self.spec.qformat
             zero = self.zero_point.detach().round().clamp(fmt.qmin, fmt.qmax)

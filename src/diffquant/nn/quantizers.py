@@ -18,6 +18,10 @@ from diffquant.formats.ops import (
 )
 from diffquant.formats.spec import QuantSpec
 
+# A static input range per channel never narrower than 2^-20 of its tensor's median channel: channels seen
+# only at 0 (a SiLU underflowed, a time embedding's dead unit) would otherwise get float32's smallest step
+MIN_RELATIVE_EXTENT = 2.0**-20
+
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a float16 / bfloat16 tensor is fake-quantized in: float32 (a float16 scale underflows
@@ -188,7 +192,8 @@ class ActivationQuantizer(nn.Module):
         else:
             lo, hi = self.spec.grain.static_range(lo, hi)
         spec = self.spec
-        return qparams_from_range(lo, hi, spec.qformat, spec.symmetric, spec.scale_format)
+        return qparams_from_range(lo, hi, spec.qformat, spec.symmetric, spec.scale_format,
+                                  relative_floor=MIN_RELATIVE_EXTENT)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xc = x.to(compute_dtype(x))
