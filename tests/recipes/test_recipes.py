@@ -106,7 +106,7 @@ UNCHANGED_TO_JSON_SHA256 = {
     # the preset with the switch turned off again
     "qdiffusion-w4a8": "8e660daa3d85fc793333bf8b8eeb0c29cfa56fefe1acb60183985f0bd6259774",
 }
-SPLIT_PRESETS = ("qdiffusion-w8a8", "qdiffusion-w4a8", "edadm-w8a8", "edadm-w4a8", "edadm-w4a4")
+SPLIT_PRESETS = ("qdiffusion-w8a8", "qdiffusion-w4a8", "edadm-w8a8", "edadm-w4a8", "edadm-w4a4", "quest-w4a8")
 
 
 @pytest.mark.parametrize("name", list(UNCHANGED_TO_JSON_SHA256))
