@@ -177,8 +177,12 @@ class LSQActivation(OverQuantizer):
         # a learned zero point is a float; fake_quantize rounds it straight-through
         self.zero_point = nn.Parameter(base.zero_point.detach().float().clone()) if learn_zero_point else None
 
+    def step_in_force(self) -> torch.Tensor:
+        """The learned step sizes, none below its floor."""
+        return torch.maximum(self.scale, self.floor)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = torch.maximum(self.scale, self.floor)
+        scale = self.step_in_force()
         zero_point = self.base.zero_point if self.zero_point is None else self.zero_point
         if self.spec.per_step:
             scale, zero_point = step_qparams(scale, zero_point, self.spec.step_interpolation)
@@ -193,7 +197,7 @@ class LSQActivation(OverQuantizer):
     def write_back(self) -> None:
         """The learned step sizes, rounded to the spec's scale format (and learned zero points, rounded
         onto the format's range), into the base quantizer."""
-        self.base.scale.copy_(self.spec.scale_format.round(torch.maximum(self.scale.detach(), self.floor).float()))
+        self.base.scale.copy_(self.spec.scale_format.round(self.step_in_force().detach().float()))
         if self.zero_point is not None:
             fmt = self.spec.qformat
             zero = self.zero_point.detach().round().clamp(fmt.qmin, fmt.qmax)
