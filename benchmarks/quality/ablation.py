@@ -28,7 +28,8 @@ def write_recipe(name: str, fields: dict, folder: Path, label: str) -> Path:
 def table(rows: list[dict], plan: Rows) -> str:
     by_name = {r["recipe"]: r for r in rows}
     lines = ["| group | recipe | what | PSNR vs FP (dB) | SSIM vs FP | eps SQNR (dB) | FID (x FP) | samples | "
-             "quantize s | trained share | codes changed |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "quantize s | quantize CPU s | trained share | codes changed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, (group, what, _) in plan.items():
         row = by_name.get(name)
         if row is not None:
@@ -39,11 +40,12 @@ def table(rows: list[dict], plan: Rows) -> str:
 
 
 def _stage_cells(stages: list[dict] | None) -> str:
-    """The quantization's seconds (its stages'), the share of parameters a training stage trained and the
-    share of their codes it changed."""
+    """The quantization's wall and CPU seconds (its stages'; rows from before the CPU time was recorded show
+    –), the share of parameters a training stage trained and the share of their codes it changed."""
     if not stages:
-        return "– | – | –"
-    seconds = f"{sum(s['seconds'] for s in stages):.0f}"
+        return "– | – | – | –"
+    cpu = f"{sum(s['cpu_seconds'] for s in stages):.0f}" if all("cpu_seconds" in s for s in stages) else "–"
+    seconds = f"{sum(s['seconds'] for s in stages):.0f} | {cpu}"
     trainer = next((s for s in stages if "trained_share" in s), None)
     if trainer is None:
         return f"{seconds} | – | –"

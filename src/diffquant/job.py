@@ -116,7 +116,7 @@ class QuantizationJob:
     reference: nn.Module | None = field(default=None, init=False)  # see keep_reference()
 
     def __post_init__(self) -> None:
-        self.stage_reports = [{"type": stage.type, "seconds": 0.0} for stage in self.recipe.stages]
+        self.stage_reports = [{"type": stage.type, "seconds": 0.0, "cpu_seconds": 0.0} for stage in self.recipe.stages]
 
     def report(self, stage: StageConfig, **summary: Any) -> None:
         """Record a JSON-serialisable summary of what `stage` did (e.g. which calibration samples it

@@ -117,6 +117,21 @@ def lsq_layer() -> tuple[QLinear, LSQWeight, LSQActivation]:
     return layer, weight, act
 
 
+def test_a_learned_weight_step_pushed_below_zero_stays_at_its_floor_and_writes_back_positive():
+    """As for input steps (test_reconstruction): an Adam step past 0 leaves the weight step in force at
+    2^-10 of its calibrated value, the output and gradients finite, and never writes a negative scale."""
+    layer, weight, _ = lsq_layer()
+    calibrated = weight.base.scale.detach().float().clone()
+    with torch.no_grad():
+        weight.scale[0] = -1e-3
+    out = weight(layer.weight.reshape(8, 16))
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(weight.scale.grad).all()
+    weight.write_back()
+    floor = weight.spec.scale_format.round(calibrated[:1] * 2**-10)  # in the scale format (float16 here)
+    assert torch.equal(weight.base.scale.float()[:1], floor.float()) and (weight.base.scale > 0).all()
+
+
 def test_written_back_is_the_finished_layer_bit_for_bit_and_restores_the_lsq_quantizers():
     x = torch.randn(32, 16) * 2
     layer, weight, act = lsq_layer()

@@ -47,8 +47,8 @@ from diffquant.nn.quantizers import ActivationQuantizer, WeightQuantizer, comput
 
 ZETA, GAMMA = 1.1, -0.1
 _TINY = torch.finfo(torch.float32).tiny
-# A learned input step never below 2^-10 of its calibrated value: Adam's updates are absolute (~lr), so a
-# small step size (a time embedding's per input channel, ~1e-4) can be carried through 0 (then NaN)
+# A learned step never below 2^-10 of its calibrated value: Adam's updates are absolute (~lr), so a small
+# step size (a time embedding's per input channel, ~1e-4) can be carried through 0 (then NaN)
 LSQ_MIN_SHARE = 2.0**-10
 
 
@@ -163,23 +163,30 @@ class HardenedWeight(OnFixedGrid):
         return self.base.decode(self.codes).to(weight2d.dtype)
 
 
-class LSQActivation(OverQuantizer):
-    """A static ActivationQuantizer with a learnable step size (LSQ); the zero point stays fixed."""
+class LearnedStep(OverQuantizer):
+    """A calibrated quantizer's step sizes as a parameter (LSQ), kept above LSQ_MIN_SHARE of their calibration."""
 
-    def __init__(self, base: ActivationQuantizer, learn_zero_point: bool = False) -> None:
+    def __init__(self, base: ActivationQuantizer | WeightQuantizer) -> None:
         super().__init__()
-        if not lsq_supports(base):
-            raise ValueError("LSQ learns calibrated static step sizes with a one-level scale format")
         self.base = base
         self.scale = nn.Parameter(base.scale.detach().clone())
         self.register_buffer("floor", (base.scale.detach() * LSQ_MIN_SHARE).clamp_min(_TINY), persistent=False)
-        learn_zero_point = learn_zero_point and base.zero_point is not None
-        # a learned zero point is a float; fake_quantize rounds it straight-through
-        self.zero_point = nn.Parameter(base.zero_point.detach().float().clone()) if learn_zero_point else None
 
     def step_in_force(self) -> torch.Tensor:
         """The learned step sizes, none below its floor."""
         return torch.maximum(self.scale, self.floor)
+
+
+class LSQActivation(LearnedStep):
+    """A static ActivationQuantizer with a learnable step size (LSQ); the zero point stays fixed."""
+
+    def __init__(self, base: ActivationQuantizer, learn_zero_point: bool = False) -> None:
+        if not lsq_supports(base):
+            raise ValueError("LSQ learns calibrated static step sizes with a one-level scale format")
+        super().__init__(base)
+        learn_zero_point = learn_zero_point and base.zero_point is not None
+        # a learned zero point is a float; fake_quantize rounds it straight-through
+        self.zero_point = nn.Parameter(base.zero_point.detach().float().clone()) if learn_zero_point else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.step_in_force()
@@ -204,7 +211,7 @@ class LSQActivation(OverQuantizer):
             self.base.zero_point.copy_(zero.to(self.base.zero_point.dtype))
 
 
-class LSQWeight(OverQuantizer):
+class LSQWeight(LearnedStep):
     """A weight quantizer whose calibrated step sizes are learnable (LSQ, for QAT); zero points fixed.
 
     Installed as the layer's weight_quantizer while the float weight itself trains; `write_back`
@@ -212,16 +219,14 @@ class LSQWeight(OverQuantizer):
     """
 
     def __init__(self, base: WeightQuantizer) -> None:
-        super().__init__()
         if base.scale is None or base.spec.scale_format.two_level:
             raise ValueError("LSQ learns calibrated weight step sizes with a one-level scale format")
-        self.base = base
-        self.scale = nn.Parameter(base.scale.detach().clone())
+        super().__init__(base)
 
     def forward(self, weight2d: torch.Tensor) -> torch.Tensor:
         spec = self.spec
         blocks = spec.grain.view(weight2d, spec.group_size)
-        scale = grad_scale(self.scale.clamp_min(_TINY), 1.0 / math.sqrt(blocks.shape[-1] * spec.qformat.qmax))
+        scale = grad_scale(self.step_in_force(), 1.0 / math.sqrt(blocks.shape[-1] * spec.qformat.qmax))
         zero_point = self.base.zero_point
         bc = blocks.to(compute_dtype(blocks))
         fq = fake_quantize(bc, scale.to(bc.dtype), None if zero_point is None else zero_point.to(bc.dtype),
@@ -230,7 +235,7 @@ class LSQWeight(OverQuantizer):
 
     @torch.no_grad()
     def write_back(self) -> None:
-        self.base.scale.copy_(self.spec.scale_format.round(self.scale.detach().float()))
+        self.base.scale.copy_(self.spec.scale_format.round(self.step_in_force().detach().float()))
 
 
 def adaround_supports(spec: QuantSpec) -> bool:
