@@ -170,7 +170,9 @@ class LearnedStep(OverQuantizer):
         super().__init__()
         self.base = base
         self.scale = nn.Parameter(base.scale.detach().clone())
-        self.register_buffer("floor", (base.scale.detach() * LSQ_MIN_SHARE).clamp_min(_TINY), persistent=False)
+        # in float32: a float16 weight scale's floor (and _TINY) would round to 0
+        self.register_buffer("floor", (base.scale.detach().float() * LSQ_MIN_SHARE).clamp_min(_TINY),
+                             persistent=False)
 
     def step_in_force(self) -> torch.Tensor:
         """The learned step sizes, none below its floor."""
