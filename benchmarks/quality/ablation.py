@@ -1,8 +1,8 @@
 """What the ablation scripts of benchmarks/quality share: each row is a recipe written to <out>/recipes/ and
 evaluated by `diffquant report`'s machinery into <out>/ (results.json, README.md, grids); <out>/ABLATION.md
 (ABLATION-<model>.md for another model than the script's default) gets a table of PSNR / SSIM vs FP,
-eps SQNR, FID, the quantization's seconds and the share of parameters trained per row. A script gives
-its rows and calls `main`."""
+eps SQNR, FID, the quantization's wall and CPU seconds, the share of parameters trained and the share of
+their codes changed per row. A script gives its rows and calls `main`."""
 
 from __future__ import annotations
 

@@ -5,8 +5,9 @@ Rows (benchmarks/quality/ablation.py: recipes in quest-ablation/recipes/, evalua
 each quest-w4a4 with one change to its quest stage: without L_TLA (tla 0), without L_CMA (cma 0), every
 quantized layer fine-tuned instead of the selected ones (layers: all), both groups from the first round
 (progressive: false); and quest-w4a8 without its fine-tuning (what the stage adds at W4A8). The scoreboard's
-quest-w4a4, w4a4-static, quest-w4a8 and edadm-w4a8 rows on the same model are shown beside them. Each row trains (~30 min on 2 cores); the UNet is the default model since a DiT's selected layers
-are all of its quantized layers (no quantized time-embedding layer).
+quest-w4a4, w4a4-static, quest-w4a8 and edadm-w4a8 rows on the same model are shown beside them. Each row
+trains (~30 min on 2 cores); the UNet is the default model since a DiT's selected layers are all of its
+quantized layers (no quantized time-embedding layer).
 """
 
 from __future__ import annotations
