@@ -18,6 +18,7 @@ from diffquant.api import quantized_layers
 from diffquant.formats.ops import sqnr_db
 from diffquant.freeze import freeze, packed_layers
 from diffquant.recipes import get_preset
+from tests.layer_outputs import layer_io, worst_layer_rel
 from tests.tiny_models import TINY_MODELS, run_dit_at_step0
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -230,9 +231,10 @@ def test_frozen_packed_layers_take_a_lora(svd_dit, w8a8_dit, recipe):
     lora.attach(fake, state, name="fake")
     try:
         assert set(handle.layers.values()) == {"branch" if recipe == "svd" else "side"}
-        expected = dit_output(fake)
-        got = dit_output(model)
-        assert float((got - expected).abs().max() / expected.abs().max()) <= 1e-3
+        # layer by layer (tests/layer_outputs.py: whole outputs at 4-bit activations depend on the CPU)
+        with torch.no_grad():
+            captured = layer_io(fake, TARGETS, lambda: dit_output(fake))
+        assert worst_layer_rel(model, captured) <= 1e-4
     finally:
         lora.detach(fake, "fake")
     handle.detach()

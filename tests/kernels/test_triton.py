@@ -248,20 +248,20 @@ def test_a_model_frozen_on_its_device_matches_fake_quantization(family, recipe, 
                                                                   monkeypatch):
     """Quantize on the CPU, move to the device, freeze there (a GPU model picks triton by itself)."""
     import diffquant
-    from diffquant.formats.ops import sqnr_db
     from diffquant.freeze import packed_layers
+    from tests.layer_outputs import layer_io, worst_layer_rel
     from tests.tiny_models import TINY_MODELS
 
-    if CUDA:  # an exact reference: cuDNN convolutions default to TF32, whose rounding 4-bit codes amplify
+    if CUDA:  # an exact reference: cuDNN convolutions default to TF32
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     tiny = TINY_MODELS[family]
     model = diffquant.quantize(tiny.build(), recipe, progress=False).to(DEVICE)
     inputs = to_device(tiny.inputs(2))
     with torch.no_grad():
-        fake = tiny.run(model, inputs).float().cpu()
+        # layer by layer (tests/layer_outputs.py): whole outputs at 4-bit activations hang on last bits
+        captured = layer_io(model, diffquant.quantized_layers(model), lambda: tiny.run(model, inputs))
         diffquant.freeze(model, backend=None if CUDA else "triton", float_dtype=torch.float32)
-        frozen = tiny.run(model, inputs).float().cpu()
+        assert worst_layer_rel(model, captured) <= 1e-4
     integer = [m for m in packed_layers(model).values() if m.path == "int"]
     assert integer and all(m.backend.name == "triton" for m in integer)
     assert sum(m.weight.fused is not None for m in integer) >= len(integer) // 2
-    assert sqnr_db(fake, frozen) > 30

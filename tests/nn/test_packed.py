@@ -30,6 +30,7 @@ from diffquant.nn import wrap_layer
 from diffquant.nn.packed import PATHS, PackedLinear
 from diffquant.nn.packed_conv import PackedConv2d
 from diffquant.recipes import Recipe
+from tests.layer_outputs import layer_io, worst_layer_rel
 from tests.tiny_models import TINY_MODELS
 
 W8 = QuantSpec("int8", "channel", scale_dtype="float16")
@@ -84,19 +85,15 @@ class Comparison:
 
 
 def frozen_vs_fake_quant(family: str, recipe, backend=None, step: int = 1) -> Comparison:
+    outputs: list[torch.Tensor] = []
     tiny, model = TINY_MODELS[family], quantized(family, recipe)
-    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    hooks = [layer.register_forward_hook(lambda _m, args, out, n=name: captured.__setitem__(n, (args[0], out)))
-             for name, layer in quantized_layers(model).items()]
     inputs = step_inputs(tiny, step)
     with torch.no_grad(), sampling_step(step):
-        expected = tiny.run(model, inputs)
-        for hook in hooks:
-            hook.remove()
+        captured = layer_io(model, quantized_layers(model), lambda: outputs.append(tiny.run(model, inputs)))
         freeze(model, backend=backend, float_dtype=torch.float32)
-        got = tiny.run(model, inputs)
-        packed = packed_layers(model)
-        worst = max(max_rel(packed[n](x), y) for n, (x, y) in captured.items())
+        outputs.append(tiny.run(model, inputs))
+        worst = worst_layer_rel(model, captured)
+    expected, got = outputs
     return Comparison(cosine(got, expected), max_rel(got, expected), worst)
 
 
@@ -284,13 +281,20 @@ def test_freezing_keeps_no_float_weight_alive():
 @pytest.mark.parametrize(("family", "recipe"), [("dit", "w8a8-static"), ("unet2d", "w4a4")],
                          ids=["dit-w8a8-static", "unet2d-w4a4"])
 def test_load_quantized_then_freeze_and_save_again(family, recipe, tmp_path):
+    """Layer by layer on the reloaded model's own inputs the frozen layers compute what it does. (The whole
+    output is not compared: at 4-bit activations a last-bit difference of the float sums can flip a code
+    and the flips cascade through a random tiny UNet, by a few % on some CPUs; the scoreboard's
+    frozen rows measure what that does on trained models.)"""
     tiny, model = TINY_MODELS[family], quantized(family, recipe)
+    outputs: list[torch.Tensor] = []
     first = save_quantized(model, tmp_path / "q")
+    loaded = load_quantized(first)
     with torch.no_grad(), sampling_step(0):
-        expected = tiny.run(model, tiny.inputs(2))
-        frozen = freeze(load_quantized(first), float_dtype=torch.float32)
-        got = tiny.run(frozen, tiny.inputs(2))
-    assert cosine(got, expected) >= MODEL_COSINE and max_rel(got, expected) <= MODEL_MAX_REL
+        captured = layer_io(loaded, quantized_layers(loaded), lambda: outputs.append(tiny.run(loaded, tiny.inputs(2))))
+        (expected,) = outputs
+        assert torch.equal(expected, tiny.run(model, tiny.inputs(2)))
+        frozen = freeze(loaded, float_dtype=torch.float32)
+        assert worst_layer_rel(frozen, captured) <= LAYER_MAX_REL
     second = save_frozen(frozen, tmp_path / "again")
     assert (second / TENSORS).read_bytes() == (first / TENSORS).read_bytes()
     assert packed_layers(frozen)  # still frozen after saving
