@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from diffquant.formats import get_format
+from diffquant.tensors import BITS as BIT_LAYOUT
 from diffquant.tensors import (
     BYTES,
     NIBBLES,
@@ -142,3 +143,23 @@ def test_format_packing_of_integer_formats_is_the_plain_packing(name):
     packed = pack_format_codes(fmt.encode(codes), fmt)
     assert torch.equal(packed, pack_codes(codes, fmt.bits, fmt.signed))
     assert torch.equal(unpack_format_codes(packed, fmt, 11).to(torch.int64), codes)
+
+
+# -- 1 bit: 8 codes per byte (formats/binary.py) --------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [64, 37, 1, 8, 9])
+def test_binary_codes_take_one_bit_each_and_round_trip(length):
+    fmt = get_format("binary")
+    g = torch.Generator().manual_seed(length)
+    codes = fmt.encode(torch.where(torch.rand(5, length, generator=g) < 0.5, -1.0, 1.0))
+    packed = pack_format_codes(codes, fmt)
+    assert packing_for(1) == BIT_LAYOUT and packed.dtype == torch.uint8 and packed.shape == (5, math.ceil(length / 8))
+    unpacked = unpack_format_codes(packed, fmt, length)
+    assert unpacked.dtype == torch.int8 and torch.equal(unpacked, codes)
+
+
+def test_documented_bit_order():
+    """Code 8k + j in bit j of byte k, 1 for +1: [+1, -1, -1, +1, -1, -1, -1, -1, +1] -> 0b1001, 0b1."""
+    codes = torch.tensor([[1, -1, -1, 1, -1, -1, -1, -1, 1]], dtype=torch.int8)
+    assert pack_codes(codes, 1, True).tolist() == [[0b1001, 0b1]]

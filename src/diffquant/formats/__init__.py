@@ -9,6 +9,7 @@ from diffquant.formats.base import (
     known_format_patterns,
     register_format,
 )
+from diffquant.formats.binary import BinaryFormat
 from diffquant.formats.floating import FloatFormat
 from diffquant.formats.granularity import GRANULARITIES, Granularity, get_granularity
 from diffquant.formats.ops import (
@@ -26,6 +27,7 @@ from diffquant.formats.ops import (
 from diffquant.formats.spec import QuantSpec
 
 __all__ = [
+    "BinaryFormat",
     "GRANULARITIES",
     "FloatFormat",
     "Granularity",

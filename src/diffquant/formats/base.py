@@ -75,6 +75,22 @@ class QFormat:
         """Whether affine (asymmetric) ranges make sense: a zero point shifts codes on the grid."""
         return True
 
+    @property
+    def for_activations(self) -> bool:
+        """Whether a layer input may take this format (binary's fitted scale is a weight's)."""
+        return True
+
+    @property
+    def integer_codes(self) -> bool:
+        """Whether the stored codes are the grid values as integers, which an int8 GEMM multiplies as they are."""
+        return False
+
+    def weight_range(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lo, hi) [blocks, 1] a weight's scale is calibrated from: the blocks' own range, unless the
+        format fits its scale otherwise (binary: ±mean |w|)."""
+        blocks = blocks.detach()
+        return blocks.amin(dim=-1, keepdim=True), blocks.amax(dim=-1, keepdim=True)
+
     def encode(self, values: torch.Tensor) -> torch.Tensor:
         """Grid values (in code units, within [qmin, qmax]) -> stored codes in storage_dtype()."""
         raise NotImplementedError
@@ -97,6 +113,10 @@ class IntFormat(QFormat):
     @property
     def qmax(self) -> float:
         return float(2 ** (self.bits - 1) - 1) if self.is_signed else float(2**self.bits - 1)
+
+    @property
+    def integer_codes(self) -> bool:
+        return True
 
     def round(self, x: torch.Tensor) -> torch.Tensor:
         return torch.round(x)  # round-half-to-even, as torch.round

@@ -117,6 +117,8 @@ class QuantSpec:
             raise SpecError("split_shortcut splits a layer's input ranges: set it in the input spec, not the weight's")
 
     def validate_for_activation(self) -> None:
+        if not self.qformat.for_activations:
+            raise SpecError(f"format {self.format!r} is for weights only, not layer inputs")
         self.grain.check_activation(self.dynamic)
 
     def to_dict(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from diffquant.formats.base import IntFormat, QFormat
+from diffquant.formats.base import QFormat
 from diffquant.formats.floating import FloatFormat
 from diffquant.formats.spec import QuantSpec
 from diffquant.kernels import FusedKernels, IntGemmBackend
@@ -27,7 +27,7 @@ def code_offset(fmt: QFormat) -> int:
 
 def integer_codes(spec: QuantSpec) -> bool:
     """Codes that an int8 GEMM can multiply: integer formats of at most 8 bits."""
-    return isinstance(spec.qformat, IntFormat) and spec.bits <= 8
+    return spec.qformat.integer_codes and spec.bits <= 8
 
 
 @dataclass(frozen=True)

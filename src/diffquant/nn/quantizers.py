@@ -8,7 +8,6 @@ from torch import nn
 from diffquant.calib.stats import ChannelRange, LayerStats
 from diffquant.calib.steps import step_rows
 from diffquant.formats.ops import (
-    block_range,
     decode_codes,
     fake_quantize,
     fake_quantize_dynamic,
@@ -47,8 +46,8 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("global_scale", None)
 
     def calibrate(self, weight2d: torch.Tensor) -> None:
-        lo, hi = block_range(self._blocks(weight2d))
         spec = self.spec
+        lo, hi = spec.qformat.weight_range(self._blocks(weight2d))
         self.global_scale = global_scale_from_range(lo, hi, spec.qformat, spec.symmetric, spec.scale_format)
         self.scale, self.zero_point = qparams_from_range(
             lo, hi, spec.qformat, spec.symmetric, spec.scale_format, self.global_scale

@@ -7,6 +7,12 @@ high nibble, each as the code's 4-bit two's complement (signed formats) or plain
     byte = (code[2k] & 0xF) | ((code[2k+1] & 0xF) << 4)
 
 Formats of 5-8 bits are stored one code per byte ("bytes": int8 for signed, uint8 for unsigned).
+
+1-bit formats ("bits"; formats/binary.py) take 8 codes per byte: codes of shape [..., L] are padded to a
+multiple of 8 and stored as uint8 [..., L/8], code 8k + j in bit j of byte k, as 1 for the code +1 and
+0 for -1 (a signed 1-bit code is a sign), or as the code itself (unsigned):
+
+    byte = sum_j bit(code[8k + j]) << j
 A checkpoint records the layout name and the unpacked length L, so unpacking is exact.
 
 Which codes a format stores is the format's business (QFormat.encode): integer formats store their
@@ -23,10 +29,12 @@ from diffquant.formats.base import QFormat
 
 NIBBLES = "nibbles"
 BYTES = "bytes"
+BITS = "bits"
+_BIT_WEIGHTS = 2 ** torch.arange(8, dtype=torch.int16)  # bit j of a "bits" byte holds the byte's code j
 
 
 def packing_for(bits: int) -> str:
-    return NIBBLES if bits <= 4 else BYTES
+    return BITS if bits == 1 else (NIBBLES if bits <= 4 else BYTES)
 
 
 def pack_codes(codes: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
@@ -34,6 +42,8 @@ def pack_codes(codes: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
     codes = codes.to(torch.int16)
     if packing_for(bits) == BYTES:
         return codes.to(torch.int8 if signed else torch.uint8)
+    if packing_for(bits) == BITS:
+        return _pack_bits(codes > 0 if signed else codes != 0)
     if codes.shape[-1] % 2:
         codes = torch.nn.functional.pad(codes, (0, 1))
     low, high = codes[..., 0::2] & 0xF, codes[..., 1::2] & 0xF
@@ -44,12 +54,28 @@ def unpack_codes(packed: torch.Tensor, bits: int, signed: bool, length: int) -> 
     """Inverse of pack_codes: codes as int8 (signed) or uint8 (unsigned), last dim `length`."""
     if packing_for(bits) == BYTES:
         return packed
+    if packing_for(bits) == BITS:
+        ones = _unpack_bits(packed, length)
+        return (2 * ones - 1).to(torch.int8) if signed else ones.to(torch.uint8)
     as_int = packed.to(torch.int16)
     low, high = as_int & 0xF, as_int >> 4
     codes = torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], -1)[..., :length]
     if signed:
         codes = (codes ^ 8) - 8  # sign-extend the 4-bit two's complement
     return codes.to(torch.int8 if signed else torch.uint8)
+
+
+def _pack_bits(ones: torch.Tensor) -> torch.Tensor:
+    """bool [..., L] -> uint8 [..., ceil(L / 8)], bit j of byte k from value 8k + j."""
+    pad = -ones.shape[-1] % 8
+    ones = torch.nn.functional.pad(ones.to(torch.int16), (0, pad)).reshape(*ones.shape[:-1], -1, 8)
+    return (ones * _BIT_WEIGHTS).sum(dim=-1).to(torch.uint8)
+
+
+def _unpack_bits(packed: torch.Tensor, length: int) -> torch.Tensor:
+    """Inverse of _pack_bits: int16 0 / 1 [..., length]."""
+    ones = (packed.to(torch.int16).unsqueeze(-1) // _BIT_WEIGHTS) % 2
+    return ones.reshape(*packed.shape[:-1], -1)[..., :length]
 
 
 def pack_format_codes(codes: torch.Tensor, fmt: QFormat) -> torch.Tensor:
