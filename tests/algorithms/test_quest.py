@@ -252,6 +252,29 @@ def test_result_is_an_ordinary_model_that_saves_reloads_and_freezes(tmp_path):
     assert {layer.path for layer in packed_layers(frozen).values()} == {"int"}  # per-step static inputs: integer GEMM
 
 
+def test_one_range_per_tensor_becomes_one_per_step_that_computes_the_same_then_trains_apart(tmp_path):
+    """per_step_inputs (quest-w4a8): a PTQ start with one range for all steps is expanded to a copy per step,
+    exactly (outputs equal), saved in the plan (the checkpoint reloads it), and training moves the steps apart."""
+    one_range = dict(W4A4_STEPS, input=QuantSpec("int8", "tensor", symmetric=False))
+
+    def tuned(per_step: bool, **stage) -> nn.Module:
+        quest = QuEST(**{**FAST, "end_format": "", "per_step_inputs": per_step, **stage})
+        r = Recipe(name="test-quest-expand", stages=(quest,), **one_range)
+        return diffquant.quantize(DIT.build(), r, calibration=replay(CALIBRATION, 32), progress=False)
+
+    frozen = dict(rounds=1, lr_weight=1e-30, lr_act=1e-30)
+    single, expanded, trained = tuned(False, **frozen), tuned(True, **frozen), tuned(True)
+    assert torch.equal(outputs(single, HELD_OUT), outputs(expanded, HELD_OUT))
+    for before, after in zip(quantized_layers(single).values(), quantized_layers(trained).values(), strict=True):
+        assert not before.input_quantizer.spec.per_step and after.input_quantizer.spec.per_step
+        assert before.input_quantizer.scale.shape == (1,) and after.input_quantizer.scale.shape == (2, 1)
+    steps = torch.stack([layer.input_quantizer.scale for layer in quantized_layers(trained).values()])
+    assert not torch.equal(steps[:, 0], steps[:, 1])  # each step's range learned on its own
+    assert trained._diffquant_state.stage_reports[-1]["expanded_per_step"] == len(quantized_layers(trained))
+    expected = outputs(trained, HELD_OUT)
+    assert torch.equal(outputs(load_quantized(save_quantized(trained, tmp_path / "q")), HELD_OUT), expected)
+
+
 def test_an_interrupted_run_resumes_to_the_same_result(tmp_path):
     stage = dict(rounds=4, checkpoint_dir=str(tmp_path / "ckpt"))
     uninterrupted = outputs(quantized(**{**stage, "checkpoint_dir": ""}), HELD_OUT)
@@ -307,10 +330,17 @@ def test_loss_terms_switch_off_their_layers():
     assert flat.phases == [[*groups["time"], *groups["attention"]]]
 
 
-@pytest.mark.parametrize("name, bits", [("quest-w4a4", 4), ("quest-w4a8", 8)])
-def test_presets_start_from_block_reconstruction_with_per_step_static_inputs(name, bits):
-    preset = get_preset(name)
+def test_w4a4_preset_starts_from_block_reconstruction_with_per_step_per_channel_inputs():
+    preset = get_preset("quest-w4a4")
     assert [s.type for s in preset.stages] == ["block_reconstruction", "quest"]
-    assert preset.input.bits == bits and preset.input.per_step and not preset.input.dynamic
-    assert preset.input.granularity == {4: "channel", 8: "tensor"}[bits]  # the paper's A4; per tensor at A8
+    assert preset.input.bits == 4 and preset.input.per_step and not preset.input.dynamic
+    assert preset.input.granularity == "channel"  # the paper's A4
     assert preset.stages[-1].lr_weight == 1e-5 and preset.stages[-1].lambda_g == 2.0
+
+
+def test_w4a8_preset_is_edadm_w4a8_then_quest_with_per_step_ranges():
+    preset, edadm = get_preset("quest-w4a8"), get_preset("edadm-w4a8")
+    assert preset.stages[:-1] == edadm.stages and preset.input == edadm.input and preset.weight == edadm.weight
+    quest = preset.stages[-1]
+    assert quest.type == "quest" and quest.per_step_inputs and not preset.input.per_step
+    assert quest.lr_weight == 1e-4 and quest.lr_act == 1e-5 and quest.lambda_g == 2.0

@@ -24,7 +24,9 @@ reconstruction, AdaRound weights and LSQ input step sizes) and calibrates whatev
     is L_TLA + L_CMA + 2·L_G (tla = cma = 1, lambda_g = 2).
  3. Learned: the float (latent) weights of the group being trained, through their weight quantizers with
     the step sizes frozen (rounding straight-through), and every static input step size (LSQ; one per
-    sampling step when the input spec is per_step) and static attention-operand step size, all the time.
+    sampling step when the input spec is per_step, or with `per_step_inputs`, which first copies a range
+    held for all steps to one per step: the paper's PTQ start has one) and static attention-operand step
+    size, all the time.
     Progressive (the paper's order): the first half of the rounds trains C_TE's weights, the second
     C_A's; a model without quantized time-embedding layers (DiTs under the default coverage) spends every
     round on C_A. `progressive: false` trains both groups from the first round. Learning rates decay
@@ -95,7 +97,9 @@ class QuEST(StageConfig):
     rates of the latent weights and of the step sizes. tla / cma / lambda_g: weights of the three loss
     terms (0 switches a term off: the ablations). layers: "selected" (C_TE and C_A) or "all" (every
     quantized layer trained). progressive: C_TE's weights first, then C_A's. end_format: the input format
-    of the first and last quantized layers ("" keeps the recipe's). checkpoint_dir as EfficientDM's.
+    of the first and last quantized layers ("" keeps the recipe's). per_step_inputs: give every static
+    input range that has one range for all sampling steps one per step before training, each a copy of it
+    (`expand_per_step`). checkpoint_dir as EfficientDM's.
     seed: the rounds' noise.
     """
 
@@ -111,6 +115,7 @@ class QuEST(StageConfig):
     layers: str = "selected"
     progressive: bool = True
     end_format: str = "int8"
+    per_step_inputs: bool = False
     checkpoint_dir: str | None = None
     seed: int = 0
 
@@ -157,10 +162,37 @@ class QuEST(StageConfig):
         if job.reference is None:
             raise RuntimeError("quest needs the full-precision reference its prepare() keeps")
         job.calibrate()  # anything the earlier stages left uncalibrated: round-to-nearest, static ranges
+        if self.per_step_inputs:
+            job.report(self, expanded_per_step=len(expand_per_step(job)))
         roles = {name: plan.role for name, plan in job.plan.items()}
         trainer = SelectiveTrainer(self, job.model, job.reference, job.layers, roles, job.progress)
         trainer.run(job.calibration)
         job.report(self, **trainer.summary())
+
+
+def expand_per_step(job: QuantizationJob) -> list[str]:
+    """Every calibrated static input range of the job's layers that holds for all sampling steps becomes one
+    range per step of the calibration run, each a copy of it (in the quantizer and in the plan the checkpoint
+    saves): the model computes exactly what it did, and training can then move each step's range on its
+    own. What the paper's PTQ start does (one range) before QuEST learns the scales per step; reconstructing
+    with per-step ranges instead cost 0.74 dB on fmnist-sd (edadm-w4a8 with per_step: 37.79 vs 38.53 dB)."""
+    expanded = []
+    for name, layer in job.layers.items():
+        quantizer = layer.input_quantizer
+        if quantizer is None or quantizer.spec.dynamic or quantizer.spec.per_step or quantizer.scale is None:
+            continue
+        steps = job.require_stats().require(name).num_steps
+        if steps < 1:
+            raise CalibrationRequiredError(
+                f"quest per_step_inputs: layer {name!r} was calibrated without sampling steps; run the sampler "
+                "under diffquant.calib.sampling_step (zoo models and pipeline_calibration do)")
+        quantizer.spec = quantizer.spec.with_changes(per_step=True)
+        quantizer.scale = quantizer.scale.unsqueeze(0).repeat(steps, *[1] * quantizer.scale.dim())
+        if quantizer.zero_point is not None:
+            quantizer.zero_point = quantizer.zero_point.unsqueeze(0).repeat(steps, *[1] * quantizer.zero_point.dim())
+        job.plan[name] = dataclasses.replace(job.plan[name], input=quantizer.spec)
+        expanded.append(name)
+    return expanded
 
 
 def layer_groups(choice: str, layers: dict[str, QuantizedLayer], roles: dict[str, str]) -> dict[str, list[str]]:
