@@ -254,8 +254,9 @@ def test_resident_weight_bytes_are_compact(recipe):
     backend = active_backend()
     if backend.prepare_free or backend.fused is not None:  # compact codes (own layout or the fused kernels')
         assert packed / fp32 <= RESIDENT_LIMITS[recipe]
-    else:  # fbgemm keeps its own int8 copy (nn/packed.py)
-        assert packed / fp32 <= 0.27
+    else:  # fbgemm keeps its own int8 copy (nn/packed.py): 0.25 of fp32, plus per-group scales and its
+        # offsets, ~0.024 at group 64 (w4a4) on these 64-wide layers
+        assert packed / fp32 <= 0.28
 
 
 def test_freezing_keeps_no_float_weight_alive():
