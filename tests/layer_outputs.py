@@ -7,22 +7,24 @@ order of its float rounding."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
 
-def layer_io(model: nn.Module, names: Iterable[str], run: Callable[[], object]) -> dict[str, tuple]:
-    """{name: (first positional input, output)} of the named submodules during run() (the last call of each)."""
+def layer_io(model: nn.Module, names: Iterable[str], run: Callable[[], Any]) -> tuple[Any, dict[str, tuple]]:
+    """(what run() returned, {name: (first positional input, output)} of the named submodules during it, the
+    last call of each)."""
     captured: dict[str, tuple] = {}
     hooks = [model.get_submodule(name).register_forward_hook(
         lambda _m, args, out, n=name: captured.__setitem__(n, (args[0], out))) for name in names]
     try:
-        run()
+        result = run()
     finally:
         for hook in hooks:
             hook.remove()
-    return captured
+    return result, captured
 
 
 @torch.no_grad()

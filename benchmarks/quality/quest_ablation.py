@@ -6,9 +6,8 @@ each quest-w4a4 with one change to its quest stage: without L_TLA (tla 0), witho
 quantized layer fine-tuned instead of the selected ones (layers: all), both groups from the first round
 (progressive: false). The scoreboard's quest-w4a4, w4a4-static, quest-w4a8 and edadm-w4a8 rows on the same
 model are shown beside them: quest-w4a8's stages before its fine-tuning are edadm-w4a8's, so edadm-w4a8 is
-quest-w4a8 without the fine-tuning. Each row
-trains (~30 min on 2 cores); the UNet is the default model since a DiT's selected layers are all of its
-quantized layers (no quantized time-embedding layer).
+quest-w4a8 without the fine-tuning. Each row trains (~30 min on 2 cores); the UNet is the default model
+since a DiT's selected layers are all of its quantized layers (no quantized time-embedding layer).
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ GROUP = "quest-w4a4 with"
 
 
 def variant(**quest) -> dict:
-    """The preset's fields with `quest` changed in its quest stage."""
+    """quest-w4a4's fields with `quest` changed in its quest stage."""
     fields = get_preset("quest-w4a4").to_dict()
     fields["stages"] = [{**s, **quest} if s["type"] == "quest" else s for s in fields["stages"]]
     return {k: v for k, v in fields.items() if k not in ("name", "description", "version")}
@@ -51,4 +50,5 @@ NOTE = ("CPU, date and samples per row: results.json; quantize s: the stages' wa
 if __name__ == "__main__":
     main("quest_ablation", "issue-22 ablation", __doc__, OUT, ROWS, {}, NOTE, model="fmnist-sd", samples=1000,
          scoreboard={"quest-w4a4": "the preset (all of the above on)", "w4a4-static": "round-to-nearest baseline",
-                     "quest-w4a8": "the W4A8 preset", "edadm-w4a8": "EDA-DM at W4A8: the W4A8 preset without its fine-tuning, the baseline it must beat"})
+                     "quest-w4a8": "the W4A8 preset",
+                     "edadm-w4a8": "EDA-DM at W4A8: the W4A8 preset without its fine-tuning, the baseline it must beat"})

@@ -233,7 +233,7 @@ def test_frozen_packed_layers_take_a_lora(svd_dit, w8a8_dit, recipe):
         assert set(handle.layers.values()) == {"branch" if recipe == "svd" else "side"}
         # layer by layer (tests/layer_outputs.py: whole outputs at 4-bit activations depend on the CPU)
         with torch.no_grad():
-            captured = layer_io(fake, TARGETS, lambda: dit_output(fake))
+            _, captured = layer_io(fake, TARGETS, lambda: dit_output(fake))
         assert worst_layer_rel(model, captured) <= 1e-4
     finally:
         lora.detach(fake, "fake")

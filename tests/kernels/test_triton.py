@@ -259,7 +259,7 @@ def test_a_model_frozen_on_its_device_matches_fake_quantization(family, recipe, 
     inputs = to_device(tiny.inputs(2))
     with torch.no_grad():
         # layer by layer (tests/layer_outputs.py): whole outputs at 4-bit activations hang on last bits
-        captured = layer_io(model, diffquant.quantized_layers(model), lambda: tiny.run(model, inputs))
+        _, captured = layer_io(model, diffquant.quantized_layers(model), lambda: tiny.run(model, inputs))
         diffquant.freeze(model, backend=None if CUDA else "triton", float_dtype=torch.float32)
         assert worst_layer_rel(model, captured) <= 1e-4
     integer = [m for m in packed_layers(model).values() if m.path == "int"]

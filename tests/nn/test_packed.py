@@ -85,15 +85,13 @@ class Comparison:
 
 
 def frozen_vs_fake_quant(family: str, recipe, backend=None, step: int = 1) -> Comparison:
-    outputs: list[torch.Tensor] = []
     tiny, model = TINY_MODELS[family], quantized(family, recipe)
     inputs = step_inputs(tiny, step)
     with torch.no_grad(), sampling_step(step):
-        captured = layer_io(model, quantized_layers(model), lambda: outputs.append(tiny.run(model, inputs)))
+        expected, captured = layer_io(model, quantized_layers(model), lambda: tiny.run(model, inputs))
         freeze(model, backend=backend, float_dtype=torch.float32)
-        outputs.append(tiny.run(model, inputs))
+        got = tiny.run(model, inputs)
         worst = worst_layer_rel(model, captured)
-    expected, got = outputs
     return Comparison(cosine(got, expected), max_rel(got, expected), worst)
 
 
@@ -287,12 +285,10 @@ def test_load_quantized_then_freeze_and_save_again(family, recipe, tmp_path):
     and the flips cascade through a random tiny UNet, by a few % on some CPUs; the scoreboard's
     frozen rows measure what that does on trained models.)"""
     tiny, model = TINY_MODELS[family], quantized(family, recipe)
-    outputs: list[torch.Tensor] = []
     first = save_quantized(model, tmp_path / "q")
     loaded = load_quantized(first)
     with torch.no_grad(), sampling_step(0):
-        captured = layer_io(loaded, quantized_layers(loaded), lambda: outputs.append(tiny.run(loaded, tiny.inputs(2))))
-        (expected,) = outputs
+        expected, captured = layer_io(loaded, quantized_layers(loaded), lambda: tiny.run(loaded, tiny.inputs(2)))
         assert torch.equal(expected, tiny.run(model, tiny.inputs(2)))
         frozen = freeze(loaded, float_dtype=torch.float32)
         assert worst_layer_rel(frozen, captured) <= LAYER_MAX_REL

@@ -187,9 +187,9 @@ def expand_per_step(job: QuantizationJob) -> list[str]:
                 f"quest per_step_inputs: layer {name!r} was calibrated without sampling steps; run the sampler "
                 "under diffquant.calib.sampling_step (zoo models and pipeline_calibration do)")
         quantizer.spec = quantizer.spec.with_changes(per_step=True)
-        quantizer.scale = quantizer.scale.unsqueeze(0).repeat(steps, *[1] * quantizer.scale.dim())
+        quantizer.scale = quantizer.scale.expand(steps, *quantizer.scale.shape).clone()
         if quantizer.zero_point is not None:
-            quantizer.zero_point = quantizer.zero_point.unsqueeze(0).repeat(steps, *[1] * quantizer.zero_point.dim())
+            quantizer.zero_point = quantizer.zero_point.expand(steps, *quantizer.zero_point.shape).clone()
         job.plan[name] = dataclasses.replace(job.plan[name], input=quantizer.spec)
         expanded.append(name)
     return expanded

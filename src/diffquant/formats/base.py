@@ -101,7 +101,23 @@ class QFormat:
 
 
 @dataclass(frozen=True)
-class IntFormat(QFormat):
+class IntegerCodes(QFormat):
+    """A format whose stored codes are its grid values as integers (int8 / uint8), which an int8 GEMM
+    multiplies as they are."""
+
+    @property
+    def integer_codes(self) -> bool:
+        return True
+
+    def encode(self, values: torch.Tensor) -> torch.Tensor:
+        return values.to(self.storage_dtype())
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes.float()
+
+
+@dataclass(frozen=True)
+class IntFormat(IntegerCodes):
     """Two's-complement (signed) or plain binary (unsigned) integers of 2-8 bits."""
 
     is_signed: bool = True
@@ -114,21 +130,11 @@ class IntFormat(QFormat):
     def qmax(self) -> float:
         return float(2 ** (self.bits - 1) - 1) if self.is_signed else float(2**self.bits - 1)
 
-    @property
-    def integer_codes(self) -> bool:
-        return True
-
     def round(self, x: torch.Tensor) -> torch.Tensor:
         return torch.round(x)  # round-half-to-even, as torch.round
 
     def storage_dtype(self) -> torch.dtype:
         return torch.int8 if self.is_signed else torch.uint8
-
-    def encode(self, values: torch.Tensor) -> torch.Tensor:
-        return values.to(self.storage_dtype())
-
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        return codes.float()
 
 
 def register_format(pattern: str) -> Callable:

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-from diffquant.formats.base import QFormat, register_format
+from diffquant.formats.base import IntegerCodes, QFormat, register_format
 
 
 @dataclass(frozen=True)
-class BinaryFormat(QFormat):
+class BinaryFormat(IntegerCodes):
     """Codes ±1: one bit per value (module docstring)."""
 
     @property
@@ -39,21 +39,11 @@ class BinaryFormat(QFormat):
     def for_activations(self) -> bool:
         return False
 
-    @property
-    def integer_codes(self) -> bool:
-        return True
-
     def round(self, x: torch.Tensor) -> torch.Tensor:
         return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
     def storage_dtype(self) -> torch.dtype:
         return torch.int8
-
-    def encode(self, values: torch.Tensor) -> torch.Tensor:
-        return values.to(torch.int8)
-
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        return codes.float()
 
     def weight_range(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sigma = blocks.detach().float().abs().mean(dim=-1, keepdim=True)

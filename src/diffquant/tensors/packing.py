@@ -13,6 +13,7 @@ multiple of 8 and stored as uint8 [..., L/8], code 8k + j in bit j of byte k, as
 0 for -1 (a signed 1-bit code is a sign), or as the code itself (unsigned):
 
     byte = sum_j bit(code[8k + j]) << j
+
 A checkpoint records the layout name and the unpacked length L, so unpacking is exact.
 
 Which codes a format stores is the format's business (QFormat.encode): integer formats store their
@@ -37,45 +38,59 @@ def packing_for(bits: int) -> str:
     return BITS if bits == 1 else (NIBBLES if bits <= 4 else BYTES)
 
 
-def pack_codes(codes: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
-    """Integer codes (any integer or integral float dtype) -> packed storage tensor."""
-    codes = codes.to(torch.int16)
-    if packing_for(bits) == BYTES:
-        return codes.to(torch.int8 if signed else torch.uint8)
-    if packing_for(bits) == BITS:
-        return _pack_bits(codes > 0 if signed else codes != 0)
+def _storage(signed: bool) -> torch.dtype:
+    return torch.int8 if signed else torch.uint8
+
+
+def _pack_bytes(codes: torch.Tensor, signed: bool) -> torch.Tensor:
+    return codes.to(_storage(signed))
+
+
+def _unpack_bytes(packed: torch.Tensor, signed: bool, length: int) -> torch.Tensor:
+    return packed
+
+
+def _pack_nibbles(codes: torch.Tensor, signed: bool) -> torch.Tensor:
     if codes.shape[-1] % 2:
         codes = torch.nn.functional.pad(codes, (0, 1))
     low, high = codes[..., 0::2] & 0xF, codes[..., 1::2] & 0xF
     return (low | (high << 4)).to(torch.uint8)
 
 
-def unpack_codes(packed: torch.Tensor, bits: int, signed: bool, length: int) -> torch.Tensor:
-    """Inverse of pack_codes: codes as int8 (signed) or uint8 (unsigned), last dim `length`."""
-    if packing_for(bits) == BYTES:
-        return packed
-    if packing_for(bits) == BITS:
-        ones = _unpack_bits(packed, length)
-        return (2 * ones - 1).to(torch.int8) if signed else ones.to(torch.uint8)
+def _unpack_nibbles(packed: torch.Tensor, signed: bool, length: int) -> torch.Tensor:
     as_int = packed.to(torch.int16)
     low, high = as_int & 0xF, as_int >> 4
     codes = torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], -1)[..., :length]
     if signed:
         codes = (codes ^ 8) - 8  # sign-extend the 4-bit two's complement
-    return codes.to(torch.int8 if signed else torch.uint8)
+    return codes.to(_storage(signed))
 
 
-def _pack_bits(ones: torch.Tensor) -> torch.Tensor:
-    """bool [..., L] -> uint8 [..., ceil(L / 8)], bit j of byte k from value 8k + j."""
-    pad = -ones.shape[-1] % 8
-    ones = torch.nn.functional.pad(ones.to(torch.int16), (0, pad)).reshape(*ones.shape[:-1], -1, 8)
+def _pack_bits(codes: torch.Tensor, signed: bool) -> torch.Tensor:
+    """Bit j of byte k from code 8k + j: 1 for +1 (signed) or the code itself (unsigned)."""
+    ones = (codes > 0 if signed else codes != 0).to(torch.int16)
+    ones = torch.nn.functional.pad(ones, (0, -ones.shape[-1] % 8)).reshape(*ones.shape[:-1], -1, 8)
     return (ones * _BIT_WEIGHTS).sum(dim=-1).to(torch.uint8)
 
 
-def _unpack_bits(packed: torch.Tensor, length: int) -> torch.Tensor:
-    """Inverse of _pack_bits: int16 0 / 1 [..., length]."""
-    ones = (packed.to(torch.int16).unsqueeze(-1) // _BIT_WEIGHTS) % 2
-    return ones.reshape(*packed.shape[:-1], -1)[..., :length]
+def _unpack_bits(packed: torch.Tensor, signed: bool, length: int) -> torch.Tensor:
+    ones = ((packed.to(torch.int16).unsqueeze(-1) // _BIT_WEIGHTS) % 2).reshape(*packed.shape[:-1], -1)[..., :length]
+    return (2 * ones - 1 if signed else ones).to(_storage(signed))
+
+
+# layout -> (pack(codes int16, signed), unpack(packed, signed, length))
+_LAYOUTS = {BYTES: (_pack_bytes, _unpack_bytes), NIBBLES: (_pack_nibbles, _unpack_nibbles),
+            BITS: (_pack_bits, _unpack_bits)}
+
+
+def pack_codes(codes: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """Integer codes (any integer or integral float dtype) -> packed storage tensor."""
+    return _LAYOUTS[packing_for(bits)][0](codes.to(torch.int16), signed)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, signed: bool, length: int) -> torch.Tensor:
+    """Inverse of pack_codes: codes as int8 (signed) or uint8 (unsigned), last dim `length`."""
+    return _LAYOUTS[packing_for(bits)][1](packed, signed, length)
 
 
 def pack_format_codes(codes: torch.Tensor, fmt: QFormat) -> torch.Tensor:
